@@ -1,0 +1,5 @@
+"""``python -m sfwatch``."""
+
+from sfwatch.cli import main
+
+raise SystemExit(main())

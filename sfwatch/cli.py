@@ -1,0 +1,194 @@
+"""The command line: ``sfwatch run | check | transcribe | status | retry``.
+
+Exit codes (DESIGN.md): 0 success, 1 a command's work failed (an online check,
+a one-shot transcription), 2 any usage or config error — with a message that
+names the config key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from sfwatch import __version__
+from sfwatch.backoff import full_jitter
+from sfwatch.config import (
+    ApiConfig,
+    Config,
+    LogConfig,
+    Secret,
+    default_state_dir,
+    find_config_file,
+    load_api_key,
+    load_config,
+)
+from sfwatch.errors import AccountError, ConfigError, RateLimited, SfwatchError, TransientError
+from sfwatch.finish import transcript_bytes
+from sfwatch.fsutil import free_stems, write_new_file
+from sfwatch.logs import configure
+from sfwatch.transcribe import Transcriber
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every sub-command."""
+    parser = argparse.ArgumentParser(
+        prog="sfwatch", description="Turn a folder into a speech-to-text inbox."
+    )
+    parser.add_argument("--version", action="version", version=f"sfwatch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument(
+            "-c",
+            "--config",
+            metavar="FILE",
+            help="config file (default: $SFWATCH_CONFIG, ./sfwatch.yaml, /etc/sfwatch/config.yaml)",
+        )
+        return p
+
+    run = command("run", "run the daemon in the foreground")
+    run.add_argument(
+        "--burst", action="store_true", help="process what is in the watched folders, then exit"
+    )
+    check = command("check", "validate the config (and with --online, the key and endpoint)")
+    check.add_argument("--online", action="store_true", help="also call GET /user/info")
+    one = command("transcribe", "transcribe files once: a sibling .txt each, nothing moved")
+    one.add_argument("audio", nargs="+", metavar="AUDIO", type=Path)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sfwatch`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "check":
+            return cmd_check(args)
+        if args.command == "transcribe":
+            return cmd_transcribe(args)
+    except ConfigError as exc:
+        print(f"sfwatch: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return EXIT_CONFIG  # pragma: no cover - argparse requires a command
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(find_config_file(args.config))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``sfwatch run``: the daemon."""
+    from sfwatch.daemon import Daemon  # noqa: PLC0415 - keeps `check` and `--help` light
+
+    config = _load(args)
+    key = load_api_key(config)
+    configure(config.log.format, config.log.level, secrets=[key.reveal()])
+    daemon = Daemon(config, key, burst=args.burst)
+    code = daemon.run()
+    if daemon.abandoned:
+        # A cold stop: uploads are still blocked in worker threads that Python would
+        # wait for at exit. Their files stay claimed and resume at the next start.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """``sfwatch check``: validate, and optionally call the API."""
+    config = _load(args)
+    key = load_api_key(config)
+    print(f"config ok: {config.source}")
+    for watch in config.watch:
+        print(f"  watching {watch.path} (settle {watch.settle_seconds:g} s)")
+    if not args.online:
+        return EXIT_OK
+    with Transcriber(config.api.base_url, key, timeout_seconds=30) as client:
+        try:
+            info = client.check_account()
+        except SfwatchError as exc:
+            print(f"sfwatch: online check failed: {_scrub(str(exc), key)}", file=sys.stderr)
+            return EXIT_FAILED
+    balance = info.get("balance") or info.get("totalBalance")
+    print(
+        f"online ok: {config.api.base_url} accepts the key"
+        + (f" (balance {balance})" if balance is not None else "")
+    )
+    return EXIT_OK
+
+
+def _scrub(text: str, key: Secret) -> str:
+    return text.replace(key.reveal(), "***")
+
+
+def _oneshot_config(args: argparse.Namespace) -> Config:
+    """The config for ``transcribe``: the config file if there is one, else defaults."""
+    try:
+        return _load(args)
+    except ConfigError:
+        if args.config or os.environ.get("SFWATCH_CONFIG"):
+            raise
+    return Config(
+        api=ApiConfig(), state_dir=default_state_dir(os.environ), log=LogConfig(), watch=()
+    )
+
+
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    """``sfwatch transcribe``: one upload per file, a sibling .txt, nothing moved."""
+    config = _oneshot_config(args)
+    key = load_api_key(config)
+    configure(
+        "console" if sys.stderr.isatty() else "json",
+        "warning",
+        secrets=[key.reveal()],
+        stream=sys.stderr,
+    )
+    tty = sys.stderr.isatty()
+    failed = 0
+    with Transcriber(
+        config.api.base_url, key, timeout_seconds=config.api.timeout_seconds, concurrency=1
+    ) as client:
+        for number, audio in enumerate(args.audio, 1):
+            if tty:
+                print(f"[{number}/{len(args.audio)}] {audio} …", file=sys.stderr, flush=True)
+            try:
+                out = _transcribe_one(client, audio, config.api)
+            except (SfwatchError, OSError) as exc:
+                failed += 1
+                print(f"sfwatch: {audio}: {_scrub(str(exc), key)}", file=sys.stderr)
+                continue
+            print(out)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _transcribe_one(client: Transcriber, audio: Path, api: ApiConfig) -> Path:
+    if not audio.is_file():
+        raise SfwatchError("not a file")
+    for attempt in range(1, api.max_attempts + 1):
+        try:
+            result = client.transcribe(audio, audio.name, api.model)
+            break
+        except AccountError:
+            raise
+        except TransientError as exc:
+            if attempt == api.max_attempts:
+                raise
+            wait = exc.retry_after if isinstance(exc, RateLimited) and exc.retry_after else 0.0
+            time.sleep(max(wait, full_jitter(attempt, cap=30.0)))
+    stem = audio.stem
+    for candidate in free_stems(stem, [(audio.parent, ".txt")]):
+        target = audio.parent / f"{candidate}.txt"
+        try:
+            write_new_file(target, transcript_bytes(result.text))
+        except FileExistsError:
+            continue
+        return target
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -1,0 +1,129 @@
+"""finish: put the transcript where the user expects it, then move the original.
+
+Order matters for promise 1: the transcript is written first (temp file, fsync,
+link into place, fsync the folder), and only then is the original moved out of
+the work area. A crash in between leaves a complete transcript and the original
+still claimed; recovery finishes the move. Names are never overwritten: a taken
+name gets `` (1)``, `` (2)``, … and the transcript and the original share it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sfwatch.config import WatchConfig
+from sfwatch.fsutil import free_stems, move_no_replace, write_new_file
+from sfwatch.job import Job
+
+
+@dataclass(frozen=True)
+class Placed:
+    """Where finish put things."""
+
+    original: Path
+    transcript: Path | None = None
+    error_file: Path | None = None
+
+
+def transcript_folder(job: Job, watch: WatchConfig) -> Path:
+    """The folder the transcript goes to: beside where the audio arrived, or transcript_dir."""
+    base = watch.transcript_dir if watch.transcript_dir is not None else watch.path
+    return base / job.rel.parent
+
+
+def transcript_bytes(text: str) -> bytes:
+    """UTF-8, ending with exactly one newline."""
+    return (text.rstrip("\n") + "\n").encode("utf-8")
+
+
+def _split(name: str) -> tuple[str, str]:
+    path = Path(name)
+    return path.stem, path.suffix
+
+
+def finish_done(
+    job: Job, text: str, watch: WatchConfig, transcript_at: Path | None = None
+) -> Placed:
+    """Write the transcript, then move the original to done/.
+
+    ``transcript_at`` names a transcript an interrupted earlier finish already
+    wrote; it is kept instead of writing a second copy.
+    """
+    stem, suffix = _split(job.name)
+    tdir = transcript_folder(job, watch)
+    ddir = watch.done_dir / job.rel.parent
+    data = transcript_bytes(text)
+    transcript = transcript_at
+    if transcript is None:
+        for candidate in free_stems(stem, [(tdir, ".txt"), (ddir, suffix)]):
+            try:
+                write_new_file(tdir / f"{candidate}.txt", data)
+            except FileExistsError:
+                continue  # taken since we looked: try the next number
+            transcript = tdir / f"{candidate}.txt"
+            break
+    assert transcript is not None  # noqa: S101 - free_stems never ends
+    original = _move_original(job, ddir, transcript.stem, suffix)
+    return Placed(original=original, transcript=transcript)
+
+
+def _move_original(job: Job, folder: Path, preferred_stem: str, suffix: str) -> Path:
+    """Move the claimed file to ``folder``, under the transcript's stem if it is free."""
+    target = folder / f"{preferred_stem}{suffix}"
+    try:
+        move_no_replace(job.path, target)
+    except FileExistsError:
+        pass
+    else:
+        return target
+    for candidate in free_stems(preferred_stem, [(folder, suffix)]):
+        target = folder / f"{candidate}{suffix}"
+        try:
+            move_no_replace(job.path, target)
+        except FileExistsError:
+            continue
+        return target
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def error_record(job: Job, error: dict[str, Any]) -> dict[str, Any]:
+    """The content of ``<name>.error.json``."""
+    return {
+        "file": str(job.rel),
+        "reason": error.get("reason"),
+        "message": error.get("message"),
+        "http_status": error.get("http_status"),
+        "api_message": error.get("api_message"),
+        "trace_id": error.get("trace_id"),
+        "trace_ids": list(job.trace_ids),
+        "attempts": job.attempts,
+        "sha256": job.sha256,
+        "job_id": job.job_id,
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def finish_failed(job: Job, error: dict[str, Any], watch: WatchConfig) -> Placed:
+    """Move the original to failed/ and write ``<name>.error.json`` beside it."""
+    stem, suffix = _split(job.name)
+    fdir = watch.failed_dir / job.rel.parent
+    for candidate in free_stems(stem, [(fdir, suffix), (fdir, f"{suffix}.error.json")]):
+        target = fdir / f"{candidate}{suffix}"
+        try:
+            move_no_replace(job.path, target)
+        except FileExistsError:
+            continue
+        break
+    record = error_record(job, error)
+    body = (json.dumps(record, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
+    error_file = target.with_name(f"{target.name}.error.json")
+    try:
+        write_new_file(error_file, body)
+    except FileExistsError:  # created since we looked: keep it, put ours beside it
+        error_file = target.with_name(f"{target.name}.{job.job_id}.error.json")
+        write_new_file(error_file, body)
+    return Placed(original=target, error_file=error_file)

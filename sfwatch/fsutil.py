@@ -1,0 +1,149 @@
+"""File-system steps that must never lose or overwrite a file.
+
+Every move here is *no-replace*: the destination is created with ``link()``
+(which fails with EEXIST instead of overwriting), and only then is the source
+name removed. Between the two steps the file has two names for one inode — a
+crash there leaves the same file twice, which recovery resolves by comparing
+inodes, never a lost file. Where the destination is on another file system
+(EXDEV) the file is copied, fsynced, verified byte for byte and only then is the
+source removed. File systems without hard links (FAT, some SMB mounts) fall
+back to a check followed by ``rename()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import secrets
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+CHUNK = 1 << 20
+#: errno values meaning "this file system does not do hard links"
+_NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a rename, a new name) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_name(final: Path) -> Path:
+    """A hidden temporary sibling of ``final`` (hidden names are never picked up)."""
+    return final.with_name(f".{final.name[:200]}.{secrets.token_hex(4)}.sfwatch-tmp")
+
+
+def write_new_file(path: Path, data: bytes) -> None:
+    """Create ``path`` with ``data`` atomically and durably; FileExistsError if taken.
+
+    Readers see no file or the whole file, never a half-written one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(path)
+    try:
+        with tmp.open("xb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        _link_or_rename(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def _link_or_rename(src: Path, dst: Path) -> None:
+    """Give ``src``'s file the name ``dst`` without replacing anything there."""
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in _NO_LINKS:
+            raise
+        # No hard links here: a check then rename is the best this file system allows.
+        if dst.exists() or dst.is_symlink():
+            raise FileExistsError(errno.EEXIST, "file exists", str(dst)) from exc
+        src.rename(dst)
+
+
+def move_no_replace(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``; FileExistsError if ``dst`` is taken. Durable on return."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _link_or_rename(src, dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        copy_verify(src, dst)
+    fsync_dir(dst.parent)
+    src.unlink(missing_ok=True)
+    fsync_dir(src.parent)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's content, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def copy_verify(src: Path, dst: Path) -> None:
+    """Copy ``src`` to a new ``dst`` on another file system, fsync, then verify it.
+
+    The source is left in place; the caller removes it once this returns.
+    """
+    tmp = temp_name(dst)
+    try:
+        digest = hashlib.sha256()
+        with src.open("rb") as fin, tmp.open("xb") as fout:
+            while chunk := fin.read(CHUNK):
+                digest.update(chunk)
+                fout.write(chunk)
+            fout.flush()
+            os.fsync(fout.fileno())
+        with contextlib.suppress(OSError):
+            st = src.stat()
+            os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+        if sha256_file(tmp) != digest.hexdigest():
+            raise OSError(errno.EIO, "copy does not match its source", str(dst))
+        _link_or_rename(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def numbered(stem: str, n: int, suffix: str) -> str:
+    """``a.mp3`` → ``a (n).mp3``: the name used when ``a.mp3`` is taken."""
+    return f"{stem}{'' if n == 0 else f' ({n})'}{suffix}"
+
+
+def free_stems(stem: str, dirs_and_suffixes: Sequence[tuple[Path, str]]) -> Iterator[str]:
+    """Yield stems (``a``, ``a (1)``, …) under which every (folder, suffix) is free.
+
+    One stem is shared by the transcript and the moved original, so a user sees
+    ``done/a (1).mp3`` beside ``a (1).txt``.
+    """
+    n = 0
+    while True:
+        candidate = numbered(stem, n, "")
+        if not any(
+            os.path.lexists(folder / f"{candidate}{suffix}") for folder, suffix in dirs_and_suffixes
+        ):
+            yield candidate
+        n += 1
+
+
+def remove_empty_dirs(top: Path, stop: Path) -> None:
+    """Remove ``top`` and its empty parents up to (not including) ``stop``."""
+    current = top
+    while current != stop and stop in current.parents:
+        try:
+            current.rmdir()
+        except OSError:
+            return
+        current = current.parent

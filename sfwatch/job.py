@@ -1,0 +1,71 @@
+"""The job record that flows from stage to stage.
+
+A ``Job`` is immutable: each stage returns a new one (``dataclasses.replace``)
+instead of changing what an earlier stage handed it, so a job seen in a log line
+or a test is exactly what that stage saw.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Self
+
+
+@dataclass(frozen=True)
+class FileSignature:
+    """What settle compares to decide that nobody is writing a file any more."""
+
+    size: int
+    mtime_ns: int
+    inode: int
+    device: int
+
+
+@dataclass(frozen=True)
+class Job:
+    """One dropped file on its way from the inbox to done/ or failed/."""
+
+    job_id: str
+    #: the watched folder (``WatchConfig.path``) it arrived in
+    root: Path
+    #: where it arrived, relative to ``root`` (kept for done/, failed/ and the transcript)
+    rel: PurePosixPath
+    #: where it is now: the inbox before claim, the work area after
+    path: Path
+    signature: FileSignature
+    sha256: str | None = None
+    #: upload attempts charged to this file so far (see DESIGN.md, promise 3)
+    attempts: int = 0
+    trace_ids: tuple[str, ...] = ()
+    #: the transcript, once an upload returned it (so a failed finish never pays twice)
+    text: str | None = None
+    #: service-side failures in a row (drives this file's backoff; not charged)
+    failures: int = 0
+    #: why the last attempt failed, if it did
+    last_reason: str | None = None
+    #: monotonic time since which another upload's success would show the service works
+    window_start: float = 0.0
+    #: monotonic time of the claim (for duration_ms)
+    claimed_at: float = 0.0
+
+    @property
+    def source(self) -> Path:
+        """Where the file arrived in the inbox."""
+        return self.root / self.rel
+
+    @property
+    def name(self) -> str:
+        """The file's own name as it arrived."""
+        return self.rel.name
+
+    def evolve(self, **changes: object) -> Self:
+        """Return a copy with ``changes`` applied (the record itself never changes)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def new_job_id() -> str:
+    """A short, unique, file-name-safe id for a job (also names its work folder)."""
+    return secrets.token_hex(6)

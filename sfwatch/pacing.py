@@ -1,0 +1,166 @@
+"""Pacing: how many uploads may start now, given what the service has been saying.
+
+Three things slow the client down, all account-wide because the service's
+limits are per account, not per file:
+
+- **rate limits** (429): the concurrency limit is halved and nothing starts until
+  the server's ``Retry-After`` (or a backoff) has passed; every success after
+  that grows the limit back by one per round of successes (AIMD);
+  ``api.requests_per_minute`` caps starts in any 60 s window;
+- **outages** (timeouts, connection errors, 5xx): after a few failures in a row
+  with no success between them, a circuit opens: nothing starts until a capped
+  backoff has passed, then one upload is let through as a probe;
+- **account faults** (401/402/403/404): every upload pauses; the daemon probes
+  ``GET /user/info`` with a capped backoff and resumes once it answers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sfwatch.backoff import full_jitter
+
+#: failures in a row, with no success between, that open the circuit
+OPEN_AFTER = 3
+MAX_PAUSE = 300.0
+
+
+@dataclass(frozen=True)
+class PaceState:
+    """What the pacer is doing, for logs and ``sfwatch status``."""
+
+    limit: int
+    paused: str | None  # why nothing may start, or None
+    paused_until: float | None  # monotonic
+
+
+class Pacer:
+    """Decides whether another upload may start; fed every upload's outcome."""
+
+    def __init__(
+        self,
+        concurrency: int,
+        requests_per_minute: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.clock = clock
+        self.max_limit = concurrency
+        self.limit = concurrency
+        self.rpm = requests_per_minute
+        self._starts: deque[float] = deque()
+        self._successes_since_cut = 0
+        self._hold_until = 0.0
+        self._hold_reason: str | None = None
+        self._rate_limited_in_a_row = 0
+        self._failures_in_a_row = 0
+        self._opens = 0
+        self._half_open = False
+        self.account_fault: str | None = None
+        self._account_probes = 0
+        self.probe_at = 0.0
+        self.last_success = float("-inf")
+
+    # -- questions -----------------------------------------------------------------
+
+    def allowed(self, in_flight: int) -> bool:
+        """May one more upload start now, with ``in_flight`` already running?"""
+        now = self.clock()
+        if self.account_fault is not None or now < self._hold_until:
+            return False
+        limit = 1 if self._half_open else self.limit
+        if in_flight >= limit:
+            return False
+        if self.rpm is not None:
+            while self._starts and self._starts[0] <= now - 60:
+                self._starts.popleft()
+            if len(self._starts) >= self.rpm:
+                return False
+        return True
+
+    def wake_at(self) -> float | None:
+        """When ``allowed`` may change without any upload finishing."""
+        candidates = [self._hold_until] if self._hold_until > self.clock() else []
+        if self.account_fault is not None:
+            candidates.append(self.probe_at)
+        if self.rpm is not None and self._starts and len(self._starts) >= self.rpm:
+            candidates.append(self._starts[0] + 60)
+        return min(candidates) if candidates else None
+
+    def state(self) -> PaceState:
+        """A snapshot for status reports."""
+        now = self.clock()
+        if self.account_fault is not None:
+            return PaceState(self.limit, self.account_fault, self.probe_at)
+        if now < self._hold_until:
+            return PaceState(self.limit, self._hold_reason, self._hold_until)
+        return PaceState(self.limit, None, None)
+
+    # -- outcomes ------------------------------------------------------------------
+
+    def started(self) -> None:
+        """An upload started (counts against ``requests_per_minute``)."""
+        if self.rpm is not None:
+            self._starts.append(self.clock())
+
+    def succeeded(self) -> None:
+        """An upload came back with a transcript (or a file-fault answer)."""
+        self.last_success = self.clock()
+        self._failures_in_a_row = 0
+        self._rate_limited_in_a_row = 0
+        self._opens = 0
+        self._account_probes = 0
+        self._half_open = False
+        if self.limit < self.max_limit:
+            self._successes_since_cut += 1
+            if self._successes_since_cut >= self.limit:
+                self.limit += 1
+                self._successes_since_cut = 0
+
+    def rate_limited(self, retry_after: float | None) -> float:
+        """A 429: halve the limit and hold every start; return the hold in seconds."""
+        self._rate_limited_in_a_row += 1
+        self.limit = max(1, self.limit // 2)
+        self._successes_since_cut = 0
+        wait = (
+            retry_after
+            if retry_after is not None
+            else full_jitter(self._rate_limited_in_a_row, base=1.0, cap=60.0) + 1.0
+        )
+        self._hold(wait, "rate limited (429)")
+        return wait
+
+    def failed(self, reason: str, retry_after: float | None = None) -> None:
+        """A service-side failure (timeout, connection, 5xx)."""
+        self._failures_in_a_row += 1
+        if retry_after is not None:
+            self._hold(retry_after, f"service asked to wait ({reason})")
+        if self._failures_in_a_row >= OPEN_AFTER or self._half_open:
+            self._opens += 1
+            self._half_open = True
+            wait = max(
+                retry_after or 0.0,
+                min(MAX_PAUSE, 2.0 ** min(self._opens, 10)) / 2
+                + full_jitter(self._opens, base=1.0, cap=MAX_PAUSE / 2),
+            )
+            self._hold(wait, f"service unavailable ({reason})")
+
+    def account_failed(self, reason: str) -> float:
+        """401/402/403/404: pause every upload until a probe succeeds; return the wait."""
+        self._account_probes += 1
+        self.account_fault = reason
+        wait = min(MAX_PAUSE, 5.0 * 2.0 ** min(self._account_probes - 1, 10))
+        self.probe_at = self.clock() + wait
+        return wait
+
+    def account_ok(self) -> None:
+        """A probe answered: resume, cautiously (one upload until one succeeds)."""
+        self.account_fault = None
+        self._half_open = True
+
+    def _hold(self, seconds: float, reason: str) -> None:
+        until = self.clock() + seconds
+        if until > self._hold_until:
+            self._hold_until, self._hold_reason = until, reason

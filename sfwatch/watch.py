@@ -1,0 +1,262 @@
+"""watch: notice paths that may hold new files; nothing more.
+
+One watchdog observer per watched folder (inotify on local disks, polling on
+network and FUSE mounts, where inotify sees only local writers). The event
+handler only notes paths in a ``PathNotes`` set; the scheduler drains it. A scan
+at start-up and a periodic rescan catch whatever events missed (files present
+before start, an inotify queue overflow, a network share's remote writers).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from sfwatch.config import WatchConfig
+
+#: names that are never audio we should take: temp files, OS and NAS litter
+IGNORED_NAMES = (
+    ".*",
+    "*.part",
+    "*.tmp",
+    "*.crdownload",
+    "~$*",
+    "@eaDir",
+    "Thumbs.db",
+    ".DS_Store",
+    "#recycle",
+    "$RECYCLE.BIN",
+    "lost+found",
+)
+#: file systems where inotify misses other machines' writes
+NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "afs")
+#: the events worth noting; opens and reads (ours included) are not
+_EVENTS: list[type[FileSystemEvent]] = [
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileClosedEvent,
+    DirCreatedEvent,
+    DirMovedEvent,
+]
+#: the message watchdog logs when the kernel drops inotify events
+_OVERFLOW_LOGGER = "watchdog.observers.inotify_c"
+
+
+class PathNotes:
+    """A thread-safe set of paths noted by observers and scans, drained by the scheduler."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._paths: set[str] = set()
+        self.wakeup = threading.Event()
+        self.rescan_requested = threading.Event()
+
+    def note(self, path: str) -> None:
+        """Remember that something happened at ``path``."""
+        with self._lock:
+            self._paths.add(path)
+        self.wakeup.set()
+
+    def drain(self) -> set[str]:
+        """Take every noted path."""
+        with self._lock:
+            paths, self._paths = self._paths, set()
+        return paths
+
+
+class _NoteHandler(FileSystemEventHandler):
+    """Notes the paths an event names; filtering is settle's job, not the observer's."""
+
+    def __init__(self, notes: PathNotes, ignored: tuple[Path, ...]) -> None:
+        self.notes = notes
+        # Our own work area and done/failed folders churn with every file; their
+        # events must not wake the work loop. (inotify watches them regardless:
+        # watchdog's recursive watch cannot leave out a subtree.)
+        self.ignored = tuple(f"{p}{os.sep}" for p in ignored)
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        """Note both ends of a move, or the one path of anything else."""
+        for raw in (event.src_path, event.dest_path):
+            path = os.fsdecode(raw)
+            if path and not path.startswith(self.ignored):
+                self.notes.note(path)
+
+
+class _OverflowHook(logging.Handler):
+    """Asks for a rescan when watchdog reports an inotify queue overflow.
+
+    watchdog rebuilds its watches after an overflow but only logs it; the events
+    the kernel dropped can only be recovered by looking at the folder again.
+    """
+
+    def __init__(self, notes: PathNotes) -> None:
+        super().__init__(logging.WARNING)
+        self.notes = notes
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Request a rescan on the overflow message."""
+        if "overflow" in record.getMessage().lower():
+            self.notes.rescan_requested.set()
+            self.notes.wakeup.set()
+
+
+def mount_fstype(path: Path, mountinfo: str | None = None) -> str:
+    """The file-system type of the mount that holds ``path`` (from /proc/self/mountinfo)."""
+    if mountinfo is None:
+        try:
+            mountinfo = Path("/proc/self/mountinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+    target = str(Path(path).absolute())
+    best, best_type = "", ""
+    for line in mountinfo.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields = left.split()
+        if not sep or len(fields) < 5 or not right:
+            continue
+        point = fields[4].replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, best_type = point, right.split()[0]
+    return best_type
+
+
+def needs_polling(watch: WatchConfig, mountinfo: str | None = None) -> bool:
+    """``poll: auto`` → poll on network and FUSE file systems; else what the config says."""
+    if watch.poll is not None:
+        return watch.poll
+    fstype = mount_fstype(watch.path, mountinfo)
+    return fstype in NETWORK_FS or fstype == "fuse" or fstype.startswith("fuse.")
+
+
+def excluded_dirs(watch: WatchConfig) -> tuple[Path, ...]:
+    """Folders under a watched path that are never looked into."""
+    return (watch.done_dir, watch.failed_dir, watch.work_dir)
+
+
+def is_ignored_name(name: str, watch: WatchConfig) -> bool:
+    """True for temp and system names, and for the config's ``exclude`` patterns."""
+    lowered = name.lower()
+    return any(fnmatch.fnmatchcase(lowered, p.lower()) for p in (*IGNORED_NAMES, *watch.exclude))
+
+
+def wants(path: Path, watch: WatchConfig) -> bool:
+    """Does ``path`` (by name and place alone) belong to this watched folder's work?"""
+    try:
+        rel = path.relative_to(watch.path)
+    except ValueError:
+        return False
+    if not rel.parts:
+        return False
+    if not watch.recursive and len(rel.parts) > 1:
+        return False
+    if any(path == d or d in path.parents for d in excluded_dirs(watch)):
+        return False
+    if any(is_ignored_name(part, watch) for part in rel.parts):
+        return False
+    lowered = rel.name.lower()
+    return any(fnmatch.fnmatchcase(lowered, p.lower()) for p in watch.include)
+
+
+def scan(
+    watch: WatchConfig, on_file: Callable[[str], None], stop: threading.Event | None = None
+) -> int:
+    """Walk the watched folder and call ``on_file`` for each wanted file; return the count.
+
+    Symlinks are not followed (a link may point anywhere on the system), and the
+    done, failed and work folders are pruned.
+    """
+    pruned = {str(d) for d in excluded_dirs(watch)}
+    count = 0
+    stack = [str(watch.path)]
+    while stack:
+        if stop is not None and stop.is_set():
+            break
+        top = stack.pop()
+        try:
+            entries = list(os.scandir(top))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                if (
+                    watch.recursive
+                    and entry.path not in pruned
+                    and not is_ignored_name(entry.name, watch)
+                ):
+                    stack.append(entry.path)
+            elif wants(Path(entry.path), watch):
+                on_file(entry.path)
+                count += 1
+    return count
+
+
+def walk_dir(path: Path, watch: WatchConfig) -> Iterator[str]:
+    """Every wanted file below ``path`` (a folder moved into a watched tree)."""
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames[:] = [d for d in dirnames if wants_dir(Path(dirpath) / d, watch)]
+        for name in filenames:
+            if wants(Path(dirpath) / name, watch):
+                yield str(Path(dirpath) / name)
+
+
+def wants_dir(path: Path, watch: WatchConfig) -> bool:
+    """Should a scan descend into ``path``?"""
+    if path.is_symlink() or not watch.recursive:
+        return False
+    if any(path == d or d in path.parents for d in excluded_dirs(watch)):
+        return False
+    return not is_ignored_name(path.name, watch)
+
+
+class Watcher:
+    """The observer for one watched folder."""
+
+    def __init__(self, watch: WatchConfig, notes: PathNotes) -> None:
+        self.watch = watch
+        self.notes = notes
+        self.polling = needs_polling(watch)
+        self.observer: BaseObserver = PollingObserver(timeout=2) if self.polling else Observer()
+        self._overflow = _OverflowHook(notes)
+
+    def start(self) -> None:
+        """Create the folder if needed and start observing it."""
+        self.watch.path.mkdir(parents=True, exist_ok=True)
+        self.observer.schedule(
+            _NoteHandler(self.notes, excluded_dirs(self.watch)),
+            str(self.watch.path),
+            recursive=self.watch.recursive,
+            event_filter=_EVENTS,
+        )
+        logging.getLogger(_OVERFLOW_LOGGER).addHandler(self._overflow)
+        self.observer.start()
+
+    def alive(self) -> bool:
+        """Is the observer thread still running?"""
+        return self.observer.is_alive()
+
+    def stop(self) -> None:
+        """Stop observing (returns once the observer thread has ended)."""
+        logging.getLogger(_OVERFLOW_LOGGER).removeHandler(self._overflow)
+        self.observer.stop()
+        if self.observer.is_alive():
+            self.observer.join(timeout=5)
