@@ -7,6 +7,7 @@ import math
 import random
 import time
 from collections.abc import Mapping
+from datetime import UTC
 
 #: the longest wait a server's Retry-After may impose on us
 MAX_RETRY_AFTER = 300.0
@@ -45,6 +46,8 @@ def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> f
                 when = email.utils.parsedate_to_datetime(raw)
             except (TypeError, ValueError):
                 return None
+            if when.tzinfo is None:  # asctime and "-0000" dates: HTTP dates are always GMT
+                when = when.replace(tzinfo=UTC)
             value = when.timestamp() - (time.time() if now is None else now)
     if value is None or math.isnan(value) or value < 0:
         return None

@@ -36,7 +36,9 @@ def fsync_dir(path: Path) -> None:
 
 def temp_name(final: Path) -> Path:
     """A hidden temporary sibling of ``final`` (hidden names are never picked up)."""
-    return final.with_name(f".{final.name[:200]}.{secrets.token_hex(4)}.sfwatch-tmp")
+    # NAME_MAX (255) counts bytes, not characters: cut the UTF-8 name, not the str.
+    head = os.fsencode(final.name)[:200].decode("utf-8", "ignore")
+    return final.with_name(f".{head}.{secrets.token_hex(4)}.sfwatch-tmp")
 
 
 def write_new_file(path: Path, data: bytes) -> None:

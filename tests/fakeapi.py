@@ -351,9 +351,11 @@ class _Server(ThreadingHTTPServer):
     block_on_close = False
     request_queue_size = 128
 
-    def __init__(self, api: FakeAPI) -> None:
+    allow_reuse_address = True  # a restarted fake can take its old port back
+
+    def __init__(self, api: FakeAPI, port: int = 0) -> None:
         self.api = api
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(("127.0.0.1", port), _Handler)
 
     def server_bind(self) -> None:  # skip HTTPServer's getfqdn(), slow without DNS
         socketserver.TCPServer.server_bind(self)
@@ -546,8 +548,9 @@ class _Handler(BaseHTTPRequestHandler):
 class FakeAPI:
     """The fake server. Use as ``with FakeAPI() as api:`` or ``start()`` / ``stop()``."""
 
-    def __init__(self, api_key: str = "sk-test-key", latency: float = 0.0) -> None:
+    def __init__(self, api_key: str = "sk-test-key", latency: float = 0.0, port: int = 0) -> None:
         self.api_key = api_key
+        self.port = port  # 0: any free port; after start(), the port it got
         self.latency = latency  # seconds to wait before every transcription answer
         self.responder: Callable[[Upload], Reply | None] | None = None  # gets status=0 Upload
         self.info_reply: Reply | None = None  # answers every /user/info when set
@@ -571,7 +574,8 @@ class FakeAPI:
 
     def start(self) -> FakeAPI:
         self._stopping.clear()
-        self._server = _Server(self)
+        self._server = _Server(self, self.port)
+        self.port = self._server.server_port  # a restart after stop() reuses it
         self.url = f"http://127.0.0.1:{self._server.server_port}/v1"
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
                                         name="fakeapi", daemon=True)
