@@ -74,19 +74,25 @@ class Pacer:
         if in_flight >= limit:
             return False
         if self.rpm is not None:
-            while self._starts and self._starts[0] <= now - 60:
-                self._starts.popleft()
+            self._forget_starts_before(now - 60)
             if len(self._starts) >= self.rpm:
                 return False
         return True
 
     def wake_at(self) -> float | None:
-        """When ``allowed`` may change without any upload finishing."""
-        candidates = [self._hold_until] if self._hold_until > self.clock() else []
-        if self.account_fault is not None:
+        """When ``allowed`` may change without any upload finishing; never in the past.
+
+        A time already past would make the caller's loop spin: a probe that is due
+        is already running, and starts older than a minute no longer count.
+        """
+        now = self.clock()
+        candidates = [self._hold_until] if self._hold_until > now else []
+        if self.account_fault is not None and self.probe_at > now:
             candidates.append(self.probe_at)
-        if self.rpm is not None and self._starts and len(self._starts) >= self.rpm:
-            candidates.append(self._starts[0] + 60)
+        if self.rpm is not None:
+            self._forget_starts_before(now - 60)
+            if self._starts and len(self._starts) >= self.rpm:
+                candidates.append(self._starts[0] + 60)
         return min(candidates) if candidates else None
 
     def state(self) -> PaceState:
@@ -159,6 +165,10 @@ class Pacer:
         """A probe answered: resume, cautiously (one upload until one succeeds)."""
         self.account_fault = None
         self._half_open = True
+
+    def _forget_starts_before(self, cutoff: float) -> None:
+        while self._starts and self._starts[0] <= cutoff:
+            self._starts.popleft()
 
     def _hold(self, seconds: float, reason: str) -> None:
         until = self.clock() + seconds

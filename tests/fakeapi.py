@@ -126,8 +126,13 @@ _USER_INFO = {
     "code": 20000,
     "message": "OK",
     "status": True,
-    "data": {"id": "u1", "name": "test", "balance": "0.88", "status": "normal",
-             "totalBalance": "0.88"},
+    "data": {
+        "id": "u1",
+        "name": "test",
+        "balance": "0.88",
+        "status": "normal",
+        "totalBalance": "0.88",
+    },
 }
 
 R400_UNKNOWN_MODEL = Reply(400, _err(20012, "Model does not exist. Please check it carefully."))
@@ -142,8 +147,10 @@ R402_BALANCE = Reply(402, _BALANCE)
 R404 = Reply(404, "404 page not found")
 R413 = Reply(413, "Request Entity Too Large")
 R415 = Reply(415, {"detail": "Unsupported Media Type: audio could not be decoded"})
-R422 = Reply(422, {"detail": [{"loc": ["body", "file"], "msg": "field required",
-                               "type": "value_error.missing"}]})
+R422 = Reply(
+    422,
+    {"detail": [{"loc": ["body", "file"], "msg": "field required", "type": "value_error.missing"}]},
+)
 R429 = Reply(429, _RATE_LIMITED)
 R429_RETRY_AFTER = Reply(429, _RATE_LIMITED, {"Retry-After": "1"})
 R500 = Reply(500, "Internal Server Error")
@@ -153,8 +160,9 @@ R504 = _jstr(504, "Gateway Timeout")
 R200_NOT_JSON = Reply(200, "<html>oops</html>", content_type="text/html")
 R200_NO_TEXT = Reply(200, {"result": "x"})
 R200_EMPTY_TEXT = Reply(200, {"text": ""})
-R400_OPENAI = Reply(400, {"error": {"message": "Invalid file format.",
-                                    "type": "invalid_request_error"}})
+R400_OPENAI = Reply(
+    400, {"error": {"message": "Invalid file format.", "type": "invalid_request_error"}}
+)
 R500_WHISPERCPP = Reply(500, {"error": "failed to process audio"})
 DROP = Reply(drop=True)
 RESET = Reply(reset=True)
@@ -185,7 +193,8 @@ def _params(header: str) -> tuple[str, dict[str, str]]:
             charset, _, encoded = text.partition("'")
             with contextlib.suppress(LookupError):
                 extended[key[:-1].lower()] = unquote(
-                    encoded.partition("'")[2], charset or "utf-8", "replace")
+                    encoded.partition("'")[2], charset or "utf-8", "replace"
+                )
         else:
             params.setdefault(key.lower(), text)
     return value.strip().lower(), params | extended
@@ -313,8 +322,9 @@ class _Multipart:
             disposition = _params(headers.get("content-disposition", ""))[1]
             name = disposition.get("name", "")
             if name == "file" and not form.has_file:
-                if not self._file_part(disposition.get("filename", ""),
-                                       headers.get("content-type", "")):
+                if not self._file_part(
+                    disposition.get("filename", ""), headers.get("content-type", "")
+                ):
                     return
             elif not self._text_part(name):
                 return
@@ -412,8 +422,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._drain()
         if route == ("GET", "/v1/user/info"):
-            self._answer(self._api.info_reply or (
-                Reply(200, _USER_INFO) if self._authorized() else R401))
+            self._answer(
+                self._api.info_reply or (Reply(200, _USER_INFO) if self._authorized() else R401)
+            )
         elif route == ("GET", "/v1/models"):
             models = {"object": "list", "data": [{"id": m, "object": "model"} for m in MODELS]}
             self._answer(Reply(200, models) if self._authorized() else R401)
@@ -457,8 +468,11 @@ class _Handler(BaseHTTPRequestHandler):
             scripted = api._next_scripted() if authorized else None
             body = self._body()
             ctype, params = _params(self.headers.get("Content-Type", ""))
-            parser = _Multipart(body, params.get("boundary", ""),
-                                _RESET_BUDGET if scripted and scripted.reset else None)
+            parser = _Multipart(
+                body,
+                params.get("boundary", ""),
+                _RESET_BUDGET if scripted and scripted.reset else None,
+            )
             complete = True
             try:
                 if ctype == "multipart/form-data" and params.get("boundary"):
@@ -469,9 +483,21 @@ class _Handler(BaseHTTPRequestHandler):
             form = parser.form
             fields = dict(form.fields)
             model = fields.pop("model", None)
-            upload = Upload(form.filename, form.content_type, model, form.sha256, form.size,
-                            self.headers.get("Authorization"), body.chunked, 0, self._trace,
-                            started, 0.0, fields, complete)
+            upload = Upload(
+                form.filename,
+                form.content_type,
+                model,
+                form.sha256,
+                form.size,
+                self.headers.get("Authorization"),
+                body.chunked,
+                0,
+                self._trace,
+                started,
+                0.0,
+                fields,
+                complete,
+            )
             if not complete:
                 record(upload, 0)
                 if scripted and scripted.reset:
@@ -485,16 +511,24 @@ class _Handler(BaseHTTPRequestHandler):
             elif not form.has_file:
                 reply = R400_MISSING_FILE
             else:
-                reply = api._rate_check() or (api.responder and api.responder(upload)) \
-                    or api._default or Reply()
-            self._answer(reply, api.text_for(form.sha256), lambda s: record(upload, s),
-                         api.latency)
+                reply = (
+                    api._rate_check()
+                    or (api.responder and api.responder(upload))
+                    or api._default
+                    or Reply()
+                )
+            self._answer(reply, api.text_for(form.sha256), lambda s: record(upload, s), api.latency)
         finally:
             if not recorded:
                 api._leave()
 
-    def _answer(self, reply: Reply, text: str = "",
-                record: Callable[[int], None] | None = None, latency: float = 0.0) -> None:
+    def _answer(
+        self,
+        reply: Reply,
+        text: str = "",
+        record: Callable[[int], None] | None = None,
+        latency: float = 0.0,
+    ) -> None:
         """Wait, then answer as `reply` says; `record` gets the status just before."""
         record = record or (lambda _: None)
         wait = latency + reply.delay
@@ -539,8 +573,7 @@ class _Handler(BaseHTTPRequestHandler):
         """Close the connection with a TCP RST (SO_LINGER 0)."""
         self.close_connection = True
         with contextlib.suppress(OSError):
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                       struct.pack("ii", 1, 0))
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.rfile.close()  # drops the makefile() reference so that close() is real
         self.connection.close()
 
@@ -577,8 +610,9 @@ class FakeAPI:
         self._server = _Server(self, self.port)
         self.port = self._server.server_port  # a restart after stop() reuses it
         self.url = f"http://127.0.0.1:{self._server.server_port}/v1"
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
-                                        name="fakeapi", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), name="fakeapi", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -607,8 +641,12 @@ class FakeAPI:
     def __enter__(self) -> FakeAPI:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
 
     @property
@@ -629,8 +667,9 @@ class FakeAPI:
         with self._cond:
             self._default = reply
 
-    def rate_limit(self, rpm: int | None, retry_after: float | None = None,
-                   window: float = 60.0) -> None:
+    def rate_limit(
+        self, rpm: int | None, retry_after: float | None = None, window: float = 60.0
+    ) -> None:
         """Admit `rpm` transcriptions per sliding `window` seconds, 429 the rest; None: off."""
         with self._cond:
             self._rpm, self._retry_after, self._window = rpm, retry_after, window
@@ -694,8 +733,11 @@ class FakeAPI:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.fakeapi", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.fakeapi",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per transcription")
     parser.add_argument("--key", default="sk-test-key", help="the API key to accept")
     parser.add_argument("--rpm", type=int, default=None, help="rate limit (requests/minute)")
@@ -708,8 +750,12 @@ def main(argv: list[str] | None = None) -> int:
         print(api.url, flush=True)
         while not done.wait(0.5):
             pass
-    summary = {"uploads": len(api.uploads), "requests_total": api.requests_total,
-               "max_concurrent": api.max_concurrent, "errors": api.errors}
+    summary = {
+        "uploads": len(api.uploads),
+        "requests_total": api.requests_total,
+        "max_concurrent": api.max_concurrent,
+        "errors": api.errors,
+    }
     print(json.dumps(summary), flush=True)
     return 0
 

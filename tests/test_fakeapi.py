@@ -38,13 +38,15 @@ def api() -> Iterator[FakeAPI]:
 
 
 def client_for(api: FakeAPI, timeout: float = 5.0, key: str = KEY) -> httpx.Client:
-    return httpx.Client(base_url=api.url, timeout=timeout,
-                        headers={"Authorization": f"Bearer {key}"})
+    return httpx.Client(
+        base_url=api.url, timeout=timeout, headers={"Authorization": f"Bearer {key}"}
+    )
 
 
 def transcribe(client: httpx.Client, data: bytes, name: str = "a.mp3") -> httpx.Response:
-    return client.post("/audio/transcriptions", data={"model": MODEL},
-                       files={"file": (name, data, "audio/mpeg")})
+    return client.post(
+        "/audio/transcriptions", data={"model": MODEL}, files={"file": (name, data, "audio/mpeg")}
+    )
 
 
 def test_streamed_file_upload_is_recorded(api: FakeAPI, tmp_path: Path) -> None:
@@ -54,15 +56,22 @@ def test_streamed_file_upload_is_recorded(api: FakeAPI, tmp_path: Path) -> None:
     path.write_bytes(data)
     sha = hashlib.sha256(data).hexdigest()
     with client_for(api) as client, path.open("rb") as f:
-        resp = client.post("/audio/transcriptions", data={"model": MODEL, "language": "zh"},
-                           files={"file": (path.name, f, "audio/mpeg")})
+        resp = client.post(
+            "/audio/transcriptions",
+            data={"model": MODEL, "language": "zh"},
+            files={"file": (path.name, f, "audio/mpeg")},
+        )
     assert resp.status_code == 200
     assert resp.headers["content-type"] == "application/json"
     assert resp.json() == {"text": FakeAPI.text_for(sha)}
     assert "语音" in resp.json()["text"]
     (up,) = api.uploads_of(sha)
-    assert (up.filename, up.content_type, up.model, up.size) == (path.name, "audio/mpeg", MODEL,
-                                                                  len(data))
+    assert (up.filename, up.content_type, up.model, up.size) == (
+        path.name,
+        "audio/mpeg",
+        MODEL,
+        len(data),
+    )
     assert (up.status, up.chunked, up.authorization) == (200, False, f"Bearer {KEY}")
     assert up.extra_fields == {"language": "zh"}
     assert up.trace_id == resp.headers[TRACE]
@@ -75,17 +84,26 @@ def test_chunked_upload_is_recorded(api: FakeAPI) -> None:
     """A hand-built multipart body sent with Transfer-Encoding: chunked is parsed and hashed."""
     boundary = "b0undary-x"
     data = os.urandom(200_000) + b"\r\n--b0undary" + os.urandom(1000)  # a near-boundary
-    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\n{MODEL}\r\n'
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\n{MODEL}\r\n'
             f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="c.wav"\r\n'
-            f"Content-Type: audio/wav\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+            f"Content-Type: audio/wav\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
 
     def pieces() -> Iterator[bytes]:
         for i in range(0, len(body), 7001):  # chunk edges fall inside the boundaries
             yield body[i : i + 7001]
 
     with client_for(api) as client:
-        resp = client.post("/audio/transcriptions", content=pieces(),
-                           headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        resp = client.post(
+            "/audio/transcriptions",
+            content=pieces(),
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
     assert resp.status_code == 200
     (up,) = api.uploads
     assert up.chunked
@@ -103,8 +121,9 @@ def test_bad_key_missing_file_and_unknown_path(api: FakeAPI) -> None:
         assert resp.json() == "Invalid token"
         assert client.get("/models").status_code == 401
     with client_for(api) as client:
-        resp = client.post("/audio/transcriptions", data={"model": MODEL},
-                           files={"other": ("x", b"x")})
+        resp = client.post(
+            "/audio/transcriptions", data={"model": MODEL}, files={"other": ("x", b"x")}
+        )
         assert resp.status_code == 400
         assert resp.json() == {"code": 20015, "message": "file is required", "data": None}
         resp = client.get("/nope")
@@ -156,8 +175,7 @@ def test_concurrency_is_counted(api: FakeAPI) -> None:
 
     api.responder = responder
     with client_for(api) as client:
-        threads = [threading.Thread(target=transcribe, args=(client, b"%d" % i))
-                   for i in range(4)]
+        threads = [threading.Thread(target=transcribe, args=(client, b"%d" % i)) for i in range(4)]
         for t in threads:
             t.start()
         api.wait_for_uploads(4)
@@ -178,10 +196,12 @@ def test_stall_times_out_and_stop_is_quick() -> None:
     host, port = api.url.split("//")[1].split("/")[0].split(":")
     with socket.create_connection((host, int(port))) as sock:
         body = b'--b\r\nContent-Disposition: form-data; name="file"; filename="s"\r\n\r\nz\r\n--b--'
-        sock.sendall(b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\n"
-                     b"Authorization: Bearer " + KEY.encode() + b"\r\n"
-                     b"Content-Type: multipart/form-data; boundary=b\r\n"
-                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        sock.sendall(
+            b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer " + KEY.encode() + b"\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body
+        )
         sock.settimeout(0.3)
         with pytest.raises(TimeoutError):
             sock.recv(1)
@@ -219,8 +239,10 @@ def test_user_info_and_models(api: FakeAPI) -> None:
         assert info.json()["data"]["balance"] == "0.88"
         assert info.json()["code"] == 20000
         models = client.get("/models", params={"type": "audio"}).json()
-        assert [m["id"] for m in models["data"]] == ["FunAudioLLM/SenseVoiceSmall",
-                                                     "TeleAI/TeleSpeechASR"]
+        assert [m["id"] for m in models["data"]] == [
+            "FunAudioLLM/SenseVoiceSmall",
+            "TeleAI/TeleSpeechASR",
+        ]
         api.info_reply = R403_BALANCE
         resp = client.get("/user/info")
         assert (resp.status_code, resp.json()["code"]) == (403, 30001)

@@ -86,8 +86,8 @@ def test_successes_grow_the_limit_back_one_per_round(clock: Clock) -> None:
     for _ in range(1 + 2 + 3 + 4 + 5 + 6 + 7 + 10):
         pacer.succeeded()
         seen.append(pacer.limit)
-    # one success at 1, two at 2, ... seven at 7, then it stays at 8
-    expected = [1] + [n + 1 for n in range(1, 8) for _ in range(n)] + [8] * 10
+    # at limit n the n-th success in a row raises it to n + 1; at 8 it stays
+    expected = [1] + [x for n in range(1, 8) for x in [n] * (n - 1) + [n + 1]] + [8] * 10
     assert seen == expected
     assert capacity(pacer) == 8
 
@@ -233,7 +233,7 @@ def test_half_open_lets_exactly_one_through_and_success_closes(clock: Clock) -> 
 
 
 def test_failed_probe_reopens_with_growing_holds(clock: Clock) -> None:
-    """Each failed probe reopens the circuit for at least as long, never over MAX_PAUSE."""
+    """Each failed probe reopens the circuit for longer (jittered), up to MAX_PAUSE."""
     pacer = Pacer(4, clock=clock)
     open_circuit(pacer, "connection")
     holds = [until_allowed(pacer, clock)]
@@ -244,8 +244,10 @@ def test_failed_probe_reopens_with_growing_holds(clock: Clock) -> None:
         assert not pacer.allowed(0)
         holds.append(until_allowed(pacer, clock))
     assert all(0 < hold <= MAX_PAUSE for hold in holds)
-    assert holds == sorted(holds)
-    assert holds[-1] >= MAX_PAUSE / 2
+    assert holds[0] <= 2.0  # a blip costs a second or two
+    assert holds[:8] == sorted(holds[:8])  # doubling while far below the cap
+    assert all(later >= earlier / 2 for earlier, later in zip(holds, holds[1:], strict=False))
+    assert min(holds[9:]) >= MAX_PAUSE / 2  # a long outage is probed every few minutes
     pacer.succeeded()
     assert capacity(pacer) == 4
 
@@ -337,3 +339,36 @@ def test_account_pause_outranks_a_hold_in_state(clock: Clock) -> None:
     assert state.paused is not None
     assert "rate limited" in state.paused  # the 429 hold still stands
     assert not pacer.allowed(0)
+
+
+# -- wake_at: when the daemon must look again --------------------------------------------
+
+
+def test_wake_at_is_the_earliest_future_change(clock: Clock) -> None:
+    """With a hold and an account pause, wake_at is the earlier of the two."""
+    pacer = Pacer(4, clock=clock)
+    pacer.rate_limited(3.0)
+    pacer.account_failed("unauthorized")  # probe in 5 s
+    assert pacer.wake_at() == clock.now + 3.0
+    clock.advance(3.0)
+    assert pacer.wake_at() == clock.now + 2.0
+
+
+def test_wake_at_is_never_in_the_past_with_an_rpm_cap(clock: Clock) -> None:
+    """Starts older than a minute do not give a wake-up time in the past (a busy loop)."""
+    pacer = Pacer(1, requests_per_minute=3, clock=clock)
+    for _ in range(3):
+        pacer.started()
+    clock.advance(100.0)
+    assert not pacer.allowed(1)  # saturated: the one upload allowed is still running
+    wake = pacer.wake_at()
+    assert wake is None or wake > clock.now
+
+
+def test_wake_at_is_never_in_the_past_while_probing(clock: Clock) -> None:
+    """Once probe_at has passed (the probe is running), wake_at does not ask to wake now."""
+    pacer = Pacer(4, clock=clock)
+    pacer.account_failed("unauthorized")
+    clock.advance(6.0)
+    wake = pacer.wake_at()
+    assert wake is None or wake > clock.now

@@ -72,8 +72,9 @@ def test_quiet_file_ready_only_after_settle_seconds(
     clock.advance(SETTLE - 0.01)
     assert ready_paths(settler) == []
     clock.advance(0.01)
-    ready = settler.due(fixed(SETTLE))
-    assert ready == [SettledFile(path, tmp_path, signature_of(path))]  # type: ignore[arg-type]
+    signature = signature_of(path)
+    assert signature is not None
+    assert settler.due(fixed(SETTLE)) == [SettledFile(path, tmp_path, signature)]
     assert len(settler) == 0
     assert settler.next_due() is None
     clock.advance(SETTLE)

@@ -1,0 +1,364 @@
+"""watch: which paths are work, what a scan finds, and real observers noting events."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from sfwatch.config import WatchConfig
+from sfwatch.watch import (
+    PathNotes,
+    Watcher,
+    is_ignored_name,
+    mount_fstype,
+    needs_polling,
+    scan,
+    wants,
+)
+from tests.conftest import wait_until
+
+INBOX = Path("/srv/rec/inbox")
+
+
+@pytest.fixture
+def watch() -> WatchConfig:
+    """A watched folder with every default."""
+    return WatchConfig(path=INBOX)
+
+
+# --- wants ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "rel", ["a.mp3", "A.MP3", "Interview.Wav", "sub/deeper/b.m4a", "x.FLAC", "clip.webm"]
+)
+def test_wants_included_names_case_insensitive(watch: WatchConfig, rel: str) -> None:
+    """Include patterns match regardless of case, at any depth."""
+    assert wants(INBOX / rel, watch)
+
+
+@pytest.mark.parametrize(
+    "rel",
+    [
+        ".DS_Store",
+        "x.part",
+        "x.mp3.part",
+        "x.mp3.tmp",
+        "x.mp3.crdownload",
+        "._a.wav",
+        ".a.mp3.Xy12Ab",
+        "~$x.mp3",
+        "@eaDir/a.mp3",
+        "sub/@eaDir/a.mp3",
+        "Thumbs.db",
+        ".hidden/a.mp3",
+        "#recycle/a.mp3",
+    ],
+)
+def test_wants_ignores_temp_and_system_names(rel: str) -> None:
+    """Built-in ignored names are skipped even when the include list takes everything."""
+    everything = WatchConfig(path=INBOX, include=("*",))
+    assert not wants(INBOX / rel, everything)
+
+
+def test_include_all_takes_ordinary_names() -> None:
+    """The include-everything config used above does take an ordinary name."""
+    everything = WatchConfig(path=INBOX, include=("*",))
+    assert wants(INBOX / "notes.pdf", everything)
+    assert wants(INBOX / "sub/x.bin", everything)
+
+
+@pytest.mark.parametrize("name", ["._a.wav", "~$X.MP3", "THUMBS.DB", "a.PART", ".ds_store"])
+def test_is_ignored_name_case_insensitive(watch: WatchConfig, name: str) -> None:
+    """The ignore list matches regardless of case."""
+    assert is_ignored_name(name, watch)
+
+
+def test_wants_not_a_pdf(watch: WatchConfig) -> None:
+    """A name outside the include patterns is not wanted."""
+    assert not wants(INBOX / "notes.pdf", watch)
+    assert not wants(INBOX / "a.mp3.txt", watch)
+
+
+def test_wants_exclude_patterns_add_to_ignore_list() -> None:
+    """The config's exclude patterns are skipped too, case-insensitively."""
+    watch = WatchConfig(path=INBOX, exclude=("draft-*", "private"))
+    assert not wants(INBOX / "Draft-1.mp3", watch)
+    assert not wants(INBOX / "private/a.mp3", watch)
+    assert wants(INBOX / "final.mp3", watch)
+
+
+@pytest.mark.parametrize(
+    "rel",
+    ["done/a.mp3", "done/sub/a.mp3", "failed/a.mp3", ".sfwatch/work/i/j/a.mp3", "done", "failed"],
+)
+def test_wants_never_done_failed_or_work_area(rel: str) -> None:
+    """Files in done/, failed/ and the work area are never work, whatever the include list."""
+    assert not wants(INBOX / rel, WatchConfig(path=INBOX))
+    assert not wants(INBOX / rel, WatchConfig(path=INBOX, include=("*",)))
+
+
+def test_wants_respects_overridden_done_and_failed() -> None:
+    """An overridden done/failed folder is excluded; the default names are then ordinary."""
+    watch = WatchConfig(path=INBOX, done_dir=INBOX / "processed", failed_dir=INBOX / "bad")
+    assert not wants(INBOX / "processed/a.mp3", watch)
+    assert not wants(INBOX / "bad/a.mp3", watch)
+    assert wants(INBOX / "done/a.mp3", watch)
+
+
+def test_wants_recursive_false_only_top_level() -> None:
+    """With recursive off, only files directly in the watched folder are wanted."""
+    watch = WatchConfig(path=INBOX, recursive=False)
+    assert wants(INBOX / "a.mp3", watch)
+    assert not wants(INBOX / "sub/a.mp3", watch)
+
+
+def test_wants_outside_or_the_folder_itself(watch: WatchConfig) -> None:
+    """A path outside the watched folder, or the folder itself, is not wanted."""
+    assert not wants(Path("/srv/rec/other/a.mp3"), watch)
+    assert not wants(Path("/srv/rec/inbox.mp3"), watch)
+    assert not wants(INBOX, watch)
+
+
+# --- scan -------------------------------------------------------------------------------
+
+
+def make_tree(root: Path, rels: list[str]) -> None:
+    """Create each file in ``rels`` below ``root``."""
+    for rel in rels:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+
+
+def scanned(watch: WatchConfig) -> list[str]:
+    """What a scan reports, relative to the watched folder, sorted."""
+    found: list[str] = []
+    count = scan(watch, found.append)
+    assert count == len(found)
+    return sorted(Path(p).relative_to(watch.path).as_posix() for p in found)
+
+
+def test_scan_finds_wanted_files_and_prunes(tmp_path: Path) -> None:
+    """A scan reports wanted files at any depth, never done/, failed/, .sfwatch/ or junk."""
+    inbox = tmp_path / "inbox"
+    make_tree(
+        inbox,
+        [
+            "a.mp3",
+            "sub/b.WAV",
+            "sub/deeper/c.flac",
+            "sub/notes.pdf",
+            "done/d.mp3",
+            "done/sub/d2.mp3",
+            "failed/e.mp3",
+            ".sfwatch/work/inst/job/f.mp3",
+            "@eaDir/g.mp3",
+            "sub/.h.mp3",
+        ],
+    )
+    assert scanned(WatchConfig(path=inbox)) == ["a.mp3", "sub/b.WAV", "sub/deeper/c.flac"]
+    assert scanned(WatchConfig(path=inbox, recursive=False)) == ["a.mp3"]
+
+
+def test_scan_prunes_overridden_done_dir(tmp_path: Path) -> None:
+    """An overridden done_dir inside the inbox is pruned; plain done/ is then scanned."""
+    inbox = tmp_path / "inbox"
+    make_tree(inbox, ["processed/a.mp3", "done/b.mp3"])
+    watch = WatchConfig(path=inbox, done_dir=inbox / "processed")
+    assert scanned(watch) == ["done/b.mp3"]
+
+
+def test_scan_does_not_follow_symlinked_dirs(tmp_path: Path) -> None:
+    """A symlinked folder (even a loop back to the inbox) is not walked into."""
+    inbox, outside = tmp_path / "inbox", tmp_path / "outside"
+    make_tree(inbox, ["a.mp3"])
+    make_tree(outside, ["elsewhere.mp3"])
+    (inbox / "link").symlink_to(outside, target_is_directory=True)
+    (inbox / "loop").symlink_to(inbox, target_is_directory=True)
+    assert scanned(WatchConfig(path=inbox)) == ["a.mp3"]
+
+
+def test_scan_of_missing_folder_finds_nothing(tmp_path: Path) -> None:
+    """A watched folder that does not exist (yet) scans as empty."""
+    assert scanned(WatchConfig(path=tmp_path / "absent")) == []
+
+
+# --- mount table ------------------------------------------------------------------------
+
+MOUNTINFO = r"""22 1 253:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
+40 22 0:40 / /srv/share rw,relatime shared:20 - nfs4 server:/export rw,vers=4.2
+43 40 0:43 / /srv/share/local rw - ext4 /dev/vdb rw
+41 22 0:41 / /srv/smb rw shared:21 master:3 - cifs //nas/share rw
+42 22 0:42 / /home/u/remote rw,nosuid,nodev - fuse.sshfs u@host:/ rw
+44 22 0:44 / /mnt/my\040drive rw - nfs srv:/x rw
+45 22 0:45 / /srv/sharedisk rw - xfs /dev/vdc rw
+46 22 0:46 / /srv/stack rw - ext4 /dev/vdd rw
+47 46 0:47 / /srv/stack rw - cifs //nas/stack rw
+"""
+
+
+@pytest.mark.parametrize(
+    ("path", "fstype"),
+    [
+        ("/srv/share/inbox", "nfs4"),
+        ("/srv/share", "nfs4"),
+        ("/srv/share/local/inbox", "ext4"),  # the longest mount point wins
+        ("/srv/sharedisk/inbox", "xfs"),  # a prefix of the name is not a parent
+        ("/srv/smb/in", "cifs"),
+        ("/home/u/remote/in", "fuse.sshfs"),
+        ("/mnt/my drive/in", "nfs"),  # \040 is an escaped space
+        ("/srv/stack/in", "cifs"),  # mounted over: the later mount is the one seen
+        ("/var/lib/x", "ext4"),
+    ],
+)
+def test_mount_fstype(path: str, fstype: str) -> None:
+    """The type of the innermost mount that holds the path."""
+    assert mount_fstype(Path(path), MOUNTINFO) == fstype
+
+
+def test_mount_fstype_ignores_line_order() -> None:
+    """The longest mount point wins wherever its line is."""
+    lines = MOUNTINFO.splitlines()
+    reordered = "\n".join([lines[2], lines[1], lines[0]]) + "\n"
+    assert mount_fstype(Path("/srv/share/local/in"), reordered) == "ext4"
+    assert mount_fstype(Path("/srv/share/in"), reordered) == "nfs4"
+
+
+def test_mount_fstype_real_table() -> None:
+    """Read from /proc, /dev/shm is a tmpfs (where the system has one)."""
+    if not Path("/dev/shm").is_dir():  # noqa: S108 - only reading its mount type
+        pytest.skip("no /dev/shm here")
+    assert mount_fstype(Path("/dev/shm")) == "tmpfs"  # noqa: S108
+
+
+@pytest.mark.parametrize(
+    ("path", "poll", "expected"),
+    [
+        ("/srv/share/in", None, True),
+        ("/srv/smb/in", None, True),
+        ("/home/u/remote/in", None, True),
+        ("/mnt/my drive/in", None, True),
+        ("/srv/share/local/in", None, False),
+        ("/var/in", None, False),
+        ("/srv/share/in", False, False),  # explicit config wins
+        ("/var/in", True, True),
+    ],
+)
+def test_needs_polling(path: str, poll: bool | None, expected: bool) -> None:
+    """Auto mode polls on network and FUSE mounts only; an explicit setting wins."""
+    watch = WatchConfig(path=Path(path), poll=poll)
+    assert needs_polling(watch, MOUNTINFO) is expected
+
+
+# --- real observers ---------------------------------------------------------------------
+
+
+class Collector:
+    """Accumulates what a PathNotes set was given, across drains."""
+
+    def __init__(self, notes: PathNotes) -> None:
+        self.notes = notes
+        self.seen: set[str] = set()
+
+    def has(self, path: Path) -> bool:
+        """Drain new notes; True once ``path`` was noted."""
+        self.seen |= self.notes.drain()
+        return str(path) in self.seen
+
+
+@contextmanager
+def start_watcher(watch: WatchConfig) -> Iterator[tuple[Watcher, Collector]]:
+    """Start a Watcher on ``watch``; stop it afterwards."""
+    notes = PathNotes()
+    watcher = Watcher(watch, notes)
+    watcher.start()
+    try:
+        yield watcher, Collector(notes)
+    finally:
+        watcher.stop()
+    assert not watcher.alive()
+
+
+@pytest.fixture
+def inotify_watch(tmp_path: Path) -> Iterator[tuple[Watcher, Collector]]:
+    """A started inotify Watcher on tmp_path/inbox (with a work area already in place)."""
+    watch = WatchConfig(path=tmp_path / "inbox", poll=False)
+    (watch.work_dir / "work" / "inst").mkdir(parents=True)
+    with start_watcher(watch) as started:
+        yield started
+
+
+def test_inotify_notes_created_file(inotify_watch: tuple[Watcher, Collector]) -> None:
+    """A file written in the inbox, or in a new subfolder, is noted."""
+    watcher, seen = inotify_watch
+    assert not watcher.polling
+    inbox = watcher.watch.path
+    (inbox / "a.mp3").write_bytes(b"x")
+    wait_until(lambda: seen.has(inbox / "a.mp3"), 5, "a.mp3 noted")
+    assert watcher.notes.wakeup.is_set()
+    (inbox / "sub").mkdir()
+    (inbox / "sub" / "b.wav").write_bytes(b"x")
+    wait_until(lambda: seen.has(inbox / "sub" / "b.wav"), 5, "sub/b.wav noted")
+
+
+def test_inotify_notes_renamed_in_file(
+    tmp_path: Path, inotify_watch: tuple[Watcher, Collector]
+) -> None:
+    """A file moved in from outside, or renamed from a temp name, is noted by its new name."""
+    watcher, seen = inotify_watch
+    inbox = watcher.watch.path
+    outside = tmp_path / "outside.wav"
+    outside.write_bytes(b"x")
+    outside.rename(inbox / "moved-in.wav")
+    wait_until(lambda: seen.has(inbox / "moved-in.wav"), 5, "moved-in.wav noted")
+    temp = inbox / ".rsync.mp3.Ab12Cd"
+    temp.write_bytes(b"x")
+    temp.rename(inbox / "rsynced.mp3")
+    wait_until(lambda: seen.has(inbox / "rsynced.mp3"), 5, "rsynced.mp3 noted")
+
+
+def test_inotify_ignores_work_area_done_and_failed(
+    inotify_watch: tuple[Watcher, Collector],
+) -> None:
+    """Churn in .sfwatch/, done/ and failed/ is never noted; a claim notes only its source."""
+    watcher, seen = inotify_watch
+    watch = watcher.watch
+    inbox = watch.path
+    claimed = inbox / "claimed.mp3"
+    claimed.write_bytes(b"x")
+    wait_until(lambda: seen.has(claimed), 5, "claimed.mp3 noted")
+    job = watch.work_dir / "work" / "inst" / "job1"
+    (job / "sub").mkdir(parents=True)
+    claimed.rename(job / "sub" / "claimed.mp3")  # what claim does
+    (job / "sub" / ".x.sfwatch-tmp").write_bytes(b"tmp")
+    (job / "sub" / "claimed.mp3").rename(job / "sub" / "renamed.mp3")
+    for folder in (watch.done_dir / "sub", watch.failed_dir):
+        folder.mkdir(parents=True)
+        (folder / "a.mp3").write_bytes(b"x")
+        (folder / "a.mp3").rename(folder / "b.mp3")
+    # inotify delivers in order: once this is noted, the events above have been handled
+    sentinel = inbox / "sentinel.mp3"
+    sentinel.write_bytes(b"x")
+    wait_until(lambda: seen.has(sentinel), 5, "sentinel noted")
+    excluded = (watch.work_dir, watch.done_dir, watch.failed_dir)
+    inside = [p for p in seen.seen if any(Path(p).is_relative_to(d) and Path(p) != d for d in excluded)]
+    print("NOTED", sorted(seen.seen))
+    assert inside == []
+    assert str(claimed) in seen.seen  # the source side of the claim's rename
+    assert os.path.exists(job / "sub" / "renamed.mp3")
+
+
+def test_polling_watcher_notes_created_file(tmp_path: Path) -> None:
+    """With poll: true a PollingObserver runs and notes a new file within a few polls."""
+    watch = WatchConfig(path=tmp_path / "inbox", poll=True)
+    with start_watcher(watch) as (watcher, seen):
+        assert watcher.polling
+        target = watch.path / "sub" / "polled.m4a"
+        target.parent.mkdir()
+        target.write_bytes(b"x")
+        wait_until(lambda: seen.has(target), 10, "polled.m4a noted")
