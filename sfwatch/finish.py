@@ -10,6 +10,7 @@ name gets `` (1)``, `` (2)``, … and the transcript and the original share it.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,12 +47,18 @@ def _split(name: str) -> tuple[str, str]:
 
 
 def finish_done(
-    job: Job, text: str, watch: WatchConfig, transcript_at: Path | None = None
+    job: Job,
+    text: str,
+    watch: WatchConfig,
+    transcript_at: Path | None = None,
+    plan: Callable[[Path], None] | None = None,
 ) -> Placed:
     """Write the transcript, then move the original to done/.
 
     ``transcript_at`` names a transcript an interrupted earlier finish already
-    wrote; it is kept instead of writing a second copy.
+    wrote; it is kept instead of writing a second copy. ``plan`` is told each
+    name before a transcript is written under it (the ledger records it, so a
+    crash right after the write is recognised on resume).
     """
     stem, suffix = _split(job.name)
     tdir = transcript_folder(job, watch)
@@ -60,6 +67,8 @@ def finish_done(
     transcript = transcript_at
     if transcript is None:
         for candidate in free_stems(stem, [(tdir, ".txt"), (ddir, suffix)]):
+            if plan is not None:
+                plan(tdir / f"{candidate}.txt")
             try:
                 write_new_file(tdir / f"{candidate}.txt", data)
             except FileExistsError:
@@ -77,7 +86,10 @@ def _move_original(job: Job, folder: Path, preferred_stem: str, suffix: str) -> 
     try:
         move_no_replace(job.path, target)
     except FileExistsError:
-        pass
+        if _same_file(job.path, target):
+            # A crash between link() and unlink() last time: it is already there.
+            job.path.unlink()
+            return target
     else:
         return target
     for candidate in free_stems(preferred_stem, [(folder, suffix)]):
@@ -88,6 +100,13 @@ def _move_original(job: Job, folder: Path, preferred_stem: str, suffix: str) -> 
             continue
         return target
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
 
 
 def error_record(job: Job, error: dict[str, Any]) -> dict[str, Any]:

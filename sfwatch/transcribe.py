@@ -109,7 +109,7 @@ def classify(status: int, headers: httpx.Headers, body: bytes) -> TranscribeErro
     what = f"HTTP {status}: {message}" if message else f"HTTP {status}"
     if status in _FILE_FAULT:
         return FileRejected(what, reason="api_rejected", **kwargs)
-    if status in {429, 409, 425}:
+    if status == 429:
         return RateLimited(what, retry_after=parse_retry_after(dict(headers)), **kwargs)
     if status in _TRANSIENT or status >= 500:
         reason = "overloaded" if _api_code(body) == 50505 else "server_error"
@@ -180,6 +180,10 @@ class Transcriber:
             raise TransientError(
                 f"connection failed: {type(exc).__name__}: {exc}", reason="connection"
             ) from exc
+        except httpx.RequestError as exc:  # e.g. a body that does not match its Content-Encoding
+            raise TransientError(
+                f"bad response: {type(exc).__name__}: {exc}", reason="bad_response"
+            ) from exc
         trace_id = response.headers.get(TRACE_HEADER)
         if response.status_code != 200:
             raise classify(response.status_code, response.headers, response.content)
@@ -208,6 +212,10 @@ class Transcriber:
         except httpx.TransportError as exc:
             raise TransientError(
                 f"connection failed: {type(exc).__name__}: {exc}", reason="connection"
+            ) from exc
+        except httpx.RequestError as exc:
+            raise TransientError(
+                f"bad response: {type(exc).__name__}: {exc}", reason="bad_response"
             ) from exc
         if response.status_code != 200:
             raise classify(response.status_code, response.headers, response.content)

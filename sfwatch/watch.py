@@ -126,7 +126,8 @@ def mount_fstype(path: Path, mountinfo: str | None = None) -> str:
             mountinfo = Path("/proc/self/mountinfo").read_text(encoding="utf-8", errors="replace")
         except OSError:
             return ""
-    target = str(Path(path).absolute())
+    # Resolve symlinks: an inbox that links into a network mount lives on that mount.
+    target = os.path.realpath(path)
     best, best_type = "", ""
     for line in mountinfo.splitlines():
         left, sep, right = line.partition(" - ")

@@ -34,7 +34,7 @@ def temp_files(folder: Path) -> list[str]:
 @pytest.fixture
 def shm_dir(tmp_path: Path) -> Iterator[Path]:
     """A fresh folder on /dev/shm, a file system other than tmp_path's."""
-    shm = Path("/dev/shm")  # noqa: S108 - a tmpfs is the point
+    shm = Path("/dev/shm")
     if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
         pytest.skip("/dev/shm is not a separate file system here")
     folder = Path(tempfile.mkdtemp(prefix="sfwatch-test-", dir=shm))

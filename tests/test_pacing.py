@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from sfwatch.pacing import MAX_PAUSE, OPEN_AFTER, Pacer
@@ -246,7 +248,7 @@ def test_failed_probe_reopens_with_growing_holds(clock: Clock) -> None:
     assert all(0 < hold <= MAX_PAUSE for hold in holds)
     assert holds[0] <= 2.0  # a blip costs a second or two
     assert holds[:8] == sorted(holds[:8])  # doubling while far below the cap
-    assert all(later >= earlier / 2 for earlier, later in zip(holds, holds[1:], strict=False))
+    assert all(later >= earlier / 2 for earlier, later in itertools.pairwise(holds))
     assert min(holds[9:]) >= MAX_PAUSE / 2  # a long outage is probed every few minutes
     pacer.succeeded()
     assert capacity(pacer) == 4

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-import tests.fakeapi as fakeapi
 from sfwatch.backoff import MAX_RETRY_AFTER
 from sfwatch.config import Secret
 from sfwatch.errors import (
@@ -27,6 +26,7 @@ from sfwatch.errors import (
     UnusableResponse,
 )
 from sfwatch.transcribe import Transcriber, Transcript, api_message, audio_mime
+from tests import fakeapi
 from tests.conftest import API_KEY
 from tests.fakeapi import (
     DROP,
@@ -171,6 +171,7 @@ def test_canned_error_reply_maps_to_its_error(
     ],
 )
 def test_other_statuses_are_classified(
+    *,
     status: int,
     cls: type[TranscribeError],
     reason: str,
@@ -317,6 +318,7 @@ def http_date_in(seconds: float) -> str:
     ids=["ms", "ms-wins", "capped", "503-seconds", "500-upper-case"],
 )
 def test_retry_after_is_honoured(
+    *,
     reply: Reply,
     cls: type[TransientError],
     low: float,
@@ -403,6 +405,32 @@ def test_connection_refused_is_a_connection_error(audio: Path) -> None:
     assert elapsed < 5
 
 
+BAD_GZIP = {"Content-Encoding": "gzip"}
+
+
+@pytest.mark.parametrize("status", [200, 503])
+def test_undecodable_body_is_a_transient_error(
+    status: int, fake_api: FakeAPI, transcriber: Transcriber, audio: Path
+) -> None:
+    """A body that is not what its Content-Encoding says raises our error, not httpx's."""
+    fake_api.script(Reply(status, b"not gzip at all", headers=BAD_GZIP))
+    exc = upload_error(transcriber, audio)
+    assert type(exc) is TransientError
+    assert exc.reason == "bad_response"
+    assert last_upload(fake_api).status == status
+
+
+def test_undecodable_account_answer_is_a_transient_error(fake_api: FakeAPI) -> None:
+    """The account probe translates an undecodable body too (the daemon catches only ours)."""
+    fake_api.info_reply = Reply(200, b"not gzip at all", headers=BAD_GZIP)
+    with (
+        Transcriber(fake_api.url, Secret(API_KEY)) as client,
+        pytest.raises(TransientError) as info,
+    ):
+        client.check_account()
+    assert info.value.reason == "bad_response"
+
+
 def test_missing_file_is_not_a_service_error(transcriber: Transcriber, tmp_path: Path) -> None:
     """A file that vanished before the upload raises OSError, never a service error."""
     with pytest.raises(FileNotFoundError):
@@ -420,9 +448,11 @@ def test_check_account_ok(transcriber: Transcriber) -> None:
 
 def test_check_account_bad_key(fake_api: FakeAPI) -> None:
     """A wrong key: AccountError 401 unauthorized with the API's message and trace ID."""
-    with Transcriber(fake_api.url, Secret("sk-wrong-key")) as client:
-        with pytest.raises(AccountError) as info:
-            client.check_account()
+    with (
+        Transcriber(fake_api.url, Secret("sk-wrong-key")) as client,
+        pytest.raises(AccountError) as info,
+    ):
+        client.check_account()
     exc = info.value
     assert (exc.http_status, exc.reason, exc.api_message) == (401, "unauthorized", "Invalid token")
     assert exc.trace_id is not None
@@ -442,9 +472,11 @@ def test_check_account_failures(
 ) -> None:
     """A /user/info that is not the API's JSON, or an error, raises the matching error."""
     fake_api.info_reply = reply
-    with Transcriber(fake_api.url, Secret(API_KEY)) as client:
-        with pytest.raises(TranscribeError) as info:
-            client.check_account()
+    with (
+        Transcriber(fake_api.url, Secret(API_KEY)) as client,
+        pytest.raises(TranscribeError) as info,
+    ):
+        client.check_account()
     assert type(info.value) is cls
     assert info.value.reason == reason
 
@@ -491,9 +523,8 @@ def test_api_key_never_in_an_exception(kind: str, fake_api: FakeAPI, tmp_path: P
 def test_wrong_key_never_in_the_error(fake_api: FakeAPI) -> None:
     """A rejected key is not echoed in the AccountError either."""
     key = "sk-wrong-4c0ffee4c0ffee"
-    with Transcriber(fake_api.url, Secret(key)) as client:
-        with pytest.raises(AccountError) as info:
-            client.check_account()
+    with Transcriber(fake_api.url, Secret(key)) as client, pytest.raises(AccountError) as info:
+        client.check_account()
     assert all(key not in repr(e) and key not in str(e) for e in exception_chain(info.value))
     assert key not in "".join(traceback.format_exception(info.value))
 

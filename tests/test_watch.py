@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -165,6 +166,21 @@ def test_scan_finds_wanted_files_and_prunes(tmp_path: Path) -> None:
     assert scanned(WatchConfig(path=inbox, recursive=False)) == ["a.mp3"]
 
 
+def test_scan_does_not_even_read_pruned_folders(tmp_path: Path) -> None:
+    """done/, failed/ and .sfwatch/ are never listed: their access times stay old."""
+    inbox = tmp_path / "inbox"
+    make_tree(inbox, ["sub/a.mp3", "done/b.mp3", "failed/c.mp3", ".sfwatch/work/i/j/d.mp3"])
+    watch = WatchConfig(path=inbox)
+    folders = [inbox / "sub", watch.done_dir, watch.failed_dir, watch.work_dir]
+    old = time.time_ns() - 3 * 86400 * 10**9  # over a day old: relatime updates it on a read
+    for folder in folders:
+        os.utime(folder, ns=(old, folder.stat().st_mtime_ns))
+    assert scanned(watch) == ["sub/a.mp3"]
+    if inbox.joinpath("sub").stat().st_atime_ns == old:
+        pytest.skip("this file system does not update access times on read")
+    assert [folder.stat().st_atime_ns for folder in folders[1:]] == [old, old, old]
+
+
 def test_scan_prunes_overridden_done_dir(tmp_path: Path) -> None:
     """An overridden done_dir inside the inbox is pruned; plain done/ is then scanned."""
     inbox = tmp_path / "inbox"
@@ -208,7 +224,8 @@ MOUNTINFO = r"""22 1 253:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
         ("/srv/share/inbox", "nfs4"),
         ("/srv/share", "nfs4"),
         ("/srv/share/local/inbox", "ext4"),  # the longest mount point wins
-        ("/srv/sharedisk/inbox", "xfs"),  # a prefix of the name is not a parent
+        ("/srv/sharedisk/inbox", "xfs"),
+        ("/srv/shared/inbox", "ext4"),  # /srv/share is a prefix of the name, not a parent
         ("/srv/smb/in", "cifs"),
         ("/home/u/remote/in", "fuse.sshfs"),
         ("/mnt/my drive/in", "nfs"),  # \040 is an escaped space
@@ -229,11 +246,19 @@ def test_mount_fstype_ignores_line_order() -> None:
     assert mount_fstype(Path("/srv/share/in"), reordered) == "nfs4"
 
 
+def test_mount_fstype_follows_a_symlinked_folder(tmp_path: Path) -> None:
+    """A watched path that is a symlink into a network mount is judged by where it leads."""
+    link = tmp_path / "nas"
+    link.symlink_to("/srv/share/inbox")  # the mount table below is synthetic
+    assert mount_fstype(link, MOUNTINFO) == "nfs4"
+    assert needs_polling(WatchConfig(path=link / "sub"), MOUNTINFO)
+
+
 def test_mount_fstype_real_table() -> None:
     """Read from /proc, /dev/shm is a tmpfs (where the system has one)."""
-    if not Path("/dev/shm").is_dir():  # noqa: S108 - only reading its mount type
+    if not Path("/dev/shm").is_dir():
         pytest.skip("no /dev/shm here")
-    assert mount_fstype(Path("/dev/shm")) == "tmpfs"  # noqa: S108
+    assert mount_fstype(Path("/dev/shm")) == "tmpfs"
 
 
 @pytest.mark.parametrize(
@@ -346,11 +371,12 @@ def test_inotify_ignores_work_area_done_and_failed(
     sentinel.write_bytes(b"x")
     wait_until(lambda: seen.has(sentinel), 5, "sentinel noted")
     excluded = (watch.work_dir, watch.done_dir, watch.failed_dir)
-    inside = [p for p in seen.seen if any(Path(p).is_relative_to(d) and Path(p) != d for d in excluded)]
-    print("NOTED", sorted(seen.seen))
+    inside = [
+        p for p in seen.seen if any(Path(p).is_relative_to(d) and Path(p) != d for d in excluded)
+    ]
     assert inside == []
     assert str(claimed) in seen.seen  # the source side of the claim's rename
-    assert os.path.exists(job / "sub" / "renamed.mp3")
+    assert (job / "sub" / "renamed.mp3").exists()
 
 
 def test_polling_watcher_notes_created_file(tmp_path: Path) -> None:

@@ -1,0 +1,342 @@
+"""The ledger: what happened to every file, in SQLite (WAL) in ``state_dir``.
+
+The file system says *where* each file is; the ledger says what is known about
+it (attempts, the transcript, trace IDs, where finish put things). Orderings:
+
+1. **claim**: the rename comes first, then the ledger row. A crash in between
+   leaves a claimed file without a row; recovery makes the row from the path
+   (the job id is part of it), with no attempts spent.
+2. **transcript**: the text is committed to the ledger *before* anything is
+   written beside the audio. A crash after the upload never pays twice: the
+   resumed job finds its text here.
+3. **finish**: the transcript's final name is recorded before the file is
+   written; then the original moves; then the row says ``done``. Recovery of a
+   job whose transcript already stands keeps it instead of writing a copy.
+4. **failure**: the original moves to ``failed/`` with its error file, then the
+   row says ``failed``.
+
+Every write is one transaction with ``synchronous=FULL``: a row the daemon acted
+on survives power loss. ``sfwatch status`` and ``sfwatch retry`` open the same
+file from another process while the daemon runs; WAL lets them.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sfwatch.job import Job
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id       TEXT PRIMARY KEY,
+    instance     TEXT NOT NULL,
+    root         TEXT NOT NULL,
+    rel          TEXT NOT NULL,
+    sha256       TEXT,
+    size         INTEGER NOT NULL,
+    status       TEXT NOT NULL,       -- claimed | done | failed | retried | lost
+    outcome      TEXT,                -- done | dedup | failed
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    running      INTEGER NOT NULL DEFAULT 0,  -- a worker had it when we last heard
+    crashes      INTEGER NOT NULL DEFAULT 0,  -- restarts that found it running
+    next_attempt REAL,                -- wall-clock time of the next try
+    last_error   TEXT,                -- JSON: reason, message, http_status, trace_id
+    trace_ids    TEXT NOT NULL DEFAULT '[]',
+    text         TEXT,                -- the transcript, once known
+    transcript   TEXT,                -- where finish wrote (or will write) it
+    final_path   TEXT,                -- where the original went
+    audio_seconds REAL,
+    parts        TEXT,                -- JSON: texts of finished parts (split uploads)
+    created      REAL NOT NULL,
+    updated      REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_sha ON jobs (sha256);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, updated);
+CREATE TABLE IF NOT EXISTS transcripts (
+    sha256   TEXT NOT NULL,
+    model    TEXT NOT NULL,
+    text     TEXT NOT NULL,
+    trace_id TEXT,
+    created  REAL NOT NULL,
+    PRIMARY KEY (sha256, model)
+);
+CREATE TABLE IF NOT EXISTS daemon (
+    instance TEXT PRIMARY KEY,
+    pid      INTEGER,
+    updated  REAL,
+    state    TEXT                     -- JSON: queue, in flight, paused and why
+);
+"""
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """What the ledger knows about one job."""
+
+    job_id: str
+    root: str
+    rel: str
+    sha256: str | None
+    status: str
+    outcome: str | None
+    attempts: int
+    running: bool
+    crashes: int
+    last_error: dict[str, Any] | None
+    trace_ids: tuple[str, ...]
+    text: str | None
+    transcript: str | None
+    final_path: str | None
+    updated: float
+
+
+class Ledger:
+    """One SQLite file shared by the daemon's threads (serialised by a lock)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, timeout=10, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        with self._lock:
+            self._db.executescript(SCHEMA)  # (executescript manages its own transaction)
+
+    @classmethod
+    def in_state_dir(cls, state_dir: Path) -> Ledger:
+        """The ledger file of a ``state_dir``."""
+        return cls(state_dir / "ledger.sqlite3")
+
+    def close(self) -> None:
+        """Close the database."""
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return list(self._db.execute(sql, args))
+
+    # -- the daemon's writes -------------------------------------------------------
+
+    def claimed(self, job: Job, instance: str) -> JobRow:
+        """Record a claim (or find the row of a resumed one); return the row."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO jobs (job_id, instance, root, rel, sha256, size, status,"
+                " created, updated) VALUES (?, ?, ?, ?, ?, ?, 'claimed', ?, ?)",
+                (
+                    job.job_id,
+                    instance,
+                    str(job.root),
+                    str(job.rel),
+                    job.sha256,
+                    job.signature.size,
+                    now,
+                    now,
+                ),
+            )
+        row = self.job(job.job_id)
+        assert row is not None  # noqa: S101 - inserted just above
+        return row
+
+    def set_running(self, job_id: str, running: bool) -> None:
+        """A worker took (or let go of) the job; a crash while running counts against it."""
+        self._update(job_id, running=int(running))
+
+    def crashed(self, job_id: str) -> int:
+        """A restart found the job running: count it; return the count."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET crashes = crashes + 1, running = 0, updated = ? WHERE job_id = ?",
+                (time.time(), job_id),
+            )
+            (count,) = db.execute("SELECT crashes FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        return int(count)
+
+    def identified(self, job_id: str, sha256: str) -> None:
+        """The content hash is known."""
+        self._update(job_id, sha256=sha256)
+
+    def attempt_failed(self, job: Job, error: dict[str, Any], next_attempt: float) -> None:
+        """An upload failed; the job waits until ``next_attempt`` (wall clock)."""
+        self._update(
+            job.job_id,
+            attempts=job.attempts,
+            last_error=json.dumps(error),
+            trace_ids=json.dumps(list(job.trace_ids)),
+            next_attempt=next_attempt,
+            running=0,
+        )
+
+    def transcribed(self, job: Job, model: str, trace_id: str | None) -> None:
+        """The transcript is known: durable before anything is written for the user."""
+        assert job.text is not None  # noqa: S101 - called only with a transcript
+        now = time.time()
+        with self._tx() as db:
+            if job.sha256:
+                db.execute(
+                    "INSERT OR REPLACE INTO transcripts VALUES (?, ?, ?, ?, ?)",
+                    (job.sha256, model, job.text, trace_id, now),
+                )
+            db.execute(
+                "UPDATE jobs SET text = ?, attempts = ?, trace_ids = ?, updated = ?"
+                " WHERE job_id = ?",
+                (job.text, job.attempts, json.dumps(list(job.trace_ids)), now, job.job_id),
+            )
+
+    def part_done(self, job_id: str, texts: list[str]) -> None:
+        """The transcripts of the parts finished so far (a split upload resumes from here)."""
+        self._update(job_id, parts=json.dumps(texts))
+
+    def parts(self, job_id: str) -> list[str]:
+        """Texts of the parts finished so far."""
+        rows = self._query("SELECT parts FROM jobs WHERE job_id = ?", (job_id,))
+        if not rows or rows[0]["parts"] is None:
+            return []
+        loaded = json.loads(rows[0]["parts"])
+        return [str(t) for t in loaded]
+
+    def planned_transcript(self, job_id: str, path: Path) -> None:
+        """finish chose this name for the transcript."""
+        self._update(job_id, transcript=str(path))
+
+    def finished(
+        self,
+        job: Job,
+        outcome: str,
+        *,
+        final_path: Path,
+        transcript: Path | None = None,
+        error: dict[str, Any] | None = None,
+        audio_seconds: float | None = None,
+    ) -> None:
+        """The job is over: done (or dedup) or failed."""
+        self._update(
+            job.job_id,
+            status="failed" if outcome == "failed" else "done",
+            outcome=outcome,
+            attempts=job.attempts,
+            running=0,
+            final_path=str(final_path),
+            transcript=str(transcript) if transcript else None,
+            last_error=json.dumps(error) if error else None,
+            trace_ids=json.dumps(list(job.trace_ids)),
+            audio_seconds=audio_seconds,
+        )
+
+    def lost(self, job_id: str, why: str) -> None:
+        """The claimed file is gone from the work area (someone removed it)."""
+        self._update(
+            job_id,
+            status="lost",
+            running=0,
+            last_error=json.dumps({"reason": "vanished", "message": why}),
+        )
+
+    def _update(self, job_id: str, **fields: Any) -> None:
+        fields["updated"] = time.time()
+        names = ", ".join(f"{name} = ?" for name in fields)
+        with self._tx() as db:
+            db.execute(
+                f"UPDATE jobs SET {names} WHERE job_id = ?",  # noqa: S608 - names are ours
+                (*fields.values(), job_id),
+            )
+
+    # -- questions -----------------------------------------------------------------
+
+    def known_text(self, sha256: str, model: str) -> str | None:
+        """A transcript already paid for, for this content and model."""
+        rows = self._query(
+            "SELECT text FROM transcripts WHERE sha256 = ? AND model = ?", (sha256, model)
+        )
+        return str(rows[0]["text"]) if rows else None
+
+    def job(self, job_id: str) -> JobRow | None:
+        """The row of one job."""
+        rows = self._query("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
+        return _row(rows[0]) if rows else None
+
+    def counts(self) -> dict[str, int]:
+        """Finished jobs by outcome, and jobs still open."""
+        rows = self._query(
+            "SELECT coalesce(outcome, status) AS k, count(*) AS n FROM jobs GROUP BY k"
+        )
+        return {str(r["k"]): int(r["n"]) for r in rows}
+
+    def recent_failures(self, limit: int = 10) -> list[JobRow]:
+        """The last failed jobs, newest first."""
+        rows = self._query(
+            "SELECT * FROM jobs WHERE status = 'failed' ORDER BY updated DESC LIMIT ?", (limit,)
+        )
+        return [_row(r) for r in rows]
+
+    def failed_jobs(self) -> list[JobRow]:
+        """Every job whose original sits in failed/."""
+        return [_row(r) for r in self._query("SELECT * FROM jobs WHERE status = 'failed'")]
+
+    def retried(self, job_id: str) -> None:
+        """The failed original went back to its inbox."""
+        self._update(job_id, status="retried")
+
+    # -- the daemon's live state, for `sfwatch status` ----------------------------------
+
+    def publish_state(self, instance: str, pid: int, state: dict[str, Any]) -> None:
+        """Store what the running daemon is doing (queue, in flight, pause)."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO daemon VALUES (?, ?, ?, ?)",
+                (instance, pid, time.time(), json.dumps(state)),
+            )
+
+    def daemon_states(self) -> list[dict[str, Any]]:
+        """What each daemon that used this ledger last published."""
+        out = []
+        for row in self._query("SELECT * FROM daemon"):
+            state = json.loads(row["state"] or "{}")
+            out.append(
+                {"instance": row["instance"], "pid": row["pid"], "updated": row["updated"], **state}
+            )
+        return out
+
+
+def _row(row: sqlite3.Row) -> JobRow:
+    return JobRow(
+        job_id=row["job_id"],
+        root=row["root"],
+        rel=row["rel"],
+        sha256=row["sha256"],
+        status=row["status"],
+        outcome=row["outcome"],
+        attempts=int(row["attempts"]),
+        running=bool(row["running"]),
+        crashes=int(row["crashes"]),
+        last_error=json.loads(row["last_error"]) if row["last_error"] else None,
+        trace_ids=tuple(json.loads(row["trace_ids"] or "[]")),
+        text=row["text"],
+        transcript=row["transcript"],
+        final_path=row["final_path"],
+        updated=float(row["updated"]),
+    )

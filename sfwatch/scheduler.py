@@ -1,0 +1,210 @@
+"""The scheduler: which claimed job runs next, and what an outcome means.
+
+It lives on the main thread and owns every decision about a job after a worker
+reports back: finished, retry after a backoff, wait for the whole account, or
+fail. It implements DESIGN.md's promise 3:
+
+- a file's own fault (400/413/415/422, a second unusable 200) fails it at once;
+- a rate limit (429) or an overloaded model (50505) never costs an attempt;
+- any other transient failure costs an attempt only if another upload succeeded
+  since this file's previous try — during an outage, files wait for free;
+- an account fault (401/402/403/404) pauses every upload until a probe passes;
+- after ``api.max_attempts`` charged failures the file goes to failed/ as ``gave_up``.
+
+Jobs waiting for a retry sit in a heap ordered by due time and hold no upload slot.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections import Counter
+from typing import Any
+
+from sfwatch.backoff import full_jitter
+from sfwatch.config import Config
+from sfwatch.errors import (
+    AccountError,
+    FileRejected,
+    RateLimited,
+    TranscribeError,
+    TransientError,
+    UnusableResponse,
+)
+from sfwatch.job import Job
+from sfwatch.ledger import Ledger
+from sfwatch.logs import get_logger
+from sfwatch.pacing import Pacer
+from sfwatch.worker import Outcome, Worker, error_fields
+
+#: the longest a job waits between tries of a failing local step (a full disk)
+FINISH_RETRY_CAP = 300.0
+
+
+class Scheduler:
+    """The waiting jobs and the decisions about them."""
+
+    def __init__(self, config: Config, pacer: Pacer, ledger: Ledger, worker: Worker) -> None:
+        self.config = config
+        self.pacer = pacer
+        self.ledger = ledger
+        self.worker = worker
+        self.log = get_logger()
+        self.waiting: list[tuple[float, int, Job]] = []
+        self._seq = 0
+        self.counts: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        return len(self.waiting)
+
+    def wait(self, job: Job, delay: float) -> None:
+        """Run ``job`` again after ``delay`` seconds."""
+        self._seq += 1
+        heapq.heappush(self.waiting, (time.monotonic() + delay, self._seq, job))
+
+    def next_due(self) -> float | None:
+        """Monotonic time the earliest waiting job falls due."""
+        return self.waiting[0][0] if self.waiting else None
+
+    def pop_due(self) -> Job | None:
+        """The next job whose wait is over, if any."""
+        if self.waiting and self.waiting[0][0] <= time.monotonic():
+            return heapq.heappop(self.waiting)[2]
+        return None
+
+    # -- outcomes ------------------------------------------------------------------
+
+    def handle(self, outcome: Outcome) -> None:
+        """Decide what an attempt's outcome means for its job."""
+        job = outcome.job
+        if outcome.kind in ("done", "dedup", "failed"):
+            if outcome.kind == "done":
+                self.pacer.succeeded()
+            self.finished(outcome)
+        elif outcome.kind == "changed":
+            self.log.warning(
+                "sfwatch.file_changed",
+                job_id=job.job_id,
+                file=str(job.source),
+                note="written to during upload; uploading again once it settles",
+            )
+            self.wait(job, self.worker.watches[job.root].settle_seconds)
+        elif outcome.kind == "vanished":
+            self.log.error(
+                "sfwatch.job_vanished",
+                job_id=job.job_id,
+                file=str(job.source),
+                work_path=str(job.path),
+            )
+            self.ledger.lost(job.job_id, "the claimed file disappeared from the work area")
+            self.counts["vanished"] += 1
+        elif outcome.kind == "finish_error":
+            self.local_failure(job, outcome.error)
+        elif isinstance(outcome.error, TranscribeError):
+            self.upload_failed(job, outcome.error)
+
+    def local_failure(self, job: Job, error: Exception | None) -> None:
+        """A step on our side failed (disk full, done/ not writable): try again later."""
+        delay = full_jitter(job.failures + 1, base=2.0, cap=FINISH_RETRY_CAP)
+        self.log.error(
+            "sfwatch.finish_failed",
+            job_id=job.job_id,
+            file=str(job.source),
+            error=str(error),
+            retry_in=round(delay, 1),
+        )
+        self.wait(job.evolve(failures=job.failures + 1), delay)
+
+    def upload_failed(self, job: Job, exc: TranscribeError) -> None:
+        """Back off, pause, or fail, by the kind of error (see the module docstring)."""
+        now = time.monotonic()
+        fields: dict[str, Any] = {
+            "job_id": job.job_id,
+            "file": str(job.source),
+            "attempt": job.attempts + 1,
+            "http_status": exc.http_status,
+            "trace_id": exc.trace_id,
+            "reason": exc.reason,
+            "error": exc.message,
+        }
+        if isinstance(exc, FileRejected) or (
+            isinstance(exc, UnusableResponse) and job.last_reason == exc.reason
+        ):
+            self.pacer.succeeded()  # the service is up: it judged the file
+            self.fail(job.evolve(attempts=job.attempts + 1), exc)
+            return
+        if isinstance(exc, AccountError):
+            first = self.pacer.account_fault is None
+            wait = self.pacer.account_failed(exc.reason)
+            if first:
+                self.log.error("sfwatch.uploads_paused", **fields, probe_in=round(wait, 1))
+            self._record_wait(job, exc, 0.0)
+            return
+        if not isinstance(exc, TransientError):  # pragma: no cover - the hierarchy is closed
+            raise TypeError(exc)
+        if isinstance(exc, RateLimited):
+            hold = self.pacer.rate_limited(exc.retry_after)
+            self.log.warning(
+                "sfwatch.rate_limited",
+                **fields,
+                limit=self.pacer.limit,
+                hold_seconds=round(hold, 1),
+            )
+            self._record_wait(job.evolve(last_reason=exc.reason), exc, hold)
+            return
+        charged = exc.reason != "overloaded" and self.pacer.last_success > job.window_start
+        self.pacer.failed(exc.reason, exc.retry_after)
+        job = job.evolve(
+            failures=job.failures + 1,
+            last_reason=exc.reason,
+            window_start=now,
+            attempts=job.attempts + int(charged),
+        )
+        if job.attempts >= self.config.api.max_attempts:
+            self.fail(job, exc, reason="gave_up")
+            return
+        delay = max(exc.retry_after or 0.0, full_jitter(job.failures, cap=60.0))
+        self.log.warning(
+            "sfwatch.upload_failed", **fields, charged=charged, retry_in=round(delay, 2)
+        )
+        self._record_wait(job, exc, delay)
+
+    def _record_wait(self, job: Job, exc: TranscribeError, delay: float) -> None:
+        self.ledger.attempt_failed(job, error_fields(exc), time.time() + delay)
+        self.wait(job, delay)
+
+    def fail(self, job: Job, exc: Exception, reason: str | None = None) -> None:
+        """Send the job's file to failed/ (runs the move on this thread: a rename or two)."""
+        outcome = self.worker.fail(job, exc, self.worker.watches[job.root], reason)
+        if outcome.kind == "finish_error":
+            self.local_failure(job, outcome.error)
+            return
+        self.finished(outcome, reason)
+
+    def finished(self, outcome: Outcome, reason: str | None = None) -> None:
+        """Count the job and write its one canonical log line."""
+        job = outcome.job
+        self.counts[outcome.kind] += 1
+        fields: dict[str, Any] = {
+            "job_id": job.job_id,
+            "file": str(job.source),
+            "outcome": outcome.kind,
+            "attempts": job.attempts,
+            "bytes": job.signature.size,
+            "bytes_sent": outcome.bytes_sent,
+            "audio_seconds": outcome.audio_seconds,
+            "duration_ms": round((time.monotonic() - job.claimed_at) * 1000),
+            "trace_id": next((t for t in reversed(job.trace_ids) if t), None),
+        }
+        if outcome.placed is not None:
+            fields["moved_to"] = str(outcome.placed.original)
+            if outcome.placed.transcript is not None:
+                fields["transcript"] = str(outcome.placed.transcript)
+        if outcome.error is not None:
+            for key, value in error_fields(outcome.error).items():
+                if fields.get(key) is None:
+                    fields[key] = value
+        if reason is not None:
+            fields["reason"] = reason
+        level = "warning" if outcome.kind == "failed" else "info"
+        getattr(self.log, level)("sfwatch.job_finished", **fields)

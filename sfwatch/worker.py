@@ -1,0 +1,169 @@
+"""One attempt at one job: prepare → transcribe → finish, on an upload thread.
+
+The worker never decides whether to retry, wait or give up: it reports an
+``Outcome`` and the scheduler (on the main thread) decides. What the worker
+does own is the ledger ordering for the steps it takes (see ``ledger.py``): the
+transcript is durable in the ledger before it is written beside the audio, and
+a transcript already paid for (same SHA-256, same model) is reused without an
+upload.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from sfwatch.config import Config, WatchConfig
+from sfwatch.errors import PrepareError, TranscribeError
+from sfwatch.finish import Placed, finish_done, finish_failed
+from sfwatch.job import Job
+from sfwatch.ledger import Ledger
+from sfwatch.logs import get_logger
+from sfwatch.prepare import identify, prepare
+from sfwatch.settle import signature_of
+from sfwatch.transcribe import Transcriber
+
+OutcomeKind = Literal["done", "dedup", "failed", "error", "changed", "finish_error", "vanished"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a worker reports back to the work loop about one job."""
+
+    kind: OutcomeKind
+    job: Job
+    error: Exception | None = None
+    placed: Placed | None = None
+    bytes_sent: int = 0
+    audio_seconds: float | None = None
+
+
+def error_fields(exc: BaseException) -> dict[str, Any]:
+    """The fields of an error that go into logs, the ledger and ``.error.json``."""
+    if isinstance(exc, TranscribeError):
+        return {
+            "reason": exc.reason,
+            "message": exc.message,
+            "http_status": exc.http_status,
+            "trace_id": exc.trace_id,
+            "api_message": exc.api_message,
+        }
+    if isinstance(exc, PrepareError):
+        return {"reason": exc.reason, "message": exc.message}
+    if isinstance(exc, OSError):
+        return {"reason": "os_error", "message": f"{exc.strerror or exc} ({exc.filename})"}
+    return {"reason": type(exc).__name__, "message": str(exc)}
+
+
+class Worker:
+    """Runs attempts; shared by all upload threads (it holds no per-job state)."""
+
+    def __init__(self, config: Config, transcriber: Transcriber, ledger: Ledger) -> None:
+        self.config = config
+        self.transcriber = transcriber
+        self.ledger = ledger
+        self.watches = {w.path: w for w in config.watch}
+        self.log = get_logger()
+
+    def model_for(self, job: Job) -> str:
+        """The model a job's folder uses."""
+        return self.watches[job.root].model or self.config.api.model
+
+    def process(self, job: Job) -> Outcome:
+        """One attempt; marks the job running in the ledger while it lasts."""
+        self.ledger.set_running(job.job_id, running=True)
+        try:
+            return self._process(job, self.watches[job.root])
+        except FileNotFoundError as exc:
+            return Outcome("vanished", job, exc)
+        finally:
+            self.ledger.set_running(job.job_id, running=False)
+
+    def _process(self, job: Job, watch: WatchConfig) -> Outcome:
+        try:
+            if job.sha256 is None:
+                job = identify(job)
+                self.ledger.identified(job.job_id, job.sha256 or "")
+        except PrepareError as exc:
+            return self.fail(job, exc, watch)
+        model = self.model_for(job)
+        kind: OutcomeKind = "done"
+        bytes_sent = 0
+        audio_seconds: float | None = None
+        if (
+            job.text is None
+            and job.sha256
+            and (known := self.ledger.known_text(job.sha256, model)) is not None
+        ):
+            job, kind = job.evolve(text=known), "dedup"
+        if job.text is None:
+            try:
+                prepared = prepare(job)
+            except PrepareError as exc:
+                return self.fail(job, exc, watch)
+            audio_seconds = prepared.audio_seconds
+            texts: list[str] = []
+            trace_id: str | None = None
+            self.log.info(
+                "sfwatch.upload_started",
+                job_id=job.job_id,
+                file=str(job.source),
+                attempt=job.attempts + 1,
+                parts=len(prepared.parts),
+                bytes=job.signature.size,
+            )
+            try:
+                for part in prepared.parts:
+                    result = self.transcriber.transcribe(part.path, part.upload_name, model)
+                    trace_id = result.trace_id
+                    job = job.evolve(trace_ids=(*job.trace_ids, result.trace_id or ""))
+                    texts.append(result.text)
+                    bytes_sent += result.bytes_sent
+            except TranscribeError as exc:
+                if exc.trace_id:
+                    job = job.evolve(trace_ids=(*job.trace_ids, exc.trace_id))
+                return Outcome("error", job, exc)
+            job = job.evolve(attempts=job.attempts + 1, text="\n".join(t.strip() for t in texts))
+            if signature_of(job.path) != job.signature:
+                return Outcome("changed", job.evolve(text=None, sha256=None))
+            self.ledger.transcribed(job, model, trace_id)
+        try:
+            placed = self._finish(job, watch)
+        except OSError as exc:
+            return Outcome("finish_error", job, exc, bytes_sent=bytes_sent)
+        self.ledger.finished(
+            job,
+            kind,
+            final_path=placed.original,
+            transcript=placed.transcript,
+            audio_seconds=audio_seconds,
+        )
+        return Outcome(kind, job, placed=placed, bytes_sent=bytes_sent, audio_seconds=audio_seconds)
+
+    def _finish(self, job: Job, watch: WatchConfig) -> Placed:
+        row = self.ledger.job(job.job_id)
+        existing = Path(row.transcript) if row and row.transcript else None
+        if existing is not None and not existing.exists():
+            existing = None  # planned but never written: choose again
+        return finish_done(
+            job,
+            job.text or "",
+            watch,
+            transcript_at=existing,
+            plan=lambda path: self.ledger.planned_transcript(job.job_id, path),
+        )
+
+    def fail(
+        self, job: Job, exc: Exception, watch: WatchConfig, reason: str | None = None
+    ) -> Outcome:
+        """Move the job's file to failed/ with its error file; record it."""
+        fields = error_fields(exc)
+        if reason is not None:
+            fields = {**fields, "reason": reason, "last_reason": fields.get("reason")}
+        try:
+            placed = finish_failed(job, fields, watch)
+        except OSError as move_exc:
+            return Outcome("finish_error", job, move_exc)
+        self.ledger.finished(job, "failed", final_path=placed.original, error=fields)
+        return Outcome("failed", job, exc, placed=placed)
