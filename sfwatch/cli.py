@@ -8,6 +8,7 @@ names the config key.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sfwatch import __version__
+from sfwatch.admin import format_status, retry, status_report
 from sfwatch.backoff import full_jitter
 from sfwatch.config import (
     ApiConfig,
@@ -61,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--online", action="store_true", help="also call GET /user/info")
     one = command("transcribe", "transcribe files once: a sibling .txt each, nothing moved")
     one.add_argument("audio", nargs="+", metavar="AUDIO", type=Path)
+    status = command("status", "what the daemon is doing: counts, queue, pause, failures")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    again = command("retry", "move failed files back into their inbox")
+    which = again.add_mutually_exclusive_group(required=True)
+    which.add_argument("--all", action="store_true", help="every failed file")
+    which.add_argument("files", nargs="*", default=[], metavar="FILE", type=Path)
     return parser
 
 
@@ -74,6 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_check(args)
         if args.command == "transcribe":
             return cmd_transcribe(args)
+        if args.command == "status":
+            return cmd_status(args)
+        if args.command == "retry":
+            return cmd_retry(args)
     except ConfigError as exc:
         print(f"sfwatch: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -192,3 +204,27 @@ def _transcribe_one(client: Transcriber, audio: Path, api: ApiConfig) -> Path:
             continue
         return target
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """``sfwatch status``: from the ledger, safe while the daemon runs."""
+    report = status_report(_load(args))
+    print(json.dumps(report, indent=2) if args.json else format_status(report))
+    return EXIT_OK
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    """``sfwatch retry``: failed originals back into their inbox."""
+    if not args.all and not args.files:
+        print("sfwatch: retry: name FILEs or give --all", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        moved = retry(_load(args), args.files, everything=args.all)
+    except FileNotFoundError as exc:
+        print(f"sfwatch: retry: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    for source, target in moved:
+        print(f"{source} -> {target}")
+    if not moved:
+        print("nothing to retry")
+    return EXIT_OK

@@ -9,7 +9,9 @@ name gets `` (1)``, `` (2)``, … and the transcript and the original share it.
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sfwatch.config import WatchConfig
-from sfwatch.fsutil import free_stems, move_no_replace, write_new_file
+from sfwatch.fsutil import free_stems, move_no_replace, numbered, write_new_file
 from sfwatch.job import Job
 
 
@@ -109,6 +111,17 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def _linked_earlier(job: Job, folder: Path, stem: str, suffix: str) -> Path | None:
+    """The name (``a.mp3``, ``a (1).mp3``, …) an interrupted move already gave this file."""
+    for n in itertools.count():
+        target = folder / numbered(stem, n, suffix)
+        if not os.path.lexists(target):
+            return None
+        if _same_file(job.path, target):
+            return target
+    return None  # pragma: no cover - count() never ends
+
+
 def error_record(job: Job, error: dict[str, Any]) -> dict[str, Any]:
     """The content of ``<name>.error.json``."""
     return {
@@ -130,13 +143,19 @@ def finish_failed(job: Job, error: dict[str, Any], watch: WatchConfig) -> Placed
     """Move the original to failed/ and write ``<name>.error.json`` beside it."""
     stem, suffix = _split(job.name)
     fdir = watch.failed_dir / job.rel.parent
-    for candidate in free_stems(stem, [(fdir, suffix), (fdir, f"{suffix}.error.json")]):
-        target = fdir / f"{candidate}{suffix}"
-        try:
-            move_no_replace(job.path, target)
-        except FileExistsError:
-            continue
-        break
+    earlier = _linked_earlier(job, fdir, stem, suffix)
+    if earlier is not None:
+        # A crash between link() and unlink() last time: it is already there.
+        job.path.unlink()
+        target = earlier
+    else:
+        for candidate in free_stems(stem, [(fdir, suffix), (fdir, f"{suffix}.error.json")]):
+            target = fdir / f"{candidate}{suffix}"
+            try:
+                move_no_replace(job.path, target)
+            except FileExistsError:
+                continue
+            break
     record = error_record(job, error)
     body = (json.dumps(record, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
     error_file = target.with_name(f"{target.name}.error.json")

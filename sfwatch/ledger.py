@@ -280,9 +280,10 @@ class Ledger:
         return _row(rows[0]) if rows else None
 
     def counts(self) -> dict[str, int]:
-        """Finished jobs by outcome, and jobs still open."""
+        """Jobs by where they stand: done, dedup, failed, claimed (open), retried, lost."""
         rows = self._query(
-            "SELECT coalesce(outcome, status) AS k, count(*) AS n FROM jobs GROUP BY k"
+            "SELECT CASE WHEN status IN ('done', 'failed') THEN outcome ELSE status END AS k,"
+            " count(*) AS n FROM jobs GROUP BY k"
         )
         return {str(r["k"]): int(r["n"]) for r in rows}
 

@@ -138,6 +138,25 @@ def test_done_collision_in_different_places_skips_to_a_free_stem(watch: WatchCon
     assert not (inbox / "sub/a (1).txt").exists()
 
 
+def test_done_name_taken_between_look_and_write(watch: WatchConfig) -> None:
+    """A transcript name taken just before the write is not overwritten; the next one is used."""
+    inbox = watch.path
+    planned: list[Path] = []
+
+    def someone_else_takes_it(path: Path) -> None:
+        planned.append(path)
+        if len(planned) == 1:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"another writer's file")
+
+    placed = finish_done(claimed(watch, "a.mp3"), TEXT, watch, plan=someone_else_takes_it)
+    assert planned == [inbox / "a.txt", inbox / "a (1).txt"]
+    assert (inbox / "a.txt").read_bytes() == b"another writer's file"
+    assert placed.transcript == inbox / "a (1).txt"
+    assert placed.original == inbox / "done/a (1).mp3"
+    assert files_under(inbox) == ["a (1).txt", "a.txt", "done/a (1).mp3"]
+
+
 def test_done_same_name_twice(watch: WatchConfig) -> None:
     """The same name dropped twice keeps both: a.txt/a.mp3 and a (1).txt/a (1).mp3."""
     first = finish_done(claimed(watch, "a.mp3", b"first"), "one", watch)
@@ -282,15 +301,25 @@ def test_done_resume_after_crash_between_link_and_unlink(watch: WatchConfig) -> 
     assert files_under(inbox) == ["done/sub/a.mp3", "sub/a.txt"]
 
 
-def test_failed_resume_after_crash_between_link_and_unlink(watch: WatchConfig) -> None:
-    """Original already linked into failed/ (crash before unlink): one copy plus its error file."""
-    inbox = watch.path
+@pytest.mark.parametrize("linked_as", ["a.mp3", "a (1).mp3"])
+def test_failed_resume_after_crash_between_link_and_unlink(
+    watch: WatchConfig, linked_as: str
+) -> None:
+    """Original already linked into failed/ (crash before unlink): one name and its error file."""
+    fdir = watch.failed_dir / "sub"
     job = claimed(watch, "sub/a.mp3")
-    (inbox / "failed/sub").mkdir(parents=True)
-    os.link(job.path, inbox / "failed/sub/a.mp3")  # what the interrupted move had done
+    fdir.mkdir(parents=True)
+    if linked_as != "a.mp3":
+        put(fdir / "a.mp3", b"an earlier failure of another file")
+    os.link(job.path, fdir / linked_as)  # what the interrupted move had done
     placed = finish_failed(job, ERROR, watch)
-    assert placed.original == inbox / "failed/sub/a.mp3"
-    assert placed.error_file == inbox / "failed/sub/a.mp3.error.json"
+    assert placed.original == fdir / linked_as
+    assert placed.error_file == fdir / f"{linked_as}.error.json"
     assert placed.original.stat().st_nlink == 1
+    assert placed.original.read_bytes() == AUDIO
     assert not job.path.exists()
-    assert files_under(inbox) == ["failed/sub/a.mp3", "failed/sub/a.mp3.error.json"]
+    expected = {linked_as, f"{linked_as}.error.json"}
+    if linked_as != "a.mp3":
+        expected.add("a.mp3")
+        assert (fdir / "a.mp3").read_bytes() == b"an earlier failure of another file"
+    assert files_under(fdir) == sorted(expected)
