@@ -75,7 +75,7 @@ class Daemon:
         burst: bool = False,
         grace_seconds: float = DEFAULT_GRACE_SECONDS,
         lease_seconds: float | None = None,
-        pacer: Pacer | None = None,
+        backoff_base: float = 1.0,
     ) -> None:
         self.config = config
         self.burst = burst
@@ -91,7 +91,9 @@ class Daemon:
             timeout_seconds=config.api.timeout_seconds,
             concurrency=config.api.concurrency,
         )
-        self.pacer = pacer or Pacer(config.api.concurrency, config.api.requests_per_minute)
+        self.pacer = Pacer(
+            config.api.concurrency, config.api.requests_per_minute, backoff_base=backoff_base
+        )
         self.worker = Worker(config, self.transcriber, self.ledger)
         self.scheduler = Scheduler(config, self.pacer, self.ledger, self.worker)
         self.watches = {w.path: w for w in config.watch}
@@ -182,6 +184,7 @@ class Daemon:
     def _idle(self) -> bool:
         return (
             self.scan_done.is_set()
+            and len(self.notes) == 0
             and not self.in_flight
             and not self.ready
             and not self.scheduler.waiting

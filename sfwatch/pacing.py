@@ -45,8 +45,11 @@ class Pacer:
         concurrency: int,
         requests_per_minute: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        backoff_base: float = 1.0,
     ) -> None:
         self.clock = clock
+        #: seconds: the unit of every backoff here (tests shrink it; production keeps 1)
+        self.base = backoff_base
         self.max_limit = concurrency
         self.limit = concurrency
         self.rpm = requests_per_minute
@@ -133,7 +136,7 @@ class Pacer:
         wait = (
             retry_after
             if retry_after is not None
-            else full_jitter(self._rate_limited_in_a_row, base=1.0, cap=60.0) + 1.0
+            else (full_jitter(self._rate_limited_in_a_row, cap=60.0) + 1.0) * self.base
         )
         self._hold(wait, "rate limited (429)")
         return wait
@@ -148,8 +151,8 @@ class Pacer:
             self._half_open = True
             wait = max(
                 retry_after or 0.0,
-                min(MAX_PAUSE, 2.0 ** min(self._opens, 10)) / 2
-                + full_jitter(self._opens, base=1.0, cap=MAX_PAUSE / 2),
+                min(MAX_PAUSE / 2, self.base * 2.0 ** min(self._opens, 10) / 2)
+                + full_jitter(self._opens, base=self.base, cap=MAX_PAUSE / 2),
             )
             self._hold(wait, f"service unavailable ({reason})")
 
@@ -157,7 +160,7 @@ class Pacer:
         """401/402/403/404: pause every upload until a probe succeeds; return the wait."""
         self._account_probes += 1
         self.account_fault = reason
-        wait = min(MAX_PAUSE, 5.0 * 2.0 ** min(self._account_probes - 1, 10))
+        wait = min(MAX_PAUSE, 5.0 * self.base * 2.0 ** min(self._account_probes - 1, 10))
         self.probe_at = self.clock() + wait
         return wait
 

@@ -105,7 +105,7 @@ class Scheduler:
 
     def local_failure(self, job: Job, error: Exception | None) -> None:
         """A step on our side failed (disk full, done/ not writable): try again later."""
-        delay = full_jitter(job.failures + 1, base=2.0, cap=FINISH_RETRY_CAP)
+        delay = full_jitter(job.failures + 1, base=2.0 * self.pacer.base, cap=FINISH_RETRY_CAP)
         self.log.error(
             "sfwatch.finish_failed",
             job_id=job.job_id,
@@ -163,7 +163,9 @@ class Scheduler:
         if job.attempts >= self.config.api.max_attempts:
             self.fail(job, exc, reason="gave_up")
             return
-        delay = max(exc.retry_after or 0.0, full_jitter(job.failures, cap=60.0))
+        delay = max(
+            exc.retry_after or 0.0, full_jitter(job.failures, base=self.pacer.base, cap=60.0)
+        )
         self.log.warning(
             "sfwatch.upload_failed", **fields, charged=charged, retry_in=round(delay, 2)
         )

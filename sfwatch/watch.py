@@ -76,6 +76,10 @@ class PathNotes:
             self._paths.add(path)
         self.wakeup.set()
 
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._paths)
+
     def drain(self) -> set[str]:
         """Take every noted path."""
         with self._lock:

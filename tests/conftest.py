@@ -130,11 +130,12 @@ class DaemonProcess:
 
     def wait_event(self, name: str, count: int = 1, timeout: float = 15.0) -> list[dict[str, Any]]:
         """Wait until ``name`` was logged ``count`` times."""
-        return wait_until(
+        found: list[dict[str, Any]] = wait_until(
             lambda: (found := self.events(name)) and len(found) >= count and found,
             timeout,
             f"{count}x {name}",
         )
+        return found
 
     def signal(self, signum: int = signal.SIGTERM) -> None:
         """Send a signal to the daemon."""
