@@ -33,6 +33,7 @@ DEFAULT_INCLUDE = (
     *("*.amr", "*.wma", "*.webm", "*.mp4", "*.mkv", "*.mov"),
 )
 LOG_FORMATS = ("json", "console", "auto")
+TRANSCODE_MODES = ("auto", "always", "never")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_CONCURRENCY = 256
 SYSTEM_CONFIG = Path("/etc/sfwatch/config.yaml")
@@ -82,6 +83,15 @@ class ApiConfig:
     timeout_seconds: float = 600.0
     max_attempts: int = 8
     requests_per_minute: float | None = None
+    max_upload_bytes: int = 50_000_000
+    max_audio_seconds: float = 3600.0
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """When audio is re-encoded before upload."""
+
+    transcode: str = "auto"  # auto | always | never
 
 
 @dataclass(frozen=True)
@@ -130,6 +140,7 @@ class Config:
     log: LogConfig
     watch: tuple[WatchConfig, ...]
     source: Path | None = None
+    prepare: PrepareConfig = PrepareConfig()
 
 
 # The YAML keys are the dataclasses' field names, so a new field is a new key.
@@ -146,6 +157,7 @@ def default_config_dict() -> dict[str, Any]:
         "api": asdict(ApiConfig()),
         "state_dir": None,
         "log": asdict(LogConfig()),
+        "prepare": asdict(PrepareConfig()),
         "watch": [watch],
     }
 
@@ -361,13 +373,14 @@ def parse_config(
         raise ConfigError("", "config file is empty")
     if not isinstance(data, dict):
         raise ConfigError("", f"the config must be a mapping of keys to values, got {_show(data)}")
-    top = _Section(data, "", ("api", "state_dir", "log", "watch"))
+    top = _Section(data, "", ("api", "state_dir", "log", "prepare", "watch"))
     return Config(
         api=_parse_api(top.data.get("api"), base_dir),
         state_dir=top.optional_path("state_dir", base_dir) or default_state_dir(env),
         log=_parse_log(top.data.get("log")),
         watch=_parse_watches(top.data.get("watch"), base_dir),
         source=source,
+        prepare=_parse_prepare(top.data.get("prepare")),
     )
 
 
@@ -397,7 +410,14 @@ def _parse_api(data: object, base_dir: Path) -> ApiConfig:
         timeout_seconds=api.positive("timeout_seconds", 600.0),
         max_attempts=api.integer("max_attempts", 8, 1),
         requests_per_minute=api.optional_positive("requests_per_minute"),
+        max_upload_bytes=api.integer("max_upload_bytes", 50_000_000, 1024),
+        max_audio_seconds=api.positive("max_audio_seconds", 3600.0),
     )
+
+
+def _parse_prepare(data: object) -> PrepareConfig:
+    prepare = _Section(data, "prepare", ("transcode",))
+    return PrepareConfig(transcode=prepare.choice("transcode", "auto", TRANSCODE_MODES))
 
 
 def _parse_log(data: object) -> LogConfig:
