@@ -28,17 +28,19 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from sfwatch import __version__
 from sfwatch.claim import claim, claimed_files, instance_dir, release
-from sfwatch.config import Config, Secret, WatchConfig
-from sfwatch.errors import AccountError, TransientError
+from sfwatch.config import Config, Secret, WatchConfig, load_config
+from sfwatch.errors import AccountError, ConfigError, TransientError
 from sfwatch.job import Job
 from sfwatch.ledger import Ledger
 from sfwatch.logs import get_logger
+from sfwatch.notify import Notifier
 from sfwatch.pacing import Pacer
 from sfwatch.recovery import DEFAULT_LEASE_SECONDS, LeaseKeeper
 from sfwatch.scheduler import Scheduler
@@ -53,8 +55,14 @@ DEFAULT_GRACE_SECONDS = 60.0
 TICK = 0.5
 #: restarts that found a job mid-attempt before it is failed as "poison"
 POISON_AFTER = 3
-#: how often `sfwatch status` sees fresh numbers
+#: how often `sfwatch status` and systemd's STATUS= see fresh numbers
 PUBLISH_EVERY = 2.0
+#: an upload running this much longer than api.timeout_seconds means a stuck worker
+STUCK_MARGIN = 60.0
+#: a loop that has not ticked for this long is frozen (it ticks every TICK seconds)
+FROZEN_AFTER = 30.0
+#: how long to wait before trying again to restart an observer that failed to start
+WATCH_RETRY = 30.0
 
 
 def instance_name(state_dir: Path) -> str:
@@ -116,6 +124,10 @@ class Daemon:
         self.skipped: set[Path] = set()
         self.last_tick = time.monotonic()
         self._published = 0.0
+        self.notifier = Notifier()
+        self.started_at: dict[Future[Outcome], float] = {}
+        self.broken_watches: dict[Path, float] = {}  # observer down: when to retry
+        self.reload_requested = False
 
     # -- the loop ------------------------------------------------------------------
 
@@ -126,8 +138,8 @@ class Daemon:
             self._start_watcher(watch)
             self.leases.beat()
             self._recover(watch)
-        scanner = threading.Thread(target=self._scan_loop, name="sfwatch-scan", daemon=True)
-        scanner.start()
+        self.scanner = threading.Thread(target=self._scan_loop, name="sfwatch-scan", daemon=True)
+        self.scanner.start()
         self.log.info(
             "sfwatch.daemon_started",
             version=__version__,
@@ -136,10 +148,12 @@ class Daemon:
             state_dir=str(self.config.state_dir),
             pid=os.getpid(),
         )
+        self.notifier.ready(self.status_line())
         stop_deadline: float | None = None
         while True:
             self.tick()
             if self.stop_level == 1 and stop_deadline is None:
+                self.notifier.stopping()
                 stop_deadline = time.monotonic() + self.grace_seconds
                 self.log.info(
                     "sfwatch.daemon_stopping",
@@ -166,8 +180,11 @@ class Daemon:
     def tick(self) -> None:
         """One turn of the work loop."""
         self.last_tick = time.monotonic()
+        if self.reload_requested:
+            self.reload_requested = False
+            self.reload()
         self._take_notes()
-        for settled in self.settler.due(lambda root: self.watches[root].settle_seconds):
+        for settled in self.settler.due(lambda root: self.worker.watches[root].settle_seconds):
             if settled.path not in self.queued:
                 self.queued.add(settled.path)
                 self.ready.append(settled)
@@ -180,6 +197,7 @@ class Daemon:
         self._check_watchers()
         if time.monotonic() - self._published >= PUBLISH_EVERY:
             self._publish()
+        self.notifier.watchdog(self.healthy())
 
     def _idle(self) -> bool:
         return (
@@ -216,10 +234,34 @@ class Daemon:
             "watches": [str(w) for w in self.watches],
         }
 
+    def status_line(self) -> str:
+        """One line for systemd's STATUS=: what a person wants to see in `systemctl status`."""
+        s = self.status()
+        counts = s["counts"]
+        line = (
+            f"queued {s['queued'] + s['settling']}, waiting {s['waiting']}, "
+            f"in flight {s['in_flight']}, done {counts.get('done', 0) + counts.get('dedup', 0)}, "
+            f"failed {counts.get('failed', 0)}"
+        )
+        return f"{line}; paused: {s['paused']}" if s["paused"] else line
+
+    def healthy(self) -> bool:
+        """Observers alive, the loop ticking, no upload stuck past its timeout."""
+        now = time.monotonic()
+        if now - self.last_tick > FROZEN_AFTER or self.broken_watches:
+            return False
+        if not all(w.alive() for w in self.watchers.values()):
+            return False
+        if self.stop_level == 0 and hasattr(self, "scanner") and not self.scanner.is_alive():
+            return False
+        limit = self.config.api.timeout_seconds + STUCK_MARGIN
+        return all(now - started < limit for started in self.started_at.values())
+
     def _publish(self) -> None:
         self._published = time.monotonic()
         self.leases.beat()
         self.ledger.publish_state(self.instance, os.getpid(), self.status())
+        self.notifier.status(self.status_line())
 
     # -- watch and settle ----------------------------------------------------------
 
@@ -235,15 +277,24 @@ class Daemon:
         )
 
     def _check_watchers(self) -> None:
+        if self.stop_level:
+            return
+        now = time.monotonic()
         for path, watcher in list(self.watchers.items()):
-            if not watcher.alive() and self.stop_level == 0:
+            if watcher.alive() or now < self.broken_watches.get(path, 0.0):
+                continue
+            if path not in self.broken_watches:
                 self.log.error("sfwatch.watch_died", path=str(path))
-                watcher.stop()
-                try:
-                    self._start_watcher(self.watches[path])
-                except OSError as exc:
-                    self.log.error("sfwatch.watch_restart_failed", path=str(path), error=str(exc))
-                self.notes.rescan_requested.set()
+            watcher.stop()
+            try:
+                self._start_watcher(self.watches[path])
+            except OSError as exc:
+                # Unhealthy until it works again: systemd's watchdog will restart us.
+                self.broken_watches[path] = now + WATCH_RETRY
+                self.log.error("sfwatch.watch_restart_failed", path=str(path), error=str(exc))
+                continue
+            self.broken_watches.pop(path, None)
+            self.notes.rescan_requested.set()
 
     def _scan_loop(self) -> None:
         self._scan_all()
@@ -309,6 +360,7 @@ class Daemon:
                 self.pacer.started()
             future = self.pool.submit(self.worker.process, job)
             self.in_flight[future] = job
+            self.started_at[future] = time.monotonic()
             future.add_done_callback(lambda _f: self.notes.wakeup.set())
 
     def _next_job(self) -> Job | None:
@@ -320,14 +372,16 @@ class Daemon:
             if sig != job.signature:  # still being written through an old handle
                 self.scheduler.wait(
                     job.evolve(signature=sig, sha256=None, text=None),
-                    self.watches[job.root].settle_seconds,
+                    self.worker.watches[job.root].settle_seconds,
                 )
                 continue
             return job
         while self.ready:
             settled = self.ready.popleft()
             self.queued.discard(settled.path)
-            watch = self.watches[settled.root]
+            watch = self.watches.get(settled.root)
+            if watch is None:
+                continue  # its folder is no longer watched (a reload removed it)
             try:
                 claimed = claim(settled, watch.work_dir, self.instance)
             except OSError as exc:
@@ -366,7 +420,7 @@ class Daemon:
                 self.log.error(
                     "sfwatch.job_poisoned", job_id=job.job_id, file=str(job.source), crashes=crashes
                 )
-                job = job.evolve(attempts=row.attempts, trace_ids=row.trace_ids)
+                job = job.evolve(attempts=row.attempts, trace_ids=row.trace_ids, sha256=row.sha256)
                 self.scheduler.fail(
                     job,
                     RuntimeError(f"the daemon stopped {crashes} times while working on this file"),
@@ -393,6 +447,7 @@ class Daemon:
     def _reap(self) -> None:
         for future in [f for f in self.in_flight if f.done()]:
             job = self.in_flight.pop(future)
+            self.started_at.pop(future, None)
             try:
                 outcome = future.result()
             except Exception:  # a bug: keep the file claimed, try again later
@@ -402,7 +457,7 @@ class Daemon:
                 self.scheduler.local_failure(job.evolve(last_reason="crash"), None)
                 continue
             if outcome.kind in ("done", "dedup", "failed"):
-                release(outcome.job, self.watches[job.root].work_dir, self.instance)
+                release(outcome.job, self.worker.watches[job.root].work_dir, self.instance)
             self.scheduler.handle(outcome)
 
     def _probe_account(self) -> None:
@@ -430,6 +485,52 @@ class Daemon:
             self.probe = self.prober.submit(self.transcriber.check_account)
             self.probe.add_done_callback(lambda _f: self.notes.wakeup.set())
 
+    # -- reload --------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config and apply watch changes without dropping any work."""
+        self.notifier.reloading()
+        self.log.info("sfwatch.reload_started", config=str(self.config.source))
+        try:
+            new = load_config(self.config.source or Path("sfwatch.yaml"))
+        except ConfigError as exc:
+            self.log.error("sfwatch.reload_failed", error=str(exc), kept="the running config")
+            self.notifier.ready(self.status_line())
+            return
+        needs_restart = [
+            name
+            for name in ("api", "state_dir", "log", "prepare")
+            if getattr(new, name) != getattr(self.config, name)
+        ]
+        if needs_restart:
+            self.log.warning("sfwatch.reload_partial", needs_restart=needs_restart)
+        old, fresh = self.watches, {w.path: w for w in new.watch}
+        for path in old.keys() - fresh.keys():
+            self.watchers.pop(path).stop()
+            self.broken_watches.pop(path, None)
+            self.log.info("sfwatch.watch_stopped", path=str(path))
+        # Jobs already claimed from a removed folder finish with its old settings.
+        self.worker.watches.update(fresh)
+        self.watches = fresh  # one assignment: the scanner thread reads this dict
+        self.leases.work_dirs = [w.work_dir for w in fresh.values()]
+        for path, watch in fresh.items():
+            if path in old and watch == old[path]:
+                continue
+            if path in self.watchers:
+                self.watchers.pop(path).stop()
+            try:
+                self._start_watcher(watch)
+            except OSError as exc:
+                self.broken_watches[path] = time.monotonic() + WATCH_RETRY
+                self.log.error("sfwatch.watch_restart_failed", path=str(path), error=str(exc))
+                continue
+            if path not in old:
+                self._recover(watch)
+        self.config = replace(self.config, watch=new.watch)
+        self.notes.rescan_requested.set()
+        self.log.info("sfwatch.reload_finished", watches=[str(p) for p in fresh])
+        self.notifier.ready(self.status_line())
+
     # -- signals and shutdown ------------------------------------------------------
 
     def request_stop(self) -> None:
@@ -442,8 +543,8 @@ class Daemon:
         self.request_stop()
 
     def _on_hup(self, _signum: int, _frame: FrameType | None) -> None:
-        self.log.info("sfwatch.rescan_requested", why="SIGHUP")
-        self.notes.rescan_requested.set()
+        self.reload_requested = True
+        self.notes.wakeup.set()
 
     def _install_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():

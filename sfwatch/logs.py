@@ -9,11 +9,15 @@ since their INFO lines repeat every request.
 
 from __future__ import annotations
 
+import importlib
+import json
 import logging
+import os
+import re
 import sys
 import warnings
-from collections.abc import Callable, Iterable, MutableMapping
-from typing import Any, TextIO
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar, TextIO
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
@@ -24,9 +28,6 @@ LEVELS = {
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
-
-#: extra processors run on every event just before rendering (systemd's journal sink)
-_sinks: list[Processor] = []
 
 
 class Redactor:
@@ -59,15 +60,85 @@ def _drop_color_message(_l: WrappedLogger, _n: str, event_dict: EventDict) -> Ev
     return event_dict
 
 
-def _run_sinks(logger: WrappedLogger, name: str, event_dict: EventDict) -> EventDict:
-    for sink in _sinks:
-        sink(logger, name, event_dict)
-    return event_dict
+class JournalWriter:
+    """Sends each rendered JSON line to the journal, with its fields as upper-case fields.
+
+    ``journalctl -u sfwatch TRACE_ID=…`` then finds a request. Used instead of
+    stdout when stdout *is* the journal (``$JOURNAL_STREAM``), so each event is
+    stored once.
+    """
+
+    PRIORITY: ClassVar[dict[str, int]] = {
+        "debug": 7,
+        "info": 6,
+        "warning": 4,
+        "error": 3,
+        "critical": 2,
+        "exception": 3,
+    }
+
+    def __init__(self, journal: Any) -> None:
+        self.journal = journal
+
+    def write_line(self, line: str) -> None:
+        """Send one rendered line."""
+        try:
+            fields = json.loads(line)
+        except ValueError:
+            fields = {}
+        extra = {
+            _journal_key(k): v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+            for k, v in fields.items()
+            if _journal_key(k)
+        }
+        level = str(fields.get("level", "info"))
+        self.journal.send(
+            line, PRIORITY=str(self.PRIORITY.get(level, 6)), SYSLOG_IDENTIFIER="sfwatch", **extra
+        )
+
+    def msg(self, message: str) -> None:
+        """structlog's entry point, whatever the level."""
+        self.write_line(message)
+
+    def __getattr__(self, _name: str) -> Callable[[str], None]:
+        return self.msg
 
 
-def add_sink(sink: Processor) -> None:
-    """Send every (already scrubbed) event to ``sink`` as well, e.g. the journal."""
-    _sinks.append(sink)
+class _JournalHandler(logging.Handler):
+    """Standard-library records (watchdog's) to the journal, rendered like ours."""
+
+    def __init__(self, writer: JournalWriter) -> None:
+        super().__init__()
+        self.writer = writer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.writer.write_line(self.format(record))
+        except Exception:  # noqa: BLE001 - logging must never raise into the caller
+            self.handleError(record)
+
+
+def _journal_key(key: str) -> str:
+    """A journal field name: upper case, letters, digits and '_', not starting with '_'."""
+    name = re.sub(r"[^A-Z0-9_]", "_", key.upper()).lstrip("_")
+    return "" if name in {"", "MESSAGE", "PRIORITY"} else name[:64]
+
+
+def journal_for(stream: TextIO) -> Any | None:
+    """The systemd.journal module when ``stream`` is connected to the journal, else None."""
+    wanted = os.environ.get("JOURNAL_STREAM", "")
+    if not wanted:
+        return None
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError):
+        return None
+    if wanted != f"{st.st_dev}:{st.st_ino}":
+        return None
+    try:
+        return importlib.import_module("systemd.journal")
+    except ImportError:
+        return None  # no systemd-python: JSON on stdout reaches the journal as text
 
 
 def configure(
@@ -90,15 +161,15 @@ def configure(
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
     ]
-    tail: list[Processor] = [
-        structlog.processors.format_exc_info,
-        redact,
-        _run_sinks,
-    ]
+    tail: list[Processor] = [structlog.processors.format_exc_info, redact]
+    journal = None if use_console else journal_for(out)
+    writer = JournalWriter(journal) if journal is not None else None
     structlog.configure(
         processors=[*shared, structlog.processors.StackInfoRenderer(), *tail, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.WriteLoggerFactory(file=out),
+        logger_factory=(lambda *_: writer)
+        if writer is not None
+        else structlog.WriteLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
@@ -110,7 +181,9 @@ def configure(
             renderer,
         ],
     )
-    handler = logging.StreamHandler(out)
+    handler: logging.Handler = (
+        _JournalHandler(writer) if writer is not None else logging.StreamHandler(out)
+    )
     handler.setFormatter(formatter)
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -130,11 +203,3 @@ def configure(
 def get_logger(**initial: Any) -> Any:
     """A structlog logger bound to ``initial`` fields."""
     return structlog.get_logger().bind(**initial)
-
-
-def file_fields(job_id: str, file: str, **more: Any) -> MutableMapping[str, Any]:
-    """The fields every log line about a file carries (DESIGN.md, Logs)."""
-    return {"job_id": job_id, "file": file, **more}
-
-
-LogHook = Callable[[WrappedLogger, str, EventDict], EventDict]
