@@ -28,7 +28,7 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
-from watchdog.observers.polling import PollingObserver
+from watchdog.observers.polling import PollingObserverVFS
 
 from sfwatch.config import WatchConfig
 
@@ -224,6 +224,16 @@ def walk_dir(path: Path, watch: WatchConfig) -> Iterator[str]:
                 yield str(Path(dirpath) / name)
 
 
+def under_link(path: Path, root: Path) -> bool:
+    """Is a folder between ``root`` and ``path`` a symlink? (Links are never followed.)"""
+    parent = path.parent
+    while parent != root and root in parent.parents:
+        if parent.is_symlink():
+            return True
+        parent = parent.parent
+    return False
+
+
 def wants_dir(path: Path, watch: WatchConfig) -> bool:
     """Should a scan descend into ``path``?"""
     if path.is_symlink() or not watch.recursive:
@@ -240,7 +250,12 @@ class Watcher:
         self.watch = watch
         self.notes = notes
         self.polling = needs_polling(watch)
-        self.observer: BaseObserver = PollingObserver(timeout=2) if self.polling else Observer()
+        # Polling with lstat: watchdog's default (stat) would walk into symlinked folders.
+        self.observer: BaseObserver = (
+            PollingObserverVFS(os.lstat, os.scandir, polling_interval=2)
+            if self.polling
+            else Observer()
+        )
         self._overflow = _OverflowHook(notes)
 
     def start(self) -> None:
@@ -256,8 +271,12 @@ class Watcher:
         self.observer.start()
 
     def alive(self) -> bool:
-        """Is the observer thread still running?"""
-        return self.observer.is_alive()
+        """Are the observer thread and its emitter (the inotify or polling reader) running?
+
+        watchdog's emitter ends by itself when the watched folder is deleted, while
+        the observer thread lives on; both must run for events to arrive.
+        """
+        return self.observer.is_alive() and all(e.is_alive() for e in self.observer.emitters)
 
     def stop(self) -> None:
         """Stop observing (returns once the observer thread has ended)."""
