@@ -46,7 +46,17 @@ from sfwatch.recovery import DEFAULT_LEASE_SECONDS, LeaseKeeper
 from sfwatch.scheduler import Scheduler
 from sfwatch.settle import SettledFile, Settler, signature_of
 from sfwatch.transcribe import Transcriber
-from sfwatch.watch import PathNotes, Watcher, scan, walk_dir, wants, wants_dir
+from sfwatch.watch import (
+    PathNotes,
+    Watcher,
+    printable,
+    scan,
+    under_link,
+    utf8_name,
+    walk_dir,
+    wants,
+    wants_dir,
+)
 from sfwatch.worker import Outcome, Worker
 
 #: how long a warm stop waits for uploads in flight
@@ -331,23 +341,42 @@ class Daemon:
             watch = self._watch_for(path)
             if watch is None or path in self.queued:
                 continue
-            if path.is_dir() and not path.is_symlink():
-                if wants_dir(path, watch):  # a folder moved in: its files have no events
-                    for inner in walk_dir(path, watch):
-                        self.notes.note(inner)
-                continue
-            if not wants(path, watch):
-                continue
-            if not self.settler.note(path, watch.path, watch.settle_seconds):
-                self._skip(path, watch)
+            try:
+                self._take_note(path, watch)
+            except OSError as exc:  # e.g. in a folder we may not enter: stat() says EACCES
+                if wants(path, watch):
+                    reason = "no_access" if isinstance(exc, PermissionError) else "os_error"
+                    self._skip(path, watch, reason)
 
-    def _skip(self, path: Path, watch: WatchConfig) -> None:
-        """Log once why a wanted name is not taken (a symlink, a FIFO, …)."""
-        if path in self.skipped or not os.path.lexists(path):
+    def _take_note(self, path: Path, watch: WatchConfig) -> None:
+        if under_link(path, watch.path):
+            return  # a path through a symlinked folder: links are not followed
+        if path.is_dir() and not path.is_symlink():
+            if not os.access(path, os.R_OK | os.X_OK):
+                self._skip(path, watch, "no_access")
+            elif wants_dir(path, watch):  # a folder moved in: its files have no events
+                for inner in walk_dir(path, watch):
+                    self.notes.note(inner)
             return
+        if not wants(path, watch):
+            return
+        if not utf8_name(path, watch.path):  # the ledger, logs and uploads need UTF-8
+            self._skip(path, watch, "name_not_utf8")
+        elif not self.settler.note(path, watch.path, watch.settle_seconds):
+            self._skip(path, watch)
+
+    def _skip(self, path: Path, watch: WatchConfig, reason: str | None = None) -> None:
+        """Log once why a path is not taken (a symlink, a FIFO, a non-UTF-8 name, no access)."""
+        if path in self.skipped:
+            return
+        if reason is None:
+            if not os.path.lexists(path):
+                return  # gone meanwhile: nothing to say
+            reason = "symlink" if path.is_symlink() else "not_a_regular_file"
         self.skipped.add(path)
-        kind = "symlink" if path.is_symlink() else "not_a_regular_file"
-        self.log.warning("sfwatch.file_skipped", file=str(path), reason=kind, watch=str(watch.path))
+        self.log.warning(
+            "sfwatch.file_skipped", file=printable(path), reason=reason, watch=str(watch.path)
+        )
 
     # -- claim and dispatch --------------------------------------------------------
 

@@ -22,6 +22,11 @@ from sfwatch.config import WatchConfig
 from sfwatch.fsutil import free_stems, move_no_replace, numbered, write_new_file
 from sfwatch.job import Job
 
+#: a longer "suffix" is part of the stem, so that derived names can be cut to fit
+MAX_SUFFIX_BYTES = 32
+#: what failed/ puts beside an original's name
+ERROR_SUFFIX = ".error.json"
+
 
 @dataclass(frozen=True)
 class Placed:
@@ -45,6 +50,8 @@ def transcript_bytes(text: str) -> bytes:
 
 def _split(name: str) -> tuple[str, str]:
     path = Path(name)
+    if len(os.fsencode(path.suffix)) > MAX_SUFFIX_BYTES:
+        return name, ""  # "a.<200 bytes>" has no extension worth keeping whole
     return path.stem, path.suffix
 
 
@@ -72,7 +79,7 @@ def finish_done(
             if plan is not None:
                 plan(tdir / f"{candidate}.txt")
             try:
-                write_new_file(tdir / f"{candidate}.txt", data)
+                write_new_file(tdir / f"{candidate}.txt", data, tag=job.job_id)
             except FileExistsError:
                 continue  # taken since we looked: try the next number
             transcript = tdir / f"{candidate}.txt"
@@ -114,7 +121,7 @@ def _same_file(a: Path, b: Path) -> bool:
 def _linked_earlier(job: Job, folder: Path, stem: str, suffix: str) -> Path | None:
     """The name (``a.mp3``, ``a (1).mp3``, …) an interrupted move already gave this file."""
     for n in itertools.count():
-        target = folder / numbered(stem, n, suffix)
+        target = folder / numbered(stem, n, suffix, f"{suffix}{ERROR_SUFFIX}")
         if not os.path.lexists(target):
             return None
         if _same_file(job.path, target):
@@ -149,7 +156,7 @@ def finish_failed(job: Job, error: dict[str, Any], watch: WatchConfig) -> Placed
         job.path.unlink()
         target = earlier
     else:
-        for candidate in free_stems(stem, [(fdir, suffix), (fdir, f"{suffix}.error.json")]):
+        for candidate in free_stems(stem, [(fdir, suffix), (fdir, f"{suffix}{ERROR_SUFFIX}")]):
             target = fdir / f"{candidate}{suffix}"
             try:
                 move_no_replace(job.path, target)
@@ -158,10 +165,10 @@ def finish_failed(job: Job, error: dict[str, Any], watch: WatchConfig) -> Placed
             break
     record = error_record(job, error)
     body = (json.dumps(record, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
-    error_file = target.with_name(f"{target.name}.error.json")
+    error_file = target.with_name(f"{target.name}{ERROR_SUFFIX}")
     try:
         write_new_file(error_file, body)
     except FileExistsError:  # created since we looked: keep it, put ours beside it
-        error_file = target.with_name(f"{target.name}.{job.job_id}.error.json")
+        error_file = fdir / numbered(target.name, 0, f".{job.job_id}{ERROR_SUFFIX}")
         write_new_file(error_file, body)
     return Placed(original=target, error_file=error_file)

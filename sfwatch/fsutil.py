@@ -21,6 +21,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 CHUNK = 1 << 20
+#: the longest file name Linux file systems take, in bytes (not characters)
+NAME_MAX = 255
 #: errno values meaning "this file system does not do hard links"
 _NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
 
@@ -34,22 +36,28 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def temp_name(final: Path) -> Path:
-    """A hidden temporary sibling of ``final`` (hidden names are never picked up)."""
+def temp_name(final: Path, tag: str | None = None) -> Path:
+    """A hidden temporary sibling of ``final`` (hidden names are never picked up).
+
+    With a ``tag`` (a job id) the name is predictable, so that a writer killed
+    mid-write can find and remove its leftover; otherwise it is random.
+    """
     # NAME_MAX (255) counts bytes, not characters: cut the UTF-8 name, not the str.
     head = os.fsencode(final.name)[:200].decode("utf-8", "ignore")
-    return final.with_name(f".{head}.{secrets.token_hex(4)}.sfwatch-tmp")
+    return final.with_name(f".{head}.{tag or secrets.token_hex(4)}.sfwatch-tmp")
 
 
-def write_new_file(path: Path, data: bytes) -> None:
+def write_new_file(path: Path, data: bytes, tag: str | None = None) -> None:
     """Create ``path`` with ``data`` atomically and durably; FileExistsError if taken.
 
-    Readers see no file or the whole file, never a half-written one.
+    Readers see no file or the whole file, never a half-written one. ``tag``
+    names the temporary file (see ``temp_name``); a leftover of the same tag,
+    from a crash, is overwritten.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(path)
+    tmp = temp_name(path, tag)
     try:
-        with tmp.open("xb") as out:
+        with tmp.open("wb" if tag else "xb") as out:
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
@@ -119,20 +127,42 @@ def copy_verify(src: Path, dst: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def numbered(stem: str, n: int, suffix: str) -> str:
-    """``a.mp3`` → ``a (n).mp3``: the name used when ``a.mp3`` is taken."""
-    return f"{stem}{'' if n == 0 else f' ({n})'}{suffix}"
+def fit_stem(stem: str, room: int) -> str:
+    """``stem``, cut at a character boundary to at most ``room`` bytes (file-system encoding)."""
+    if len(os.fsencode(stem)) <= room:
+        return stem
+    used = 0
+    for i, char in enumerate(stem):
+        used += len(os.fsencode(char))
+        if used > room:
+            return stem[:i]
+    return stem  # pragma: no cover - the whole stem fits, handled above
+
+
+def numbered(stem: str, n: int, suffix: str, longest: str = "") -> str:
+    """``a.mp3`` → ``a (n).mp3``: the name used when ``a.mp3`` is taken.
+
+    A stem too long for NAME_MAX is cut (never a character in half) so that the
+    name fits; with ``longest``, so that the stem also fits that longer suffix
+    (``.mp3.error.json`` beside ``.mp3``), for names that must share the stem.
+    """
+    mark = "" if n == 0 else f" ({n})"
+    tail = max(len(os.fsencode(suffix)), len(os.fsencode(longest)))
+    return f"{fit_stem(stem, NAME_MAX - len(mark) - tail)}{mark}{suffix}"
 
 
 def free_stems(stem: str, dirs_and_suffixes: Sequence[tuple[Path, str]]) -> Iterator[str]:
     """Yield stems (``a``, ``a (1)``, …) under which every (folder, suffix) is free.
 
     One stem is shared by the transcript and the moved original, so a user sees
-    ``done/a (1).mp3`` beside ``a (1).txt``.
+    ``done/a (1).mp3`` beside ``a (1).txt``. A long stem is cut so that the stem
+    with the longest of the suffixes fits NAME_MAX (see ``numbered``).
     """
+    suffixes = [suffix for _, suffix in dirs_and_suffixes]
+    longest = max(suffixes, key=lambda suffix: len(os.fsencode(suffix)), default="")
     n = 0
     while True:
-        candidate = numbered(stem, n, "")
+        candidate = numbered(stem, n, "", longest)
         if not any(
             os.path.lexists(folder / f"{candidate}{suffix}") for folder, suffix in dirs_and_suffixes
         ):

@@ -187,6 +187,9 @@ def scan(
 ) -> int:
     """Walk the watched folder and call ``on_file`` for each wanted file; return the count.
 
+    A folder that cannot be listed (no permission) is passed to ``on_file`` too,
+    so that the daemon can say why its files are not taken.
+
     Symlinks are not followed (a link may point anywhere on the system), and the
     done, failed and work folders are pruned.
     """
@@ -200,6 +203,8 @@ def scan(
         try:
             entries = list(os.scandir(top))
         except OSError:
+            if top != str(watch.path):
+                on_file(top)  # a folder we may not enter: the daemon logs it
             continue
         for entry in entries:
             if entry.is_dir(follow_symlinks=False):
@@ -222,6 +227,20 @@ def walk_dir(path: Path, watch: WatchConfig) -> Iterator[str]:
         for name in filenames:
             if wants(Path(dirpath) / name, watch):
                 yield str(Path(dirpath) / name)
+
+
+def utf8_name(path: Path, root: Path) -> bool:
+    """Is ``path`` below ``root`` valid UTF-8? (Other bytes arrive as lone surrogates.)"""
+    try:
+        str(path.relative_to(root)).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(path: Path) -> str:
+    """``path`` for a log line: bytes that are not UTF-8 shown as ``\\xe9``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def under_link(path: Path, root: Path) -> bool:

@@ -10,13 +10,15 @@ upload.
 
 from __future__ import annotations
 
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from sfwatch.config import Config, WatchConfig
 from sfwatch.errors import PrepareError, TranscribeError
-from sfwatch.finish import Placed, finish_done, finish_failed
+from sfwatch.finish import Placed, finish_done, finish_failed, transcript_bytes
+from sfwatch.fsutil import remove_empty_dirs, temp_name
 from sfwatch.job import Job
 from sfwatch.ledger import Ledger
 from sfwatch.logs import get_logger
@@ -144,8 +146,11 @@ class Worker:
     def _finish(self, job: Job, watch: WatchConfig) -> Placed:
         row = self.ledger.job(job.job_id)
         existing = Path(row.transcript) if row and row.transcript else None
-        if existing is not None and not existing.exists():
-            existing = None  # planned but never written: choose again
+        if existing is not None:
+            # An earlier finish chose this name and may have been killed mid-write.
+            temp_name(existing, job.job_id).unlink(missing_ok=True)
+            if not _holds(existing, transcript_bytes(job.text or "")):
+                existing = None  # never written, or another file's since: choose again
         return finish_done(
             job,
             job.text or "",
@@ -166,4 +171,16 @@ class Worker:
         except OSError as move_exc:
             return Outcome("finish_error", job, move_exc)
         self.ledger.finished(job, "failed", final_path=placed.original, error=fields)
+        # The scheduler also fails jobs no outcome of ours ends (poison, gave_up, a 400):
+        # their job folder, now empty, goes here (up to the instance folder).
+        remove_empty_dirs(job.path.parent, job.path.parents[len(job.rel.parts)])
         return Outcome("failed", job, exc, placed=placed)
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    """Is ``path`` a regular file holding exactly ``data``?"""
+    try:
+        st = path.lstat()
+        return stat.S_ISREG(st.st_mode) and st.st_size == len(data) and path.read_bytes() == data
+    except OSError:
+        return False

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -163,12 +164,27 @@ def daemon_env(**extra: str) -> dict[str, str]:
 
 
 @contextmanager
-def daemon_process(config_path: Path, *args: str, **env: str) -> Iterator[DaemonProcess]:
-    """Start ``sfwatch run -c config_path``; kill it at the end of the block if still up."""
+def daemon_process(
+    config_path: Path, *args: str, user: str | None = None, **env: str
+) -> Iterator[DaemonProcess]:
+    """Start ``sfwatch run -c config_path``; kill it at the end of the block if still up.
+
+    ``user``: run it as that user (and its primary group) via ``setpriv``; needs root.
+    """
     log_path = config_path.parent / f"daemon-{time.monotonic_ns()}.log"
+    command = [sys.executable, "-m", "sfwatch", "run", "-c", str(config_path), *args]
+    if user is not None:
+        entry = pwd.getpwnam(user)
+        command = [
+            "setpriv",
+            f"--reuid={entry.pw_uid}",
+            f"--regid={entry.pw_gid}",
+            "--clear-groups",
+            *command,
+        ]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sfwatch", "run", "-c", str(config_path), *args],
+            command,
             stdout=log,
             stderr=subprocess.STDOUT,
             env=daemon_env(**env),
