@@ -25,6 +25,14 @@ class FileSignature:
 
 
 @dataclass(frozen=True)
+class Verdict:
+    """A decision to fail the file, kept while the move to failed/ cannot be made."""
+
+    error: Exception
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
 class Job:
     """One dropped file on its way from the inbox to done/ or failed/."""
 
@@ -50,6 +58,9 @@ class Job:
     window_start: float = 0.0
     #: monotonic time of the claim (for duration_ms)
     claimed_at: float = 0.0
+    #: the file has been judged (e.g. a 400) but could not be moved to failed/ yet:
+    #: the next try only moves it, it does not upload again
+    verdict: Verdict | None = None
 
     @property
     def source(self) -> Path:

@@ -31,7 +31,7 @@ from sfwatch.errors import (
     TransientError,
     UnusableResponse,
 )
-from sfwatch.job import Job
+from sfwatch.job import Job, Verdict
 from sfwatch.ledger import Ledger
 from sfwatch.logs import get_logger
 from sfwatch.pacing import Pacer
@@ -80,7 +80,7 @@ class Scheduler:
         if outcome.kind in ("done", "dedup", "failed"):
             if outcome.kind == "done":
                 self.pacer.succeeded()
-            self.finished(outcome)
+            self.finished(outcome, job.verdict.reason if job.verdict else None)
         elif outcome.kind == "changed":
             self.log.warning(
                 "sfwatch.file_changed",
@@ -179,7 +179,8 @@ class Scheduler:
         """Send the job's file to failed/ (runs the move on this thread: a rename or two)."""
         outcome = self.worker.fail(job, exc, self.worker.watches[job.root], reason)
         if outcome.kind == "finish_error":
-            self.local_failure(job, outcome.error)
+            # Keep the verdict: the next try moves the file, it does not upload it again.
+            self.local_failure(job.evolve(verdict=Verdict(exc, reason)), outcome.error)
             return
         self.finished(outcome, reason)
 

@@ -83,6 +83,8 @@ class Worker:
             self.ledger.set_running(job.job_id, running=False)
 
     def _process(self, job: Job, watch: WatchConfig) -> Outcome:
+        if job.verdict is not None:  # judged already: only the move to failed/ is left
+            return self.fail(job, job.verdict.error, watch, job.verdict.reason)
         try:
             if job.sha256 is None:
                 job = identify(job)

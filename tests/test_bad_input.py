@@ -568,6 +568,26 @@ def test_done_not_writable_retries_finish_without_paying_again(
     assert "Operation not permitted" in str(failed[0]["error"])
 
 
+def test_failed_not_writable_keeps_the_verdict(
+    tmp_path: Path, fake_api: FakeAPI, chattr: Callable[[Path, str], None]
+) -> None:
+    """A 400 while failed/ is immutable: the move is retried, the file is not uploaded again."""
+    fake_api.responder = lambda u: R400_DATA_STRING if u.filename == "bad.mp3" else None
+    config = write_config(tmp_path, fake_api.url)
+    failed_dir = tmp_path / "inbox" / "failed"
+    failed_dir.mkdir()
+    chattr(failed_dir, "+i")
+    data = os.urandom(2100)
+    with capture_logs() as logs, running_daemon(config, **FAST) as daemon:
+        (daemon.inbox / "bad.mp3").write_bytes(data)
+        wait_until(lambda: len(_events(logs, "sfwatch.finish_failed")) >= 3, 15, "retrying")
+        chattr(failed_dir, "-i")
+        wait_until((failed_dir / "bad.mp3.error.json").exists, 15, "failed once writable")
+        _still_works(daemon.inbox)
+    assert sum(u.filename == "bad.mp3" for u in fake_api.uploads) == 1, "judged once"
+    assert json.loads((failed_dir / "bad.mp3.error.json").read_text())["reason"] == "api_rejected"
+
+
 @pytest.fixture
 def tiny_inbox(tmp_path: Path) -> Iterator[Path]:
     """tmp_path/inbox as a 512 KiB tmpfs (needs root); unmounted afterwards."""
