@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import signal
 import socket
 import threading
@@ -112,7 +113,7 @@ class Daemon:
         self.pacer = Pacer(
             config.api.concurrency, config.api.requests_per_minute, backoff_base=backoff_base
         )
-        self.worker = Worker(config, self.transcriber, self.ledger)
+        self.worker = Worker(config, self.transcriber, self.ledger, self.instance)
         self.scheduler = Scheduler(config, self.pacer, self.ledger, self.worker)
         self.watches = {w.path: w for w in config.watch}
         self.leases = LeaseKeeper(
@@ -434,6 +435,8 @@ class Daemon:
 
     def _recover(self, watch: WatchConfig) -> None:
         """Resume the claims an earlier run of this instance left in the work area."""
+        # Split parts are regenerated (identically) when needed: drop stale ones.
+        shutil.rmtree(watch.work_dir / "tmp" / self.instance, ignore_errors=True)
         for job in claimed_files(watch.work_dir, self.instance, watch.path):
             self._resume(job)
 

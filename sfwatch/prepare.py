@@ -1,19 +1,36 @@
 """prepare: make a claimed file into what will be uploaded.
 
-Today this identifies the content (SHA-256, which the ledger uses to avoid
-paying twice) and refuses files that cannot be audio (empty ones). Probing,
-transcoding and splitting with PyAV slot in here: the stage already returns a
-list of parts.
+1. **identify**: the content's SHA-256 (the ledger's key for never paying twice);
+2. **probe** (PyAV): a file without decodable audio fails as ``not_audio``
+   before any upload;
+3. **fit**: a file larger than ``api.max_upload_bytes``, longer than
+   ``api.max_audio_seconds``, or in a container the API may not take (video
+   containers, AMR, WMA, AIFF, …) is re-encoded to 16 kHz mono MP3; if it is
+   still too long it is split at the quietest moment near each limit. An MP3
+   that is only too long is split without re-encoding. ``prepare.transcode``
+   (auto | always | never) overrides the choice.
+
+Parts are written to a scratch folder in the work area (same file system,
+never watched) and are deterministic: a job resumed after a crash produces the
+same parts, so the parts whose transcripts the ledger already holds are skipped.
 """
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from sfwatch import audio
+from sfwatch.config import Config
 from sfwatch.errors import PrepareError
 from sfwatch.fsutil import sha256_file
 from sfwatch.job import Job
+
+#: parts are cut this much short of the duration limit (encoder padding, rounding)
+DURATION_MARGIN = 0.98
+#: and so that their size stays this far below the byte limit at the target bitrate
+SIZE_MARGIN = 0.9
 
 
 @dataclass(frozen=True)
@@ -31,6 +48,7 @@ class Prepared:
     job: Job
     parts: tuple[Part, ...]
     audio_seconds: float | None = None
+    how: str = "as_is"  # as_is | transcoded | split | stream_copy_split
 
 
 def identify(job: Job) -> Job:
@@ -42,8 +60,53 @@ def identify(job: Job) -> Job:
     return job.evolve(sha256=digest)
 
 
-def prepare(job: Job) -> Prepared:
-    """The parts to upload for ``job`` (one: the file itself, when it fits the API)."""
-    if job.signature.size == 0:
+def scratch_dir(job: Job, instance: str) -> Path:
+    """Where a job's parts are written: ``<watched>/.sfwatch/tmp/<instance>/<job_id>``."""
+    return job.root / ".sfwatch" / "tmp" / instance / job.job_id
+
+
+def clean_scratch(job: Job, instance: str) -> None:
+    """Remove a job's parts (after it finished, or before a fresh start)."""
+    shutil.rmtree(scratch_dir(job, instance), ignore_errors=True)
+
+
+def prepare(job: Job, config: Config, instance: str) -> Prepared:
+    """The parts to upload for ``job``, in order."""
+    size = job.signature.size
+    if size == 0:
         raise PrepareError("empty", "the file is empty (0 bytes)")
-    return Prepared(job=job, parts=(Part(job.path, job.name),))
+    info = audio.probe(job.path)
+    api = config.api
+    mode = config.prepare.transcode
+    too_big = size > api.max_upload_bytes
+    too_long = info.duration is not None and info.duration > api.max_audio_seconds
+    foreign = not info.accepted_as(Path(job.name).suffix)
+    if mode == "never" or (mode == "auto" and not (too_big or too_long or foreign)):
+        return Prepared(job, (Part(job.path, job.name),), info.duration)
+    max_seconds = max(
+        1.0,  # a part must hold some audio, whatever the limits say
+        min(
+            api.max_audio_seconds * DURATION_MARGIN,
+            api.max_upload_bytes * 8 / audio.TARGET_BITRATE * SIZE_MARGIN,
+        ),
+    )
+    scratch = scratch_dir(job, instance)
+    scratch.mkdir(parents=True, exist_ok=True)
+    stem = Path(job.name).stem[:150] or "audio"
+    duration = info.duration
+    cuts: list[float] = []
+    if duration is None or duration > max_seconds:
+        levels = audio.loudness(job.path)
+        duration = len(levels) * audio.BLOCK_SECONDS
+        cuts = audio.choose_cuts(levels, max_seconds)
+    copy_only = mode == "auto" and not too_big and not foreign and info.container == "mp3"
+    convert = audio.stream_copy if copy_only else audio.transcode
+    paths = convert(job.path, lambda i: scratch / f"part{i:03d}.mp3", cuts)
+    if not paths:
+        raise PrepareError("not_audio", "decoding produced no audio")
+    if len(paths) == 1:
+        parts: tuple[Part, ...] = (Part(paths[0], f"{stem}.mp3"),)
+    else:
+        parts = tuple(Part(p, f"{stem}.part{i + 1:03d}.mp3") for i, p in enumerate(paths))
+    how = "stream_copy_split" if copy_only else ("split" if len(parts) > 1 else "transcoded")
+    return Prepared(job, parts, duration, how)

@@ -22,7 +22,7 @@ from sfwatch.fsutil import remove_empty_dirs, temp_name
 from sfwatch.job import Job
 from sfwatch.ledger import Ledger
 from sfwatch.logs import get_logger
-from sfwatch.prepare import identify, prepare
+from sfwatch.prepare import clean_scratch, identify, prepare
 from sfwatch.settle import signature_of
 from sfwatch.transcribe import Transcriber
 
@@ -61,8 +61,11 @@ def error_fields(exc: BaseException) -> dict[str, Any]:
 class Worker:
     """Runs attempts; shared by all upload threads (it holds no per-job state)."""
 
-    def __init__(self, config: Config, transcriber: Transcriber, ledger: Ledger) -> None:
+    def __init__(
+        self, config: Config, transcriber: Transcriber, ledger: Ledger, instance: str = "local"
+    ) -> None:
         self.config = config
+        self.instance = instance
         self.transcriber = transcriber
         self.ledger = ledger
         self.watches = {w.path: w for w in config.watch}
@@ -76,11 +79,14 @@ class Worker:
         """One attempt; marks the job running in the ledger while it lasts."""
         self.ledger.set_running(job.job_id, running=True)
         try:
-            return self._process(job, self.watches[job.root])
+            outcome = self._process(job, self.watches[job.root])
         except FileNotFoundError as exc:
-            return Outcome("vanished", job, exc)
+            outcome = Outcome("vanished", job, exc)
         finally:
             self.ledger.set_running(job.job_id, running=False)
+        if outcome.kind in ("done", "dedup", "failed", "vanished"):
+            clean_scratch(job, self.instance)  # the parts are not needed any more
+        return outcome
 
     def _process(self, job: Job, watch: WatchConfig) -> Outcome:
         if job.verdict is not None:  # judged already: only the move to failed/ is left
@@ -103,11 +109,12 @@ class Worker:
             job, kind = job.evolve(text=known), "dedup"
         if job.text is None:
             try:
-                prepared = prepare(job)
+                prepared = prepare(job, self.config, self.instance)
             except PrepareError as exc:
                 return self.fail(job, exc, watch)
             audio_seconds = prepared.audio_seconds
-            texts: list[str] = []
+            # Parts whose transcripts the ledger holds (an earlier, interrupted try).
+            texts = self.ledger.parts(job.job_id) if len(prepared.parts) > 1 else []
             trace_id: str | None = None
             self.log.info(
                 "sfwatch.upload_started",
@@ -115,21 +122,29 @@ class Worker:
                 file=str(job.source),
                 attempt=job.attempts + 1,
                 parts=len(prepared.parts),
+                parts_done=len(texts),
+                prepared=prepared.how,
+                audio_seconds=audio_seconds,
                 bytes=job.signature.size,
             )
             try:
-                for part in prepared.parts:
+                for part in prepared.parts[len(texts) :]:
                     result = self.transcriber.transcribe(part.path, part.upload_name, model)
                     trace_id = result.trace_id
                     job = job.evolve(trace_ids=(*job.trace_ids, result.trace_id or ""))
                     texts.append(result.text)
                     bytes_sent += result.bytes_sent
+                    if len(prepared.parts) > 1:
+                        self.ledger.part_done(job.job_id, texts)
             except TranscribeError as exc:
                 if exc.trace_id:
                     job = job.evolve(trace_ids=(*job.trace_ids, exc.trace_id))
-                return Outcome("error", job, exc)
+                return Outcome("error", job, exc, bytes_sent=bytes_sent)
             job = job.evolve(attempts=job.attempts + 1, text="\n".join(t.strip() for t in texts))
             if signature_of(job.path) != job.signature:
+                # New content: the parts and their transcripts are of the old one.
+                self.ledger.part_done(job.job_id, [])
+                clean_scratch(job, self.instance)
                 return Outcome("changed", job.evolve(text=None, sha256=None))
             self.ledger.transcribed(job, model, trace_id)
         try:
@@ -173,6 +188,7 @@ class Worker:
         except OSError as move_exc:
             return Outcome("finish_error", job, move_exc)
         self.ledger.finished(job, "failed", final_path=placed.original, error=fields)
+        clean_scratch(job, self.instance)
         # The scheduler also fails jobs no outcome of ours ends (poison, gave_up, a 400):
         # their job folder, now empty, goes here (up to the instance folder).
         remove_empty_dirs(job.path.parent, job.path.parents[len(job.rel.parts)])

@@ -73,6 +73,7 @@ class Upload:
     ended: float  # 0.0 in the Upload given to a responder
     extra_fields: dict[str, str]  # text parts other than `model`
     body_complete: bool = True  # False when the body was cut short (client gone, RESET)
+    data: bytes = b""  # the file part's bytes, when FakeAPI.keep_bodies is set
 
 
 @dataclass(frozen=True)
@@ -263,6 +264,7 @@ class _Form:
     size: int = 0
     has_file: bool = False  # a complete `file` part was received
     fields: dict[str, str] = field(default_factory=dict)
+    data: bytearray | None = None  # the file part itself, when the fake keeps bodies
 
 
 class _Multipart:
@@ -336,6 +338,8 @@ class _Multipart:
         def hash_it(data: bytes) -> None:
             digest.update(data)
             form.size += len(data)
+            if form.data is not None:
+                form.data += data
 
         self._in_file = True
         if not self._until_delim(hash_it):
@@ -473,6 +477,8 @@ class _Handler(BaseHTTPRequestHandler):
                 params.get("boundary", ""),
                 _RESET_BUDGET if scripted and scripted.reset else None,
             )
+            if api.keep_bodies:
+                parser.form.data = bytearray()
             complete = True
             try:
                 if ctype == "multipart/form-data" and params.get("boundary"):
@@ -482,6 +488,7 @@ class _Handler(BaseHTTPRequestHandler):
                 complete = False
             form = parser.form
             fields = dict(form.fields)
+            kept = bytes(form.data) if form.data is not None else b""
             model = fields.pop("model", None)
             upload = Upload(
                 form.filename,
@@ -497,6 +504,7 @@ class _Handler(BaseHTTPRequestHandler):
                 0.0,
                 fields,
                 complete,
+                kept,
             )
             if not complete:
                 record(upload, 0)
@@ -584,6 +592,7 @@ class FakeAPI:
     def __init__(self, api_key: str = "sk-test-key", latency: float = 0.0, port: int = 0) -> None:
         self.api_key = api_key
         self.port = port  # 0: any free port; after start(), the port it got
+        self.keep_bodies = False  # keep each upload's file part in Upload.data
         self.latency = latency  # seconds to wait before every transcription answer
         self.responder: Callable[[Upload], Reply | None] | None = None  # gets status=0 Upload
         self.info_reply: Reply | None = None  # answers every /user/info when set

@@ -28,6 +28,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from sfwatch.fsutil import NAME_MAX, free_stems, numbered
+from tests.audiogen import wav_bytes
 from tests.conftest import (
     API_KEY,
     daemon_process,
@@ -52,7 +53,7 @@ def _sha(data: bytes) -> str:
 
 def _still_works(inbox: Path, name: str = "after.wav") -> None:
     """A normal file dropped now is transcribed and finished: nothing crashed or stalled."""
-    data = os.urandom(1234)
+    data = wav_bytes(1234)
     (inbox / name).write_bytes(data)
     done = inbox / "done" / name
     wait_until(done.exists, 15, f"{name} processed after the bad input")
@@ -103,7 +104,7 @@ def test_random_bytes_rejected_by_api_fail_as_api_rejected(
     """Random bytes named .mp3, answered 400: failed/ with reason "api_rejected", one upload."""
     fake_api.responder = lambda u: R400_DATA_STRING if u.filename == "noise.mp3" else None
     config = write_config(tmp_path, fake_api.url)
-    data = os.urandom(5000)
+    data = wav_bytes(5000)
     with capture_logs() as logs, running_daemon(config, **FAST) as daemon:
         (daemon.inbox / "noise.mp3").write_bytes(data)
         error_file = daemon.inbox / "failed" / "noise.mp3.error.json"
@@ -127,7 +128,7 @@ def test_random_bytes_rejected_by_api_fail_as_api_rejected(
 def test_folder_named_like_audio_is_a_folder(how: str, tmp_path: Path, fake_api: FakeAPI) -> None:
     """A folder called x.mp3 is looked into, not taken: its inner.wav is processed normally."""
     config = write_config(tmp_path, fake_api.url)
-    data = os.urandom(2000)
+    data = wav_bytes(2000)
     with capture_logs() as logs, running_daemon(config, **FAST) as daemon:
         folder = daemon.inbox / "x.mp3"
         if how == "moved-in":
@@ -155,7 +156,7 @@ def test_symlinks_and_pipes_are_left_alone(poll: bool, tmp_path: Path, fake_api:
     outside = tmp_path / "outside"
     (outside / "folder").mkdir(parents=True)
     target = outside / "target.mp3"
-    target_data = os.urandom(3000)
+    target_data = wav_bytes(3000)
     target.write_bytes(target_data)
     inner = outside / "folder" / "inner.mp3"
     inner.write_bytes(b"inside a linked folder")
@@ -235,7 +236,7 @@ NAMES = {
 def test_awkward_names_are_transcribed(tmp_path: Path, fake_api: FakeAPI) -> None:
     """Spaces, CJK and emoji, a newline, a leading dash, 255 bytes: each finishes normally."""
     config = write_config(tmp_path, fake_api.url)
-    written = {name: os.urandom(1500 + i) for i, name in enumerate(NAMES.values())}
+    written = {name: wav_bytes(1500 + i) for i, name in enumerate(NAMES.values())}
     with capture_logs() as logs, running_daemon(config, **FAST) as daemon:
         for name, data in written.items():
             (daemon.inbox / name).write_bytes(data)
@@ -258,7 +259,7 @@ def test_name_not_utf8_is_left_in_place_and_logged(tmp_path: Path, fake_api: Fak
     """Latin-1 bytes in a name (an old SMB share): left in the inbox, logged once as skipped."""
     config = write_config(tmp_path, fake_api.url)
     inbox = os.fsencode(tmp_path / "inbox")
-    data = os.urandom(1000)
+    data = wav_bytes(1000)
     with capture_logs() as logs, running_daemon(config, **FAST) as daemon:
         Path(os.fsdecode(inbox + b"/caf\xe9.mp3")).write_bytes(data)
         Path(os.fsdecode(inbox + b"/d\xfcr")).mkdir()
@@ -303,14 +304,13 @@ def test_255_byte_name_collisions_and_failures_fit(
 ) -> None:
     """A taken 255-byte name: " (1)" fits by cutting the stem; so does a failed .error.json."""
     stem, suffix = Path(name).stem, Path(name).suffix
-    rejected = f"z{name[1:]}"  # another 255-byte name, answered 400
-    fake_api.responder = lambda u: R400_DATA_STRING if u.sha256 == _sha(b"bad" * 300) else None
+    rejected = f"z{name[1:]}"  # another 255-byte name, not audio: it fails
     config = write_config(tmp_path, fake_api.url)
     inbox = tmp_path / "inbox"
     (inbox / "done").mkdir()
     (inbox / "done" / name).write_bytes(b"an older recording")
     (inbox / f"{stem}.txt").write_text("an older transcript\n")
-    data = os.urandom(1700)
+    data = wav_bytes(1700)
     with capture_logs() as logs, running_daemon(config, **FAST):
         (inbox / name).write_bytes(data)
         (inbox / rejected).write_bytes(b"bad" * 300)
@@ -335,7 +335,7 @@ def test_255_byte_name_collisions_and_failures_fit(
     assert _utf8_len(error_file.name) <= NAME_MAX
     assert original.read_bytes() == b"bad" * 300
     _cut_ok(original.name.removesuffix(suffix), Path(rejected).stem)
-    assert json.loads(error_file.read_text(encoding="utf-8"))["reason"] == "api_rejected"
+    assert json.loads(error_file.read_text(encoding="utf-8"))["reason"] == "not_audio"
     assert _temp_files(inbox) == []
 
 
@@ -347,7 +347,7 @@ def test_file_deleted_while_settling_is_dropped_quietly(tmp_path: Path, fake_api
     config = write_config(tmp_path, fake_api.url, watch={"settle_seconds": 1.0})
     with capture_logs() as logs, running_daemon(config, **FAST) as daemon:
         gone = daemon.inbox / "gone.mp3"
-        gone.write_bytes(os.urandom(4000))
+        gone.write_bytes(wav_bytes(4000))
         wait_until(lambda: gone in daemon.daemon.settler, 5, "settling")
         gone.unlink()
         _still_works(daemon.inbox)
@@ -362,7 +362,7 @@ def test_file_truncated_while_settling_waits_again(tmp_path: Path, fake_api: Fak
     """Truncated before it settled: the wait restarts, one upload of the final content."""
     settle = 1.0
     config = write_config(tmp_path, fake_api.url, watch={"settle_seconds": settle})
-    data = os.urandom(200_000)
+    data = wav_bytes(200_000)
     with running_daemon(config, **FAST) as daemon:
         path = daemon.inbox / "cut.mp3"
         path.write_bytes(data)
@@ -380,7 +380,7 @@ def test_file_truncated_while_settling_waits_again(tmp_path: Path, fake_api: Fak
 
 def test_file_growing_after_claim_is_uploaded_again(tmp_path: Path) -> None:
     """Appended to through an open handle during its upload: noticed, settled, sent again."""
-    first, more = os.urandom(30_000), os.urandom(20_000)
+    first, more = wav_bytes(30_000), os.urandom(20_000)
     with FakeAPI(api_key=API_KEY, latency=0.2) as api:
         config = write_config(tmp_path, api.url)
         with capture_logs() as logs, running_daemon(config, **FAST) as daemon:
@@ -463,7 +463,7 @@ def test_unreadable_file_fails_as_unreadable(shared_tmp: Path, fake_api: FakeAPI
         entry = pwd.getpwnam(user)
         for path in (shared_tmp, inbox):
             os.chown(path, entry.pw_uid, entry.pw_gid)
-    data = os.urandom(2500)
+    data = wav_bytes(2500)
     private, closing, locked = inbox / "private", inbox / "closing", inbox / "locked"
     outside = shared_tmp / "outside"
     outside.mkdir()
@@ -545,7 +545,7 @@ def test_done_not_writable_retries_finish_without_paying_again(
     done_dir = tmp_path / "inbox" / "done"
     done_dir.mkdir()
     chattr(done_dir, "+i")
-    data = os.urandom(3300)
+    data = wav_bytes(3300)
     with capture_logs() as logs, running_daemon(config, **FAST) as daemon:
         (daemon.inbox / "x.mp3").write_bytes(data)
         wait_until(lambda: len(_events(logs, "sfwatch.finish_failed")) >= 2, 10, "failing")
@@ -577,7 +577,7 @@ def test_failed_not_writable_keeps_the_verdict(
     failed_dir = tmp_path / "inbox" / "failed"
     failed_dir.mkdir()
     chattr(failed_dir, "+i")
-    data = os.urandom(2100)
+    data = wav_bytes(2100)
     with capture_logs() as logs, running_daemon(config, **FAST) as daemon:
         (daemon.inbox / "bad.mp3").write_bytes(data)
         wait_until(lambda: len(_events(logs, "sfwatch.finish_failed")) >= 3, 15, "retrying")
@@ -637,7 +637,7 @@ def test_disk_full_while_writing_transcript(
         return None
 
     fake_api.responder = fill_once
-    data = os.urandom(20_000)
+    data = wav_bytes(20_000)
     with capture_logs() as logs, running_daemon(config, **FAST):
         (tiny_inbox / "full.mp3").write_bytes(data)
         wait_until(lambda: _events(logs, "sfwatch.finish_failed"), 10, "finish failed")

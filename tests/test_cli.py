@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
 from pathlib import Path
 
 import pytest
 
+from tests.audiogen import wav_bytes
 from tests.conftest import (
     API_KEY,
     daemon_process,
@@ -103,8 +103,8 @@ def test_transcribe_one_shot(tmp_path: Path, fake_api: FakeAPI) -> None:
     fake_api.responder = lambda u: R400_DATA_STRING if u.filename == "bad.mp3" else None
     config = write_config(tmp_path, fake_api.url)
     good, bad = tmp_path / "good.wav", tmp_path / "bad.mp3"
-    good.write_bytes(b"RIFF" + os.urandom(800))
-    bad.write_bytes(os.urandom(800))
+    good.write_bytes(wav_bytes(800))
+    bad.write_bytes(wav_bytes(800))
     (tmp_path / "good.txt").write_text("already here\n")
     result = run_cli("transcribe", "-c", str(config), str(good), str(bad))
     assert result.returncode == 1
@@ -124,11 +124,11 @@ def test_run_processes_files_and_stops_on_sigterm(tmp_path: Path, fake_api: Fake
     """sfwatch run: transcripts appear, JSON logs carry the fields, SIGTERM exits 0."""
     config = write_config(tmp_path, fake_api.url)
     inbox = tmp_path / "inbox"
-    (inbox / "early.mp3").write_bytes(os.urandom(3000))
+    (inbox / "early.mp3").write_bytes(wav_bytes(3000))
     with daemon_process(config) as daemon:
         daemon.wait_event("sfwatch.daemon_started")
         (inbox / "sub").mkdir()
-        (inbox / "sub" / "late.ogg").write_bytes(os.urandom(5000))
+        (inbox / "sub" / "late.ogg").write_bytes(wav_bytes(5000))
         finished = daemon.wait_event("sfwatch.job_finished", 2)
         daemon.signal(signal.SIGTERM)
         assert daemon.wait() == 0
@@ -155,7 +155,7 @@ def test_second_signal_is_a_cold_stop_and_work_resumes(tmp_path: Path, fake_api:
     fake_api.script(stall(60))
     config = write_config(tmp_path, fake_api.url, api={"timeout_seconds": 120})
     inbox = tmp_path / "inbox"
-    data = os.urandom(4000)
+    data = wav_bytes(4000)
     (inbox / "stuck.mp3").write_bytes(data)
     with daemon_process(config) as daemon:
         daemon.wait_event("sfwatch.upload_started")

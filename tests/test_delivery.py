@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.audiogen import wav_bytes
 from tests.conftest import files_under, running_daemon, wait_until, write_config
 from tests.fakeapi import FakeAPI
 
@@ -122,7 +123,7 @@ def test_delivered_file_is_uploaded_once_and_complete(
     how: str, tmp_path: Path, fake_api: FakeAPI
 ) -> None:
     """A file delivered this way is uploaded once, whole, and finished in place."""
-    data = os.urandom(300_000)
+    data = wav_bytes(300_000)
     digest = hashlib.sha256(data).hexdigest()
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -163,7 +164,7 @@ def test_noise_files_are_left_alone(tmp_path: Path, fake_api: FakeAPI) -> None:
             (daemon.inbox / name).parent.mkdir(parents=True, exist_ok=True)
             (daemon.inbox / name).write_bytes(b"noise " + name.encode())
         # A real file after the noise: once it is done, the noise has had its chance.
-        (daemon.inbox / "real.wav").write_bytes(os.urandom(1000))
+        (daemon.inbox / "real.wav").write_bytes(wav_bytes(1000))
         wait_until((daemon.inbox / "done" / "real.wav").exists, 10, "real.wav done")
     assert [u.filename for u in fake_api.uploads] == ["real.wav"]
     for name in noise:
@@ -176,7 +177,7 @@ def test_files_present_at_start_are_processed(tmp_path: Path, fake_api: FakeAPI)
     inbox = tmp_path / "inbox"
     for i in range(20):
         (inbox / f"sub{i % 3}").mkdir(exist_ok=True)
-        (inbox / f"sub{i % 3}" / f"f{i}.wav").write_bytes(os.urandom(500 + i))
+        (inbox / f"sub{i % 3}" / f"f{i}.wav").write_bytes(wav_bytes(500 + i))
     with running_daemon(config, burst=True) as daemon:
         daemon.thread.join(20)
         assert not daemon.thread.is_alive(), "burst mode ends when the work is done"
@@ -192,7 +193,7 @@ def test_bad_audio_goes_to_failed_with_reason(tmp_path: Path, fake_api: FakeAPI)
     fake_api.responder = lambda upload: R400_DATA_STRING if upload.filename == "bad.mp3" else None
     config = write_config(tmp_path, fake_api.url)
     with running_daemon(config) as daemon:
-        data = os.urandom(4000)
+        data = wav_bytes(4000)
         (daemon.inbox / "bad.mp3").write_bytes(data)
         error_file = daemon.inbox / "failed" / "bad.mp3.error.json"
         wait_until(error_file.exists, 10, "error file")
@@ -217,8 +218,8 @@ def test_name_collisions_share_one_stem(tmp_path: Path, fake_api: FakeAPI) -> No
     (inbox / "a.txt").write_text("older transcript\n")
     (inbox / "b (1).txt").write_text("somebody's notes\n")
     with running_daemon(config) as daemon:
-        (inbox / "a.mp3").write_bytes(os.urandom(900))
-        (inbox / "b.mp3").write_bytes(os.urandom(901))
+        (inbox / "a.mp3").write_bytes(wav_bytes(900))
+        (inbox / "b.mp3").write_bytes(wav_bytes(901))
         (inbox / "b.txt").write_text("taken too\n")
         wait_until(lambda: len(fake_api.uploads) == 2, 10, "two uploads")
         wait_until(lambda: len(list((inbox / "done").glob("*.mp3"))) == 3, 10, "moves")
@@ -238,7 +239,7 @@ def test_done_dir_on_another_filesystem(tmp_path: Path, fake_api: FakeAPI) -> No
     done_dir = Path(shm / f"sfwatch-test-{os.getpid()}-{time.monotonic_ns()}")
     try:
         config = write_config(tmp_path, fake_api.url, watch={"done_dir": str(done_dir)})
-        data = os.urandom(50_000)
+        data = wav_bytes(50_000)
         with running_daemon(config) as daemon:
             (daemon.inbox / "x.m4a").write_bytes(data)
             wait_until((done_dir / "x.m4a").exists, 10, "moved across file systems")

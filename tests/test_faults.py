@@ -6,12 +6,12 @@ Promise 3 of DESIGN.md: a fault of the service never fails a file.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
+from tests.audiogen import wav_bytes
 from tests.conftest import files_under, running_daemon, wait_until, write_config
 from tests.fakeapi import (
     DROP,
@@ -48,7 +48,7 @@ def test_transient_fault_is_ridden_out(
     """One transient fault, then success: the file ends in done/, uncharged."""
     fake_api.script(fault)
     config = write_config(tmp_path, fake_api.url, api={"timeout_seconds": 1, "concurrency": 1})
-    data = os.urandom(70_000)
+    data = wav_bytes(70_000)
     with capture_logs() as logs, running_daemon(config) as daemon:
         (daemon.inbox / "a.mp3").write_bytes(data)
         wait_until((daemon.inbox / "done" / "a.mp3").exists, 20, "a.mp3 done")
@@ -69,7 +69,7 @@ def test_outage_opens_the_circuit_and_recovers(tmp_path: Path, fake_api: FakeAPI
     fake_api.script(R503_OVERLOADED, R500, R504)
     config = write_config(tmp_path, fake_api.url, api={"concurrency": 1})
     with capture_logs() as logs, running_daemon(config) as daemon:
-        (daemon.inbox / "a.mp3").write_bytes(os.urandom(1000))
+        (daemon.inbox / "a.mp3").write_bytes(wav_bytes(1000))
         wait_until((daemon.inbox / "done" / "a.mp3").exists, 30, "a.mp3 done")
     assert [u.status for u in fake_api.uploads] == [503, 500, 504, 200]
     reasons = [e["reason"] for e in logs if e["event"] == "sfwatch.upload_failed"]
@@ -84,7 +84,7 @@ def test_server_down_fails_nothing(tmp_path: Path) -> None:
     config = write_config(tmp_path, url, api={"max_attempts": 2})
     with capture_logs() as logs, running_daemon(config) as daemon:
         for i in range(3):
-            (daemon.inbox / f"r{i}.wav").write_bytes(os.urandom(2000 + i))
+            (daemon.inbox / f"r{i}.wav").write_bytes(wav_bytes(2000 + i))
         wait_until(
             lambda: sum(e["event"] == "sfwatch.upload_failed" for e in logs) >= 4,
             30,
@@ -106,7 +106,7 @@ def test_account_fault_pauses_then_resumes(tmp_path: Path, fake_api: FakeAPI) ->
     fake_api.script(R401, R403_BALANCE)
     config = write_config(tmp_path, fake_api.url)
     with capture_logs() as logs, running_daemon(config) as daemon:
-        (daemon.inbox / "a.mp3").write_bytes(os.urandom(1000))
+        (daemon.inbox / "a.mp3").write_bytes(wav_bytes(1000))
         wait_until((daemon.inbox / "done" / "a.mp3").exists, 40, "a.mp3 done after pause")
     assert not (daemon.inbox / "failed").exists()
     paused = [e for e in logs if e["event"] == "sfwatch.uploads_paused"]
@@ -119,6 +119,6 @@ def test_unusable_200_twice_fails_the_file(tmp_path: Path, fake_api: FakeAPI) ->
     fake_api.script(R200_NO_TEXT, R200_NO_TEXT)
     config = write_config(tmp_path, fake_api.url)
     with running_daemon(config) as daemon:
-        (daemon.inbox / "odd.mp3").write_bytes(os.urandom(1000))
+        (daemon.inbox / "odd.mp3").write_bytes(wav_bytes(1000))
         wait_until((daemon.inbox / "failed" / "odd.mp3.error.json").exists, 20, "failed")
     assert len(fake_api.uploads) == 2

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import threading
 from collections.abc import MutableMapping
@@ -17,6 +16,7 @@ from typing import Any
 
 from structlog.testing import capture_logs
 
+from tests.audiogen import wav_bytes
 from tests.conftest import (
     API_KEY,
     daemon_process,
@@ -44,7 +44,7 @@ def test_outage_then_overload_then_bad_key_fails_nothing(tmp_path: Path) -> None
     written: dict[str, str] = {}
 
     def drop(name: str) -> None:
-        data = os.urandom(1500)
+        data = wav_bytes(1500)
         written[name] = hashlib.sha256(data).hexdigest()
         (tmp_path / "inbox" / name).write_bytes(data)
 
@@ -84,7 +84,7 @@ def test_outage_then_overload_then_bad_key_fails_nothing(tmp_path: Path) -> None
 def test_same_content_is_paid_once(tmp_path: Path, fake_api: FakeAPI) -> None:
     """A copy of a file already transcribed is finished from the ledger: no upload."""
     config = write_config(tmp_path, fake_api.url)
-    data = os.urandom(3000)
+    data = wav_bytes(3000)
     with capture_logs() as logs, running_daemon(config, **FAST) as daemon:
         (daemon.inbox / "first.wav").write_bytes(data)
         wait_until((daemon.inbox / "done" / "first.wav").exists, 10)
@@ -99,7 +99,7 @@ def test_same_content_is_paid_once(tmp_path: Path, fake_api: FakeAPI) -> None:
 def test_reused_name_with_new_content_is_transcribed(tmp_path: Path, fake_api: FakeAPI) -> None:
     """A voice recorder's REC001.WAV again, new content: a new upload, ' (1)' names."""
     config = write_config(tmp_path, fake_api.url)
-    first, second = os.urandom(2000), os.urandom(2000)
+    first, second = wav_bytes(2000), wav_bytes(2000)
     with running_daemon(config, **FAST) as daemon:
         (daemon.inbox / "REC001.WAV").write_bytes(first)
         wait_until((daemon.inbox / "done" / "REC001.WAV").exists, 10)
@@ -121,12 +121,12 @@ def test_a_file_failing_while_others_succeed_gives_up(tmp_path: Path, fake_api: 
     fake_api.responder = lambda u: R500 if u.filename == "flaky.mp3" else None
     config = write_config(tmp_path, fake_api.url, api={"max_attempts": 3})
     with running_daemon(config, **FAST) as daemon:
-        (daemon.inbox / "flaky.mp3").write_bytes(os.urandom(1000))
+        (daemon.inbox / "flaky.mp3").write_bytes(wav_bytes(1000))
         error_file = daemon.inbox / "failed" / "flaky.mp3.error.json"
         n = 0
         while not error_file.exists() and n < 200:  # other files keep succeeding meanwhile
             n += 1
-            (daemon.inbox / f"good{n}.wav").write_bytes(os.urandom(500 + n))
+            (daemon.inbox / f"good{n}.wav").write_bytes(wav_bytes(500 + n))
             wait_until((daemon.inbox / "done" / f"good{n}.wav").exists, 10)
         record = json.loads(error_file.read_text())
     assert record["reason"] == "gave_up"
@@ -146,7 +146,7 @@ def test_rate_limits_slow_the_daemon_without_failing(tmp_path: Path, fake_api: F
     fake_api.latency = 0.05
     config = write_config(tmp_path, fake_api.url, api={"concurrency": 8})
     for i in range(60):
-        (tmp_path / "inbox" / f"r{i}.wav").write_bytes(os.urandom(300 + i))
+        (tmp_path / "inbox" / f"r{i}.wav").write_bytes(wav_bytes(300 + i))
     with capture_logs() as logs, running_daemon(config, burst=True, **FAST) as daemon:
         daemon.thread.join(60)
         assert not daemon.thread.is_alive()
@@ -163,7 +163,7 @@ def test_requests_per_minute_caps_starts(tmp_path: Path, fake_api: FakeAPI) -> N
     config = write_config(tmp_path, fake_api.url, api={"requests_per_minute": 5})
     with running_daemon(config, **FAST) as daemon:
         for i in range(8):
-            (daemon.inbox / f"q{i}.wav").write_bytes(os.urandom(400 + i))
+            (daemon.inbox / f"q{i}.wav").write_bytes(wav_bytes(400 + i))
         wait_until(lambda: len(fake_api.uploads) >= 5, 10, "five uploads")
         wait_until(
             lambda: daemon.daemon.status()["queued"] + daemon.daemon.status()["settling"] == 3,
@@ -185,7 +185,7 @@ def test_status_and_retry_while_running(tmp_path: Path, fake_api: FakeAPI) -> No
     inbox = tmp_path / "inbox"
     with daemon_process(config) as daemon:
         daemon.wait_event("sfwatch.daemon_started")
-        (inbox / "x.mp3").write_bytes(os.urandom(999))
+        (inbox / "x.mp3").write_bytes(wav_bytes(999))
         wait_until((inbox / "failed" / "x.mp3.error.json").exists, 10)
         report = wait_until(
             lambda: (
@@ -241,5 +241,5 @@ def test_dead_observer_is_restarted(tmp_path: Path, fake_api: FakeAPI) -> None:
         watcher = next(iter(daemon.daemon.watchers.values()))
         watcher.observer.stop()  # the thread ends, as if it had crashed
         wait_until(lambda: _events(logs, "sfwatch.watch_died"), 5, "noticed")
-        (daemon.inbox / "after.mp3").write_bytes(os.urandom(700))
+        (daemon.inbox / "after.mp3").write_bytes(wav_bytes(700))
         wait_until((daemon.inbox / "done" / "after.mp3").exists, 10, "processed after restart")
