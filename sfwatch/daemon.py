@@ -38,6 +38,7 @@ from sfwatch import __version__
 from sfwatch.claim import claim, claimed_files, instance_dir, release
 from sfwatch.config import Config, Secret, WatchConfig, load_config
 from sfwatch.errors import AccountError, ConfigError, TransientError
+from sfwatch.intake import Intake
 from sfwatch.job import Job
 from sfwatch.ledger import Ledger
 from sfwatch.logs import get_logger
@@ -45,35 +46,20 @@ from sfwatch.notify import Notifier
 from sfwatch.pacing import Pacer
 from sfwatch.recovery import DEFAULT_LEASE_SECONDS, LeaseKeeper
 from sfwatch.scheduler import Scheduler
-from sfwatch.settle import SettledFile, Settler, signature_of
+from sfwatch.settle import SettledFile, signature_of
 from sfwatch.transcribe import Transcriber
-from sfwatch.watch import (
-    PathNotes,
-    Watcher,
-    printable,
-    scan,
-    under_link,
-    utf8_name,
-    walk_dir,
-    wants,
-    wants_dir,
-)
 from sfwatch.worker import Outcome, Worker
 
 #: how long a warm stop waits for uploads in flight
 DEFAULT_GRACE_SECONDS = 60.0
 #: the longest the loop sleeps: it also checks the observers' health
 TICK = 0.5
-#: restarts that found a job mid-attempt before it is failed as "poison"
-POISON_AFTER = 3
 #: how often `sfwatch status` and systemd's STATUS= see fresh numbers
 PUBLISH_EVERY = 2.0
 #: an upload running this much longer than api.timeout_seconds means a stuck worker
 STUCK_MARGIN = 60.0
 #: a loop that has not ticked for this long is frozen (it ticks every TICK seconds)
 FROZEN_AFTER = 30.0
-#: how long to wait before trying again to restart an observer that failed to start
-WATCH_RETRY = 30.0
 
 
 def instance_name(state_dir: Path) -> str:
@@ -101,8 +87,10 @@ class Daemon:
         self.grace_seconds = grace_seconds
         self.instance = instance_name(config.state_dir)
         self.log = get_logger()
-        self.notes = PathNotes()
-        self.settler = Settler()
+        self.intake = Intake({w.path: w for w in config.watch})
+        self.notes = self.intake.notes
+        self.settler = self.intake.settler
+        self.watchers = self.intake.watchers
         self.ledger = Ledger.in_state_dir(config.state_dir)
         self.transcriber = Transcriber(
             config.api.base_url,
@@ -115,42 +103,39 @@ class Daemon:
         )
         self.worker = Worker(config, self.transcriber, self.ledger, self.instance)
         self.scheduler = Scheduler(config, self.pacer, self.ledger, self.worker)
-        self.watches = {w.path: w for w in config.watch}
         self.leases = LeaseKeeper(
             self.instance,
             [w.work_dir for w in config.watch],
             lease_seconds=lease_seconds or DEFAULT_LEASE_SECONDS,
         )
-        self.watchers: dict[Path, Watcher] = {}
         self.ready: deque[SettledFile] = deque()
         self.queued: set[Path] = set()
         self.in_flight: dict[Future[Outcome], Job] = {}
         self.pool = ThreadPoolExecutor(config.api.concurrency, thread_name_prefix="sfwatch-upload")
         self.prober = ThreadPoolExecutor(1, thread_name_prefix="sfwatch-probe")
         self.probe: Future[dict[str, Any]] | None = None
-        self.scan_done = threading.Event()
-        self.stop_scanner = threading.Event()
         self.stop_level = 0  # 0 running, 1 warm stop, 2 cold stop
         self.abandoned = False  # uploads were still running when run() returned
-        self.skipped: set[Path] = set()
         self.last_tick = time.monotonic()
         self._published = 0.0
         self.notifier = Notifier()
         self.started_at: dict[Future[Outcome], float] = {}
-        self.broken_watches: dict[Path, float] = {}  # observer down: when to retry
         self.reload_requested = False
+
+    @property
+    def watches(self) -> dict[Path, WatchConfig]:
+        """The folders watched now (a reload may change them)."""
+        return self.intake.watches
 
     # -- the loop ------------------------------------------------------------------
 
     def run(self) -> int:
         """Run until stopped (or, in burst mode, until there is nothing left to do)."""
         self._install_signals()
+        self.intake.start()
+        self.leases.beat()
         for watch in self.watches.values():
-            self._start_watcher(watch)
-            self.leases.beat()
             self._recover(watch)
-        self.scanner = threading.Thread(target=self._scan_loop, name="sfwatch-scan", daemon=True)
-        self.scanner.start()
         self.log.info(
             "sfwatch.daemon_started",
             version=__version__,
@@ -194,8 +179,8 @@ class Daemon:
         if self.reload_requested:
             self.reload_requested = False
             self.reload()
-        self._take_notes()
-        for settled in self.settler.due(lambda root: self.worker.watches[root].settle_seconds):
+        self.intake.take_notes(self.queued)
+        for settled in self.intake.settled(lambda root: self.worker.watches[root].settle_seconds):
             if settled.path not in self.queued:
                 self.queued.add(settled.path)
                 self.ready.append(settled)
@@ -204,20 +189,19 @@ class Daemon:
         if self.stop_level == 0:
             self._dispatch()
             for job in self.leases.adopt_expired():
-                self._resume(job)
-        self._check_watchers()
+                self.scheduler.resume(job, self.instance)
+        if self.stop_level == 0:
+            self.intake.check_watchers()
         if time.monotonic() - self._published >= PUBLISH_EVERY:
             self._publish()
         self.notifier.watchdog(self.healthy())
 
     def _idle(self) -> bool:
         return (
-            self.scan_done.is_set()
-            and len(self.notes) == 0
+            self.intake.idle()
             and not self.in_flight
             and not self.ready
             and not self.scheduler.waiting
-            and len(self.settler) == 0
             and self.probe is None
         )
 
@@ -259,11 +243,9 @@ class Daemon:
     def healthy(self) -> bool:
         """Observers alive, the loop ticking, no upload stuck past its timeout."""
         now = time.monotonic()
-        if now - self.last_tick > FROZEN_AFTER or self.broken_watches:
+        if now - self.last_tick > FROZEN_AFTER:
             return False
-        if not all(w.alive() for w in self.watchers.values()):
-            return False
-        if self.stop_level == 0 and hasattr(self, "scanner") and not self.scanner.is_alive():
+        if self.stop_level == 0 and not self.intake.healthy():
             return False
         limit = self.config.api.timeout_seconds + STUCK_MARGIN
         return all(now - started < limit for started in self.started_at.values())
@@ -273,111 +255,6 @@ class Daemon:
         self.leases.beat()
         self.ledger.publish_state(self.instance, os.getpid(), self.status())
         self.notifier.status(self.status_line())
-
-    # -- watch and settle ----------------------------------------------------------
-
-    def _start_watcher(self, watch: WatchConfig) -> None:
-        watcher = Watcher(watch, self.notes)
-        watcher.start()
-        self.watchers[watch.path] = watcher
-        self.log.info(
-            "sfwatch.watch_started",
-            path=str(watch.path),
-            polling=watcher.polling,
-            recursive=watch.recursive,
-        )
-
-    def _check_watchers(self) -> None:
-        if self.stop_level:
-            return
-        now = time.monotonic()
-        for path, watcher in list(self.watchers.items()):
-            if watcher.alive() or now < self.broken_watches.get(path, 0.0):
-                continue
-            if path not in self.broken_watches:
-                self.log.error("sfwatch.watch_died", path=str(path))
-            watcher.stop()
-            try:
-                self._start_watcher(self.watches[path])
-            except OSError as exc:
-                # Unhealthy until it works again: systemd's watchdog will restart us.
-                self.broken_watches[path] = now + WATCH_RETRY
-                self.log.error("sfwatch.watch_restart_failed", path=str(path), error=str(exc))
-                continue
-            self.broken_watches.pop(path, None)
-            self.notes.rescan_requested.set()
-
-    def _scan_loop(self) -> None:
-        self._scan_all()
-        self.scan_done.set()
-        self.notes.wakeup.set()
-        interval = min(w.rescan_seconds for w in self.watches.values())
-        while not self.stop_scanner.is_set():
-            self.notes.rescan_requested.wait(interval)
-            if self.stop_scanner.is_set():
-                return
-            self.notes.rescan_requested.clear()
-            self._scan_all()
-
-    def _scan_all(self) -> None:
-        for watch in self.watches.values():
-            started = time.monotonic()
-            found = scan(watch, self.notes.note, self.stop_scanner)
-            self.log.debug(
-                "sfwatch.scan_finished",
-                path=str(watch.path),
-                files=found,
-                seconds=round(time.monotonic() - started, 3),
-            )
-
-    def _watch_for(self, path: Path) -> WatchConfig | None:
-        for root, watch in self.watches.items():
-            if root in path.parents:
-                return watch
-        return None
-
-    def _take_notes(self) -> None:
-        for raw in self.notes.drain():
-            path = Path(raw)
-            watch = self._watch_for(path)
-            if watch is None or path in self.queued:
-                continue
-            try:
-                self._take_note(path, watch)
-            except OSError as exc:  # e.g. in a folder we may not enter: stat() says EACCES
-                if wants(path, watch):
-                    reason = "no_access" if isinstance(exc, PermissionError) else "os_error"
-                    self._skip(path, watch, reason)
-
-    def _take_note(self, path: Path, watch: WatchConfig) -> None:
-        if under_link(path, watch.path):
-            return  # a path through a symlinked folder: links are not followed
-        if path.is_dir() and not path.is_symlink():
-            if not os.access(path, os.R_OK | os.X_OK):
-                self._skip(path, watch, "no_access")
-            elif wants_dir(path, watch):  # a folder moved in: its files have no events
-                for inner in walk_dir(path, watch):
-                    self.notes.note(inner)
-            return
-        if not wants(path, watch):
-            return
-        if not utf8_name(path, watch.path):  # the ledger, logs and uploads need UTF-8
-            self._skip(path, watch, "name_not_utf8")
-        elif not self.settler.note(path, watch.path, watch.settle_seconds):
-            self._skip(path, watch)
-
-    def _skip(self, path: Path, watch: WatchConfig, reason: str | None = None) -> None:
-        """Log once why a path is not taken (a symlink, a FIFO, a non-UTF-8 name, no access)."""
-        if path in self.skipped:
-            return
-        if reason is None:
-            if not os.path.lexists(path):
-                return  # gone meanwhile: nothing to say
-            reason = "symlink" if path.is_symlink() else "not_a_regular_file"
-        self.skipped.add(path)
-        self.log.warning(
-            "sfwatch.file_skipped", file=printable(path), reason=reason, watch=str(watch.path)
-        )
 
     # -- claim and dispatch --------------------------------------------------------
 
@@ -438,41 +315,7 @@ class Daemon:
         # Split parts are regenerated (identically) when needed: drop stale ones.
         shutil.rmtree(watch.work_dir / "tmp" / self.instance, ignore_errors=True)
         for job in claimed_files(watch.work_dir, self.instance, watch.path):
-            self._resume(job)
-
-    def _resume(self, job: Job) -> None:
-        now = time.monotonic()
-        job = job.evolve(claimed_at=now, window_start=now)
-        row = self.ledger.job(job.job_id)
-        if row is None:
-            row = self.ledger.claimed(job, self.instance)
-        elif row.running:
-            crashes = self.ledger.crashed(job.job_id)
-            if crashes >= POISON_AFTER:
-                self.log.error(
-                    "sfwatch.job_poisoned", job_id=job.job_id, file=str(job.source), crashes=crashes
-                )
-                job = job.evolve(attempts=row.attempts, trace_ids=row.trace_ids, sha256=row.sha256)
-                self.scheduler.fail(
-                    job,
-                    RuntimeError(f"the daemon stopped {crashes} times while working on this file"),
-                    reason="poison",
-                )
-                return
-        job = job.evolve(
-            attempts=row.attempts,
-            trace_ids=row.trace_ids,
-            text=row.text,
-            sha256=row.sha256 if row.text is not None else None,
-        )
-        self.log.info(
-            "sfwatch.job_resumed",
-            job_id=job.job_id,
-            file=str(job.source),
-            attempts=job.attempts,
-            transcript_known=job.text is not None,
-        )
-        self.scheduler.wait(job, 0.0)
+            self.scheduler.resume(job, self.instance)
 
     # -- outcomes and the account probe --------------------------------------------
 
@@ -536,30 +379,13 @@ class Daemon:
         ]
         if needs_restart:
             self.log.warning("sfwatch.reload_partial", needs_restart=needs_restart)
-        old, fresh = self.watches, {w.path: w for w in new.watch}
-        for path in old.keys() - fresh.keys():
-            self.watchers.pop(path).stop()
-            self.broken_watches.pop(path, None)
-            self.log.info("sfwatch.watch_stopped", path=str(path))
+        fresh = {w.path: w for w in new.watch}
         # Jobs already claimed from a removed folder finish with its old settings.
         self.worker.watches.update(fresh)
-        self.watches = fresh  # one assignment: the scanner thread reads this dict
+        for watch in self.intake.replace(fresh):
+            self._recover(watch)
         self.leases.work_dirs = [w.work_dir for w in fresh.values()]
-        for path, watch in fresh.items():
-            if path in old and watch == old[path]:
-                continue
-            if path in self.watchers:
-                self.watchers.pop(path).stop()
-            try:
-                self._start_watcher(watch)
-            except OSError as exc:
-                self.broken_watches[path] = time.monotonic() + WATCH_RETRY
-                self.log.error("sfwatch.watch_restart_failed", path=str(path), error=str(exc))
-                continue
-            if path not in old:
-                self._recover(watch)
         self.config = replace(self.config, watch=new.watch)
-        self.notes.rescan_requested.set()
         self.log.info("sfwatch.reload_finished", watches=[str(p) for p in fresh])
         self.notifier.ready(self.status_line())
 
@@ -586,10 +412,7 @@ class Daemon:
         signal.signal(signal.SIGHUP, self._on_hup)
 
     def _shutdown(self) -> None:
-        self.stop_scanner.set()
-        self.notes.rescan_requested.set()
-        for watcher in self.watchers.values():
-            watcher.stop()
+        self.intake.stop()
         for job in self.in_flight.values():
             # We are leaving them, not crashing on them: no poison count.
             self.ledger.set_running(job.job_id, running=False)

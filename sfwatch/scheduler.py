@@ -39,6 +39,8 @@ from sfwatch.worker import Outcome, Worker, error_fields
 
 #: the longest a job waits between tries of a failing local step (a full disk)
 FINISH_RETRY_CAP = 300.0
+#: restarts that found a job mid-attempt before it is failed as "poison"
+POISON_AFTER = 3
 
 
 class Scheduler:
@@ -71,6 +73,45 @@ class Scheduler:
         if self.waiting and self.waiting[0][0] <= time.monotonic():
             return heapq.heappop(self.waiting)[2]
         return None
+
+    def resume(self, job: Job, instance: str) -> None:
+        """Take back a claim found in the work area (after a restart, or adopted).
+
+        A job that was mid-attempt at each of ``POISON_AFTER`` restarts is what
+        crashed (or hung) the daemon: it is failed as ``poison`` instead of tried again.
+        """
+        now = time.monotonic()
+        job = job.evolve(claimed_at=now, window_start=now)
+        row = self.ledger.job(job.job_id)
+        if row is None:
+            row = self.ledger.claimed(job, instance)
+        elif row.running:
+            crashes = self.ledger.crashed(job.job_id)
+            if crashes >= POISON_AFTER:
+                self.log.error(
+                    "sfwatch.job_poisoned", job_id=job.job_id, file=str(job.source), crashes=crashes
+                )
+                job = job.evolve(attempts=row.attempts, trace_ids=row.trace_ids, sha256=row.sha256)
+                self.fail(
+                    job,
+                    RuntimeError(f"the daemon stopped {crashes} times while working on this file"),
+                    reason="poison",
+                )
+                return
+        job = job.evolve(
+            attempts=row.attempts,
+            trace_ids=row.trace_ids,
+            text=row.text,
+            sha256=row.sha256 if row.text is not None else None,
+        )
+        self.log.info(
+            "sfwatch.job_resumed",
+            job_id=job.job_id,
+            file=str(job.source),
+            attempts=job.attempts,
+            transcript_known=job.text is not None,
+        )
+        self.wait(job, 0.0)
 
     # -- outcomes ------------------------------------------------------------------
 

@@ -29,11 +29,12 @@ import pytest
 
 from sfwatch.claim import claim
 from sfwatch.config import load_config
-from sfwatch.daemon import POISON_AFTER, instance_name
+from sfwatch.daemon import instance_name
 from sfwatch.finish import transcript_bytes
 from sfwatch.fsutil import temp_name
 from sfwatch.ledger import Ledger
 from sfwatch.prepare import identify
+from sfwatch.scheduler import POISON_AFTER
 from sfwatch.settle import SettledFile, signature_of
 from tests.conftest import (
     DaemonProcess,

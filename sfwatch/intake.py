@@ -1,0 +1,215 @@
+"""Intake: the watch and settle stages, wired together for the daemon.
+
+Observers and the scanner only *note* paths; ``take_notes`` (on the daemon's
+main thread) decides what each noted path is — a folder moved in, a file worth
+settling, or something to skip and say why, once — and ``settled`` hands over
+the files that stopped changing. Observers that die are restarted; one that
+cannot be restarted makes the daemon unhealthy, so systemd's watchdog acts.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from sfwatch.config import WatchConfig
+from sfwatch.logs import get_logger
+from sfwatch.settle import SettledFile, Settler
+from sfwatch.watch import (
+    PathNotes,
+    Watcher,
+    printable,
+    scan,
+    under_link,
+    utf8_name,
+    walk_dir,
+    wants,
+    wants_dir,
+)
+
+#: how long to wait before trying again to restart an observer that failed to start
+WATCH_RETRY = 30.0
+
+
+class Intake:
+    """Observers, the scanner and the settler for every watched folder."""
+
+    def __init__(self, watches: dict[Path, WatchConfig]) -> None:
+        #: the folders watched now (replaced whole on reload: the scanner reads it)
+        self.watches = watches
+        self.log = get_logger()
+        self.notes = PathNotes()
+        self.settler = Settler()
+        self.watchers: dict[Path, Watcher] = {}
+        self.broken: dict[Path, float] = {}  # observer down: when to try again
+        self.skipped: set[Path] = set()
+        self.scan_done = threading.Event()
+        self.stop_scanner = threading.Event()
+        self.scanner: threading.Thread | None = None
+
+    # -- observers and the scanner -------------------------------------------------
+
+    def start(self) -> None:
+        """Start an observer per folder, then the scanner (start-up scan, rescans)."""
+        for watch in self.watches.values():
+            self.start_watcher(watch)
+        self.scanner = threading.Thread(target=self._scan_loop, name="sfwatch-scan", daemon=True)
+        self.scanner.start()
+
+    def start_watcher(self, watch: WatchConfig) -> None:
+        """Start (or restart) the observer of one folder."""
+        watcher = Watcher(watch, self.notes)
+        watcher.start()
+        self.watchers[watch.path] = watcher
+        self.log.info(
+            "sfwatch.watch_started",
+            path=str(watch.path),
+            polling=watcher.polling,
+            recursive=watch.recursive,
+        )
+
+    def check_watchers(self) -> None:
+        """Restart observers that died (a deleted folder ends inotify's reader)."""
+        now = time.monotonic()
+        for path, watcher in list(self.watchers.items()):
+            if watcher.alive() or now < self.broken.get(path, 0.0):
+                continue
+            if path not in self.broken:
+                self.log.error("sfwatch.watch_died", path=str(path))
+            watcher.stop()
+            try:
+                self.start_watcher(self.watches[path])
+            except OSError as exc:
+                # Unhealthy until it works again: systemd's watchdog will restart us.
+                self.broken[path] = now + WATCH_RETRY
+                self.log.error("sfwatch.watch_restart_failed", path=str(path), error=str(exc))
+                continue
+            self.broken.pop(path, None)
+            self.notes.rescan_requested.set()
+
+    def healthy(self) -> bool:
+        """Every observer and the scanner running."""
+        if self.broken or not all(w.alive() for w in self.watchers.values()):
+            return False
+        return self.scanner is None or self.scanner.is_alive()
+
+    def replace(self, fresh: dict[Path, WatchConfig]) -> list[WatchConfig]:
+        """A reload: stop removed folders' observers, (re)start new and changed ones.
+
+        Returns the folders that are new (their left-over claims need recovering).
+        """
+        old = self.watches
+        for path in old.keys() - fresh.keys():
+            self.watchers.pop(path).stop()
+            self.broken.pop(path, None)
+            self.log.info("sfwatch.watch_stopped", path=str(path))
+        self.watches = fresh  # one assignment: the scanner thread reads this dict
+        added: list[WatchConfig] = []
+        for path, watch in fresh.items():
+            if path in old and watch == old[path]:
+                continue
+            if path in self.watchers:
+                self.watchers.pop(path).stop()
+            try:
+                self.start_watcher(watch)
+            except OSError as exc:
+                self.broken[path] = time.monotonic() + WATCH_RETRY
+                self.log.error("sfwatch.watch_restart_failed", path=str(path), error=str(exc))
+                continue
+            if path not in old:
+                added.append(watch)
+        self.notes.rescan_requested.set()
+        return added
+
+    def stop(self) -> None:
+        """Stop the scanner and every observer."""
+        self.stop_scanner.set()
+        self.notes.rescan_requested.set()
+        for watcher in self.watchers.values():
+            watcher.stop()
+
+    def _scan_loop(self) -> None:
+        self._scan_all()
+        self.scan_done.set()
+        self.notes.wakeup.set()
+        while not self.stop_scanner.is_set():
+            interval = min((w.rescan_seconds for w in self.watches.values()), default=60.0)
+            self.notes.rescan_requested.wait(interval)
+            if self.stop_scanner.is_set():
+                return
+            self.notes.rescan_requested.clear()
+            self._scan_all()
+
+    def _scan_all(self) -> None:
+        for watch in list(self.watches.values()):
+            started = time.monotonic()
+            found = scan(watch, self.notes.note, self.stop_scanner)
+            self.log.debug(
+                "sfwatch.scan_finished",
+                path=str(watch.path),
+                files=found,
+                seconds=round(time.monotonic() - started, 3),
+            )
+
+    # -- noted paths → settle --------------------------------------------------------
+
+    def idle(self) -> bool:
+        """The start-up scan is done and nothing is noted or settling."""
+        return self.scan_done.is_set() and len(self.notes) == 0 and len(self.settler) == 0
+
+    def take_notes(self, queued: set[Path]) -> None:
+        """Look at every noted path (``queued``: settled files waiting for a claim)."""
+        for raw in self.notes.drain():
+            path = Path(raw)
+            watch = self._watch_for(path)
+            if watch is None or path in queued:
+                continue
+            try:
+                self._take_note(path, watch)
+            except OSError as exc:  # e.g. in a folder we may not enter: stat() says EACCES
+                if wants(path, watch):
+                    reason = "no_access" if isinstance(exc, PermissionError) else "os_error"
+                    self._skip(path, watch, reason)
+
+    def settled(self, settle_seconds: Callable[[Path], float]) -> list[SettledFile]:
+        """Files that stayed unchanged for their folder's ``settle_seconds``."""
+        return self.settler.due(settle_seconds)
+
+    def _watch_for(self, path: Path) -> WatchConfig | None:
+        for root, watch in self.watches.items():
+            if root in path.parents:
+                return watch
+        return None
+
+    def _take_note(self, path: Path, watch: WatchConfig) -> None:
+        if under_link(path, watch.path):
+            return  # a path through a symlinked folder: links are not followed
+        if path.is_dir() and not path.is_symlink():
+            if not os.access(path, os.R_OK | os.X_OK):
+                self._skip(path, watch, "no_access")
+            elif wants_dir(path, watch):  # a folder moved in: its files have no events
+                for inner in walk_dir(path, watch):
+                    self.notes.note(inner)
+            return
+        if not wants(path, watch):
+            return
+        if not utf8_name(path, watch.path):  # the ledger, logs and uploads need UTF-8
+            self._skip(path, watch, "name_not_utf8")
+        elif not self.settler.note(path, watch.path, watch.settle_seconds):
+            self._skip(path, watch)
+
+    def _skip(self, path: Path, watch: WatchConfig, reason: str | None = None) -> None:
+        """Log once why a path is not taken (a symlink, a FIFO, a non-UTF-8 name, no access)."""
+        if path in self.skipped:
+            return
+        if reason is None:
+            if not os.path.lexists(path):
+                return  # gone meanwhile: nothing to say
+            reason = "symlink" if path.is_symlink() else "not_a_regular_file"
+        self.skipped.add(path)
+        self.log.warning(
+            "sfwatch.file_skipped", file=printable(path), reason=reason, watch=str(watch.path)
+        )
