@@ -11,9 +11,10 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from sfwatch import __version__
 from sfwatch.admin import format_status, retry, status_report
@@ -28,10 +29,13 @@ from sfwatch.config import (
     load_api_key,
     load_config,
 )
-from sfwatch.errors import AccountError, ConfigError, RateLimited, SfwatchError, TransientError
+from sfwatch.errors import ConfigError, RateLimited, SfwatchError, TransientError
 from sfwatch.finish import transcript_bytes
 from sfwatch.fsutil import free_stems, write_new_file
+from sfwatch.job import Job, new_job_id
 from sfwatch.logs import configure
+from sfwatch.prepare import prepare
+from sfwatch.settle import signature_of
 from sfwatch.transcribe import Transcriber
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
@@ -172,7 +176,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
             if tty:
                 print(f"[{number}/{len(args.audio)}] {audio} …", file=sys.stderr, flush=True)
             try:
-                out = _transcribe_one(client, audio, config.api)
+                out = _transcribe_one(client, audio, config)
             except (SfwatchError, OSError) as exc:
                 failed += 1
                 print(f"sfwatch: {audio}: {_scrub(str(exc), key)}", file=sys.stderr)
@@ -181,28 +185,37 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def _transcribe_one(client: Transcriber, audio: Path, api: ApiConfig) -> Path:
-    if not audio.is_file():
-        raise SfwatchError("not a file")
+def _transcribe_one(client: Transcriber, audio: Path, config: Config) -> Path:
+    """Probe, fit (transcode/split) and upload one file; write its sibling transcript."""
+    signature = signature_of(audio)
+    if signature is None:
+        raise SfwatchError("not a regular file")
+    job = Job(new_job_id(), audio.parent, PurePosixPath(audio.name), audio, signature)
+    with tempfile.TemporaryDirectory(prefix="sfwatch-") as scratch:
+        prepared = prepare(job, config, "oneshot", Path(scratch))
+        texts = [
+            _upload(client, part.path, part.upload_name, config.api) for part in prepared.parts
+        ]
+    for candidate in free_stems(audio.stem, [(audio.parent, ".txt")]):
+        target = audio.parent / f"{candidate}.txt"
+        try:
+            write_new_file(target, transcript_bytes("\n".join(t.strip() for t in texts)))
+        except FileExistsError:
+            continue
+        return target
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _upload(client: Transcriber, path: Path, name: str, api: ApiConfig) -> str:
+    """One part, retried on the service's transient faults up to ``api.max_attempts``."""
     for attempt in range(1, api.max_attempts + 1):
         try:
-            result = client.transcribe(audio, audio.name, api.model)
-            break
-        except AccountError:
-            raise
+            return client.transcribe(path, name, api.model).text
         except TransientError as exc:
             if attempt == api.max_attempts:
                 raise
             wait = exc.retry_after if isinstance(exc, RateLimited) and exc.retry_after else 0.0
             time.sleep(max(wait, full_jitter(attempt, cap=30.0)))
-    stem = audio.stem
-    for candidate in free_stems(stem, [(audio.parent, ".txt")]):
-        target = audio.parent / f"{candidate}.txt"
-        try:
-            write_new_file(target, transcript_bytes(result.text))
-        except FileExistsError:
-            continue
-        return target
     raise AssertionError("unreachable")  # pragma: no cover
 
 

@@ -70,8 +70,8 @@ def clean_scratch(job: Job, instance: str) -> None:
     shutil.rmtree(scratch_dir(job, instance), ignore_errors=True)
 
 
-def prepare(job: Job, config: Config, instance: str) -> Prepared:
-    """The parts to upload for ``job``, in order."""
+def prepare(job: Job, config: Config, instance: str, scratch: Path | None = None) -> Prepared:
+    """The parts to upload for ``job``, in order (parts are written to ``scratch``)."""
     size = job.signature.size
     if size == 0:
         raise PrepareError("empty", "the file is empty (0 bytes)")
@@ -90,7 +90,7 @@ def prepare(job: Job, config: Config, instance: str) -> Prepared:
             api.max_upload_bytes * 8 / audio.TARGET_BITRATE * SIZE_MARGIN,
         ),
     )
-    scratch = scratch_dir(job, instance)
+    scratch = scratch or scratch_dir(job, instance)
     scratch.mkdir(parents=True, exist_ok=True)
     stem = Path(job.name).stem[:150] or "audio"
     duration = info.duration

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
 from pathlib import Path
 
 import pytest
 
-from tests.audiogen import wav_bytes
+from tests.audiogen import wav_bytes, write_audio
 from tests.conftest import (
     API_KEY,
     daemon_process,
@@ -118,6 +119,23 @@ def test_transcribe_one_shot(tmp_path: Path, fake_api: FakeAPI) -> None:
     assert not (tmp_path / "bad.txt").exists()
     only_good = run_cli("transcribe", "-c", str(config), str(good))
     assert only_good.returncode == 0
+
+
+def test_transcribe_fits_files_like_the_daemon(tmp_path: Path, fake_api: FakeAPI) -> None:
+    """transcribe probes and transcodes too: AMR goes up as MP3, random bytes fail unsent."""
+    fake_api.keep_bodies = True
+    config = write_config(tmp_path, fake_api.url)
+    amr = write_audio(tmp_path / "phone.amr", 2)
+    noise = tmp_path / "noise.mp3"
+    noise.write_bytes(os.urandom(3000))
+    result = run_cli("transcribe", "-c", str(config), str(amr), str(noise))
+    assert result.returncode == 1
+    assert "not decodable" in result.stderr
+    (upload,) = fake_api.uploads
+    assert upload.filename == "phone.mp3"
+    assert (tmp_path / "phone.txt").read_text() == FakeAPI.text_for(upload.sha256) + "\n"
+    assert amr.exists()
+    assert not (tmp_path / "noise.txt").exists()
 
 
 def test_run_processes_files_and_stops_on_sigterm(tmp_path: Path, fake_api: FakeAPI) -> None:
