@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -48,6 +50,19 @@ def fake_api() -> Iterator[FakeAPI]:
     """A started fake of the API on 127.0.0.1."""
     with FakeAPI(api_key=API_KEY) as api:
         yield api
+
+
+@pytest.fixture
+def shm_dir(tmp_path: Path) -> Iterator[Path]:
+    """A fresh folder on /dev/shm, a file system other than tmp_path's."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("/dev/shm is not a separate file system here")
+    folder = Path(tempfile.mkdtemp(prefix="sfwatch-test-", dir=shm))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def write_config(

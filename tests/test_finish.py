@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -29,19 +26,6 @@ def watch(tmp_path: Path) -> WatchConfig:
     folder = tmp_path / "inbox"
     folder.mkdir()
     return WatchConfig(path=folder)
-
-
-@pytest.fixture
-def shm_dir(tmp_path: Path) -> Iterator[Path]:
-    """A fresh folder on /dev/shm, a file system other than tmp_path's."""
-    shm = Path("/dev/shm")
-    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
-        pytest.skip("/dev/shm is not a separate file system here")
-    folder = Path(tempfile.mkdtemp(prefix="sfwatch-test-", dir=shm))
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def claimed(watch: WatchConfig, rel: str, data: bytes = AUDIO) -> Job:

@@ -6,7 +6,6 @@ import errno
 import os
 import shutil
 import subprocess
-import tempfile
 import threading
 from collections.abc import Iterator
 from itertools import islice
@@ -29,19 +28,6 @@ LONG_UNICODE = "語" * 80
 def temp_files(folder: Path) -> list[str]:
     """Our temporary files anywhere below ``folder``."""
     return sorted(p.name for p in folder.rglob("*.sfwatch-tmp"))
-
-
-@pytest.fixture
-def shm_dir(tmp_path: Path) -> Iterator[Path]:
-    """A fresh folder on /dev/shm, a file system other than tmp_path's."""
-    shm = Path("/dev/shm")
-    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
-        pytest.skip("/dev/shm is not a separate file system here")
-    folder = Path(tempfile.mkdtemp(prefix="sfwatch-test-", dir=shm))
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
