@@ -35,13 +35,17 @@ def claim(settled: SettledFile, work_dir: Path, instance: str) -> Job | None:
     job_dir = instance_dir(work_dir, instance) / job_id
     dest = job_dir / rel
     dest.parent.mkdir(parents=True, exist_ok=True)
+    job = Job(job_id=job_id, root=settled.root, rel=rel, path=dest, signature=settled.signature)
     try:
         settled.path.rename(dest)
-    except FileNotFoundError:
-        shutil.rmtree(job_dir, ignore_errors=True)  # another daemon was faster
-        return None
     except OSError as exc:
-        shutil.rmtree(job_dir, ignore_errors=True)
+        if os.path.lexists(dest):
+            # The rename happened after all (an NFS reply lost and retried): it is ours.
+            return job
+        # Only our own empty folders go; never a file (rmtree here could delete one).
+        remove_empty_dirs(dest.parent, instance_dir(work_dir, instance))
+        if isinstance(exc, FileNotFoundError):
+            return None  # another daemon was faster
         if exc.errno == errno.EXDEV:
             raise OSError(
                 exc.errno, "work area is on another file system than the file", str(settled.path)
@@ -49,7 +53,7 @@ def claim(settled: SettledFile, work_dir: Path, instance: str) -> Job | None:
         raise
     fsync_dir(dest.parent)
     fsync_dir(settled.path.parent)
-    return Job(job_id=job_id, root=settled.root, rel=rel, path=dest, signature=settled.signature)
+    return job
 
 
 def claimed_files(work_dir: Path, instance: str, root: Path) -> Iterator[Job]:

@@ -37,7 +37,7 @@ from typing import Any
 from sfwatch import __version__
 from sfwatch.claim import claim, claimed_files, instance_dir, release
 from sfwatch.config import Config, Secret, WatchConfig, load_config
-from sfwatch.errors import AccountError, ConfigError, TransientError
+from sfwatch.errors import ConfigError, SfwatchError, TranscribeError
 from sfwatch.intake import Intake
 from sfwatch.job import Job
 from sfwatch.ledger import Ledger
@@ -121,6 +121,7 @@ class Daemon:
         self.notifier = Notifier()
         self.started_at: dict[Future[Outcome], float] = {}
         self.reload_requested = False
+        self.signals: list[str] = []  # received, not yet logged
 
     @property
     def watches(self) -> dict[Path, WatchConfig]:
@@ -147,7 +148,11 @@ class Daemon:
         self.notifier.ready(self.status_line())
         stop_deadline: float | None = None
         while True:
-            self.tick()
+            try:
+                self.tick()
+            except Exception:  # a bug, or the state_dir's disk full: log, pause, go on
+                self.log.exception("sfwatch.loop_error")
+                self.notes.wakeup.wait(1.0)
             if self.stop_level == 1 and stop_deadline is None:
                 self.notifier.stopping()
                 stop_deadline = time.monotonic() + self.grace_seconds
@@ -176,6 +181,8 @@ class Daemon:
     def tick(self) -> None:
         """One turn of the work loop."""
         self.last_tick = time.monotonic()
+        while self.signals:
+            self.log.info("sfwatch.signal_received", signal=self.signals.pop(0))
         if self.reload_requested:
             self.reload_requested = False
             self.reload()
@@ -207,9 +214,13 @@ class Daemon:
 
     def _sleep_time(self) -> float:
         now = time.monotonic()
-        candidates = (self.settler.next_due(), self.scheduler.next_due(), self.pacer.wake_at())
-        wakes = [now + TICK, *(due for due in candidates if due is not None)]
-        return max(0.0, min(wakes) - now)
+        candidates = [self.settler.next_due(), self.pacer.wake_at()]
+        # A retry that is due only matters when it could start: otherwise the loop
+        # would spin (a paused account, every slot busy, a warm stop).
+        if self.stop_level == 0 and self.pacer.allowed(len(self.in_flight)):
+            candidates.append(self.scheduler.next_due())
+        wakes = [now + TICK, *(due for due in candidates if due is not None and due > now)]
+        return min(wakes) - now
 
     def status(self) -> dict[str, Any]:
         """What the daemon is doing now (for `sfwatch status` and systemd's STATUS=)."""
@@ -263,7 +274,7 @@ class Daemon:
             job = self._next_job()
             if job is None:
                 return
-            if job.text is None:
+            if job.text is None and job.verdict is None:
                 self.pacer.started()
             future = self.pool.submit(self.worker.process, job)
             self.in_flight[future] = job
@@ -310,12 +321,16 @@ class Daemon:
             return job
         return None
 
-    def _recover(self, watch: WatchConfig) -> None:
+    def _recover(self, watch: WatchConfig, *, at_start: bool = True) -> None:
         """Resume the claims an earlier run of this instance left in the work area."""
-        # Split parts are regenerated (identically) when needed: drop stale ones.
-        shutil.rmtree(watch.work_dir / "tmp" / self.instance, ignore_errors=True)
+        if at_start:  # split parts are regenerated (identically) when needed
+            shutil.rmtree(watch.work_dir / "tmp" / self.instance, ignore_errors=True)
+        # A folder removed and re-added by reloads may hold jobs we are still working on.
+        live = {j.job_id for j in self.in_flight.values()}
+        live.update(j.job_id for _, _, j in self.scheduler.waiting)
         for job in claimed_files(watch.work_dir, self.instance, watch.path):
-            self.scheduler.resume(job, self.instance)
+            if job.job_id not in live:
+                self.scheduler.resume(job, self.instance)
 
     # -- outcomes and the account probe --------------------------------------------
 
@@ -325,11 +340,11 @@ class Daemon:
             self.started_at.pop(future, None)
             try:
                 outcome = future.result()
-            except Exception:  # a bug: keep the file claimed, try again later
+            except Exception as exc:  # a bug: keep the file claimed, try again later
                 self.log.exception(
                     "sfwatch.worker_crashed", job_id=job.job_id, file=str(job.source)
                 )
-                self.scheduler.local_failure(job.evolve(last_reason="crash"), None)
+                self.scheduler.local_failure(job.evolve(last_reason="crash"), exc)
                 continue
             if outcome.kind in ("done", "dedup", "failed"):
                 release(outcome.job, self.worker.watches[job.root].work_dir, self.instance)
@@ -339,12 +354,20 @@ class Daemon:
         if self.probe is not None and self.probe.done():
             try:
                 self.probe.result()
-            except (AccountError, TransientError) as exc:
-                wait = self.pacer.account_failed(self.pacer.account_fault or exc.reason)
+            except SfwatchError as exc:
+                if isinstance(exc, TranscribeError) and exc.http_status in (404, 405):
+                    # No /user/info here (OpenAI, Groq, speaches, whisper.cpp): let one
+                    # upload through as the probe instead; it pauses us again if need be.
+                    self.pacer.account_ok()
+                    self.log.info("sfwatch.uploads_resumed", probe="upload")
+                    self.probe = None
+                    return
+                reason = exc.reason if isinstance(exc, TranscribeError) else "probe_failed"
+                wait = self.pacer.account_failed(self.pacer.account_fault or reason)
                 self.log.info(
                     "sfwatch.account_probe_failed",
-                    reason=exc.reason,
-                    http_status=exc.http_status,
+                    reason=reason,
+                    http_status=getattr(exc, "http_status", None),
                     retry_in=round(wait, 1),
                 )
             else:
@@ -383,7 +406,7 @@ class Daemon:
         # Jobs already claimed from a removed folder finish with its old settings.
         self.worker.watches.update(fresh)
         for watch in self.intake.replace(fresh):
-            self._recover(watch)
+            self._recover(watch, at_start=False)
         self.leases.work_dirs = [w.work_dir for w in fresh.values()]
         self.config = replace(self.config, watch=new.watch)
         self.log.info("sfwatch.reload_finished", watches=[str(p) for p in fresh])
@@ -397,7 +420,9 @@ class Daemon:
         self.notes.wakeup.set()
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        self.log.info("sfwatch.signal_received", signal=signal.Signals(signum).name)
+        # No logging here: the handler may interrupt a log write that holds the
+        # writer's lock. The loop logs the signal on its next turn.
+        self.signals.append(signal.Signals(signum).name)
         self.request_stop()
 
     def _on_hup(self, _signum: int, _frame: FrameType | None) -> None:

@@ -27,11 +27,23 @@ NAME_MAX = 255
 _NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
 
 
+#: errno values meaning "this file system cannot fsync a directory" (some FUSE, SMB)
+_NO_DIR_FSYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF, errno.EACCES}
+
+
 def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (a rename, a new name) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    """Make a directory's entries (a rename, a new name) durable, where the file system can."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        if exc.errno in _NO_DIR_FSYNC:
+            return
+        raise
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in _NO_DIR_FSYNC:
+            raise
     finally:
         os.close(fd)
 
@@ -74,10 +86,17 @@ def _link_or_rename(src: Path, dst: Path) -> None:
     except OSError as exc:
         if exc.errno not in _NO_LINKS:
             raise
-        # No hard links here: a check then rename is the best this file system allows.
-        if dst.exists() or dst.is_symlink():
+        # No hard links here: reserve the name with an exclusive create (which fails if
+        # it is taken, atomically), then rename onto our own placeholder.
+        try:
+            os.close(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
             raise FileExistsError(errno.EEXIST, "file exists", str(dst)) from exc
-        src.rename(dst)
+        try:
+            src.rename(dst)
+        except OSError:
+            dst.unlink(missing_ok=True)
+            raise
 
 
 def move_no_replace(src: Path, dst: Path) -> None:

@@ -78,8 +78,12 @@ class LeaseKeeper:
             except OSError:
                 continue
             for other in others:
-                if self._expired(other, now):
+                if not self._expired(other, now):
+                    continue
+                try:
                     adopted.extend(self._adopt(work_dir, other))
+                except OSError as exc:  # a third daemon adopted and removed it first
+                    self.log.warning("sfwatch.adopt_failed", path=str(other), error=str(exc))
         return adopted
 
     def _expired(self, other: Path, now: float) -> bool:

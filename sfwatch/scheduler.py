@@ -41,6 +41,8 @@ from sfwatch.worker import Outcome, Worker, error_fields
 FINISH_RETRY_CAP = 300.0
 #: restarts that found a job mid-attempt before it is failed as "poison"
 POISON_AFTER = 3
+#: unexpected errors (our bugs) on one file before it is failed as "internal_error"
+CRASH_LIMIT = 5
 
 
 class Scheduler:
@@ -119,8 +121,8 @@ class Scheduler:
         """Decide what an attempt's outcome means for its job."""
         job = outcome.job
         if outcome.kind in ("done", "dedup", "failed"):
-            if outcome.kind == "done":
-                self.pacer.succeeded()
+            if outcome.kind == "done" and outcome.bytes_sent > 0:
+                self.pacer.succeeded()  # only a real upload says the service works
             self.finished(outcome, job.verdict.reason if job.verdict else None)
         elif outcome.kind == "changed":
             self.log.warning(
@@ -146,6 +148,10 @@ class Scheduler:
 
     def local_failure(self, job: Job, error: Exception | None) -> None:
         """A step on our side failed (disk full, done/ not writable): try again later."""
+        if job.last_reason == "crash" and job.failures + 1 >= CRASH_LIMIT and not job.verdict:
+            # The same file keeps hitting a bug of ours: set it aside, say so.
+            self.fail(job, RuntimeError(f"sfwatch failed on this file: {error}"), "internal_error")
+            return
         delay = full_jitter(job.failures + 1, base=2.0 * self.pacer.base, cap=FINISH_RETRY_CAP)
         self.log.error(
             "sfwatch.finish_failed",
@@ -217,13 +223,13 @@ class Scheduler:
         self.wait(job, delay)
 
     def fail(self, job: Job, exc: Exception, reason: str | None = None) -> None:
-        """Send the job's file to failed/ (runs the move on this thread: a rename or two)."""
-        outcome = self.worker.fail(job, exc, self.worker.watches[job.root], reason)
-        if outcome.kind == "finish_error":
-            # Keep the verdict: the next try moves the file, it does not upload it again.
-            self.local_failure(job.evolve(verdict=Verdict(exc, reason)), outcome.error)
-            return
-        self.finished(outcome, reason)
+        """Send the job's file to failed/.
+
+        An upload thread makes the move (across file systems it is a copy, too slow
+        for this loop); the verdict travels with the job, so a move that fails is
+        tried again without uploading the file again.
+        """
+        self.wait(job.evolve(verdict=Verdict(exc, reason)), 0.0)
 
     def finished(self, outcome: Outcome, reason: str | None = None) -> None:
         """Count the job and write its one canonical log line."""

@@ -81,7 +81,9 @@ class Worker:
         try:
             outcome = self._process(job, self.watches[job.root])
         except FileNotFoundError as exc:
-            outcome = Outcome("vanished", job, exc)
+            # Gone from the work area: vanished. Anything else missing is our problem.
+            kind: OutcomeKind = "finish_error" if job.path.exists() else "vanished"
+            outcome = Outcome(kind, job, exc)
         finally:
             self.ledger.set_running(job.job_id, running=False)
         if outcome.kind in ("done", "dedup", "failed", "vanished"):

@@ -165,13 +165,13 @@ def test_requests_per_minute_caps_starts(tmp_path: Path, fake_api: FakeAPI) -> N
         for i in range(8):
             (daemon.inbox / f"q{i}.wav").write_bytes(wav_bytes(400 + i))
         wait_until(lambda: len(fake_api.uploads) >= 5, 10, "five uploads")
-        wait_until(
-            lambda: daemon.daemon.status()["queued"] + daemon.daemon.status()["settling"] == 3,
-            10,
-            "three left waiting",
-        )
+
+        def three_waiting() -> bool:
+            status = daemon.daemon.status()
+            return status["queued"] + status["settling"] == 3 and status["in_flight"] == 0
+
+        wait_until(three_waiting, 10, "three left waiting, none in flight")
         assert len(fake_api.uploads) == 5
-        assert daemon.daemon.status()["in_flight"] == 0
 
 
 def test_status_and_retry_while_running(tmp_path: Path, fake_api: FakeAPI) -> None:
