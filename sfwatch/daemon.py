@@ -258,7 +258,8 @@ class Daemon:
             return False
         if self.stop_level == 0 and not self.intake.healthy():
             return False
-        limit = self.config.api.timeout_seconds + STUCK_MARGIN
+        # Sending and answering are each bounded by timeout_seconds (transcribe.py).
+        limit = 2 * self.config.api.timeout_seconds + STUCK_MARGIN
         return all(now - started < limit for started in self.started_at.values())
 
     def _publish(self) -> None:

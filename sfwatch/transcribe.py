@@ -8,7 +8,9 @@ exception is translated here, at the boundary, with ``raise … from exc``.
 The upload streams from an open file: httpx reads the file part in chunks and
 sends a Content-Length from ``fstat``, so memory does not grow with file size.
 httpx's default 5 s timeout would abort every real transcription (the service
-answers only when it is done), so reads wait ``timeout_seconds``.
+answers only when it is done), so reads wait ``timeout_seconds``; and since
+httpx's timeouts bound each read, not the request, sending the file and reading
+the answer are each held to ``timeout_seconds`` as a whole, too.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import mimetypes
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import httpx
 
@@ -36,6 +38,8 @@ from sfwatch.errors import (
 
 TRACE_HEADER = "x-siliconcloud-trace-id"
 CONNECT_TIMEOUT = 10.0
+#: the most of a response body we read (a day of transcript is well under this)
+MAX_RESPONSE = 16 * 1024 * 1024
 #: MIME types for the file part; the API wants a real audio type, not octet-stream
 AUDIO_TYPES = {
     ".mp3": "audio/mpeg",
@@ -133,6 +137,46 @@ def classify(status: int, headers: httpx.Headers, body: bytes) -> TranscribeErro
     return AccountError(what, reason="unexpected_status", **kwargs)
 
 
+class _DeadlineExceeded(Exception):
+    """The attempt's whole-request deadline passed (raised inside httpx's body loop)."""
+
+
+class _DeadlineFile:
+    """The upload's file, refusing to be read past the attempt's deadline.
+
+    httpx's timeouts bound each read and write, not the request: a link that
+    trickles bytes would keep one upload alive for ever. Reads of the file
+    happen as the body is sent, so checking here bounds the upload side.
+    """
+
+    def __init__(self, file: BinaryIO, deadline: float) -> None:
+        self._file = file
+        self._deadline = deadline
+
+    def read(self, size: int = -1) -> bytes:
+        """Read like the file does, unless the deadline has passed."""
+        if time.monotonic() > self._deadline:
+            raise _DeadlineExceeded
+        return self._file.read(size)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)  # fileno, seek, tell: httpx sizes the part with them
+
+
+def _read_body(response: httpx.Response, deadline: float) -> bytes:
+    """The response body, read within the deadline and at most MAX_RESPONSE bytes."""
+    chunks: list[bytes] = []
+    received = 0
+    for chunk in response.iter_bytes():
+        received += len(chunk)
+        if time.monotonic() > deadline:
+            raise _DeadlineExceeded
+        if received > MAX_RESPONSE:
+            break  # a transcript is text; anything this large is not one
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class Transcriber:
     """An HTTP client for the transcription endpoint, shared by all workers."""
 
@@ -140,6 +184,7 @@ class Transcriber:
         self, base_url: str, api_key: Secret, *, timeout_seconds: float = 600, concurrency: int = 4
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.timeout_seconds = timeout_seconds
         self._client = httpx.Client(
             base_url=self.base_url,
             headers={
@@ -166,14 +211,22 @@ class Transcriber:
     def transcribe(self, path: Path, upload_name: str, model: str) -> Transcript:
         """Upload ``path`` (as ``upload_name``) once; return its transcript or raise."""
         started = time.monotonic()
+        deadline = started + self.timeout_seconds
         try:
-            with path.open("rb") as audio:
+            with path.open("rb") as raw:
                 size = path.stat().st_size
-                response = self._client.post(
+                audio = cast("BinaryIO", _DeadlineFile(raw, deadline))
+                with self._client.stream(
+                    "POST",
                     "/audio/transcriptions",
                     data={"model": model},
                     files={"file": (upload_name, audio, audio_mime(upload_name))},
-                )
+                ) as response:
+                    body = _read_body(response, deadline)
+        except _DeadlineExceeded as exc:
+            raise TransientError(
+                f"no answer within timeout_seconds ({self.timeout_seconds:g} s)", reason="timeout"
+            ) from exc
         except httpx.TimeoutException as exc:
             raise TransientError(f"timed out: {type(exc).__name__}", reason="timeout") from exc
         except httpx.TransportError as exc:
@@ -186,14 +239,14 @@ class Transcriber:
             ) from exc
         trace_id = response.headers.get(TRACE_HEADER)
         if response.status_code != 200:
-            raise classify(response.status_code, response.headers, response.content)
-        text = _transcript_text(response.content)
+            raise classify(response.status_code, response.headers, body)
+        text = _transcript_text(body)
         if text is None:
             raise UnusableResponse(
                 "HTTP 200 without a usable text field",
                 http_status=200,
                 trace_id=trace_id,
-                api_message=api_message(response.content),
+                api_message=api_message(body),
             )
         return Transcript(
             text=text,

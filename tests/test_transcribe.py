@@ -6,6 +6,7 @@ import email.utils
 import hashlib
 import os
 import socket
+import threading
 import time
 import traceback
 import tracemalloc
@@ -572,3 +573,47 @@ def test_client_recovers_after_errors(
     assert [u.status for u in uploads] == [400, 0, 200]
     assert result.trace_id == uploads[2].trace_id
     assert len({u.trace_id for u in uploads}) == 3
+
+
+def test_a_trickling_answer_is_cut_at_the_whole_request_deadline(tmp_path: Path) -> None:
+    """A server sending one byte every 0.2 s never trips a per-read timeout; the deadline does."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(5)
+            received = b""
+            while b"--\r\n" not in received[-200:]:  # the end of the multipart body
+                received += conn.recv(65536)
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 1000\r\n\r\n{"
+            )
+            while not stop.wait(0.2):
+                try:
+                    conn.sendall(b" ")
+                except OSError:
+                    return
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    audio = tmp_path / "a.wav"
+    audio.write_bytes(b"RIFF" + b"\0" * 2000)
+    started = time.monotonic()
+    try:
+        with (
+            Transcriber(
+                f"http://127.0.0.1:{port}/v1", Secret(API_KEY), timeout_seconds=1.0
+            ) as client,
+            pytest.raises(TransientError) as raised,
+        ):
+            client.transcribe(audio, "a.wav", "m")
+    finally:
+        stop.set()
+        listener.close()
+        thread.join(5)
+    assert raised.value.reason == "timeout"
+    assert 0.9 <= time.monotonic() - started < 3.0
