@@ -19,6 +19,7 @@ is a cold stop (leave now; claimed files are resumed at the next start).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
@@ -69,6 +70,27 @@ def instance_name(state_dir: Path) -> str:
     return f"{host}-{digest}"
 
 
+def lock_state_dir(state_dir: Path) -> int:
+    """Hold ``state_dir/daemon.lock`` for this process; ConfigError if another holds it.
+
+    Two daemons on one state_dir would share an instance name and resume each
+    other's claims while both are working on them.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / "daemon.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise ConfigError(
+            "state_dir", f"{state_dir} is in use by another sfwatch daemon (pid {holder})"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
 class Daemon:
     """``sfwatch run``: the long-running work loop."""
 
@@ -87,6 +109,7 @@ class Daemon:
         self.grace_seconds = grace_seconds
         self.instance = instance_name(config.state_dir)
         self.log = get_logger()
+        self._lock_fd = lock_state_dir(config.state_dir)
         self.intake = Intake({w.path: w for w in config.watch})
         self.notes = self.intake.notes
         self.settler = self.intake.settler
@@ -448,6 +471,7 @@ class Daemon:
         if not self.abandoned:
             self.transcriber.close()
             self.ledger.close()
+        os.close(self._lock_fd)  # (a cold stop exits the process, which releases it too)
 
 
 __all__ = ["Daemon", "instance_dir", "instance_name"]

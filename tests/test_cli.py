@@ -195,3 +195,16 @@ def test_second_signal_is_a_cold_stop_and_work_resumes(tmp_path: Path, fake_api:
         hashlib.sha256(data).hexdigest()
     ) + "\n"
     assert not list((inbox / ".sfwatch" / "work").rglob("*.mp3"))
+
+
+def test_second_daemon_on_one_state_dir_is_refused(tmp_path: Path, fake_api: FakeAPI) -> None:
+    """Two daemons must not share a state_dir: the second exits 2, naming the key."""
+    config = write_config(tmp_path, fake_api.url)
+    with daemon_process(config) as first:
+        first.wait_event("sfwatch.daemon_started")
+        second = run_cli("run", "-c", str(config))
+        assert second.returncode == 2
+        assert "state_dir:" in second.stderr
+        assert "in use" in second.stderr
+        first.signal(signal.SIGTERM)
+        assert first.wait() == 0

@@ -168,7 +168,7 @@ def test_requests_per_minute_caps_starts(tmp_path: Path, fake_api: FakeAPI) -> N
 
         def three_waiting() -> bool:
             status = daemon.daemon.status()
-            return status["queued"] + status["settling"] == 3 and status["in_flight"] == 0
+            return bool(status["queued"] + status["settling"] == 3 and status["in_flight"] == 0)
 
         wait_until(three_waiting, 10, "three left waiting, none in flight")
         assert len(fake_api.uploads) == 5
