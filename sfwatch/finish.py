@@ -165,10 +165,17 @@ def finish_failed(job: Job, error: dict[str, Any], watch: WatchConfig) -> Placed
             break
     record = error_record(job, error)
     body = (json.dumps(record, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
-    error_file = target.with_name(f"{target.name}{ERROR_SUFFIX}")
+    error_file: Path | None = None
     try:
-        write_new_file(error_file, body)
-    except FileExistsError:  # created since we looked: keep it, put ours beside it
-        error_file = fdir / numbered(target.name, 0, f".{job.job_id}{ERROR_SUFFIX}")
-        write_new_file(error_file, body)
+        wanted = target.with_name(f"{target.name}{ERROR_SUFFIX}")
+        try:
+            write_new_file(wanted, body)
+        except FileExistsError:  # created since we looked: keep it, put ours beside it
+            wanted = fdir / numbered(target.name, 0, f".{job.job_id}{ERROR_SUFFIX}")
+            write_new_file(wanted, body)
+        error_file = wanted
+    except OSError:
+        # The original is safe in failed/ already (what matters most); the reason is
+        # still in the ledger and the log. Retrying would find the original gone.
+        error_file = None
     return Placed(original=target, error_file=error_file)
