@@ -18,7 +18,7 @@ from sfwatch.fsutil import free_stems, move_no_replace
 from sfwatch.ledger import JobRow, Ledger
 
 #: a daemon that has not published for this long is reported as not running
-STALE_AFTER = 15.0
+STALE_AFTER = 75.0  # the daemon rewrites an unchanged status every 30 s
 
 
 def _pid_alive(pid: int) -> bool:

@@ -57,6 +57,8 @@ DEFAULT_GRACE_SECONDS = 60.0
 TICK = 0.5
 #: how often `sfwatch status` and systemd's STATUS= see fresh numbers
 PUBLISH_EVERY = 2.0
+#: how often an unchanged status is written again (so `sfwatch status` knows we live)
+STATE_REFRESH = 30.0
 #: an upload running this much longer than api.timeout_seconds means a stuck worker
 STUCK_MARGIN = 60.0
 #: a loop that has not ticked for this long is frozen (it ticks every TICK seconds)
@@ -141,6 +143,8 @@ class Daemon:
         self.abandoned = False  # uploads were still running when run() returned
         self.last_tick = time.monotonic()
         self._published = 0.0
+        self._last_state: dict[str, Any] = {}
+        self._state_written = 0.0
         self.notifier = Notifier()
         self.started_at: dict[Future[Outcome], float] = {}
         self.reload_requested = False
@@ -286,9 +290,13 @@ class Daemon:
         return all(now - started < limit for started in self.started_at.values())
 
     def _publish(self) -> None:
-        self._published = time.monotonic()
+        now = self._published = time.monotonic()
         self.leases.beat()
-        self.ledger.publish_state(self.instance, os.getpid(), self.status())
+        status = self.status()
+        # The ledger write is fsynced: an idle daemon makes one a minute, not one per tick.
+        if status != self._last_state or now - self._state_written >= STATE_REFRESH:
+            self.ledger.publish_state(self.instance, os.getpid(), status)
+            self._last_state, self._state_written = status, now
         self.notifier.status(self.status_line())
 
     # -- claim and dispatch --------------------------------------------------------
