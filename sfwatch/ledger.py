@@ -124,8 +124,13 @@ class Ledger:
             self._db.close()
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, *, durable: bool = False) -> Iterator[sqlite3.Connection]:
+        """One transaction. ``durable``: fsynced before returning, so it survives power
+        loss; the others survive a crashed process (WAL), and what a power loss could
+        undo of them, recovery rebuilds from the file system.
+        """
         with self._lock:
+            self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -176,10 +181,6 @@ class Ledger:
             (count,) = db.execute("SELECT crashes FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         return int(count)
 
-    def identified(self, job_id: str, sha256: str) -> None:
-        """The content hash is known."""
-        self._update(job_id, sha256=sha256)
-
     def attempt_failed(self, job: Job, error: dict[str, Any], next_attempt: float) -> None:
         """An upload failed; the job waits until ``next_attempt`` (wall clock)."""
         self._update(
@@ -195,16 +196,23 @@ class Ledger:
         """The transcript is known: durable before anything is written for the user."""
         assert job.text is not None  # noqa: S101 - called only with a transcript
         now = time.time()
-        with self._tx() as db:
+        with self._tx(durable=True) as db:  # what we paid for must never be paid again
             if job.sha256:
                 db.execute(
                     "INSERT OR REPLACE INTO transcripts VALUES (?, ?, ?, ?, ?)",
                     (job.sha256, model, job.text, trace_id, now),
                 )
             db.execute(
-                "UPDATE jobs SET text = ?, attempts = ?, trace_ids = ?, updated = ?"
+                "UPDATE jobs SET text = ?, sha256 = ?, attempts = ?, trace_ids = ?, updated = ?"
                 " WHERE job_id = ?",
-                (job.text, job.attempts, json.dumps(list(job.trace_ids)), now, job.job_id),
+                (
+                    job.text,
+                    job.sha256,
+                    job.attempts,
+                    json.dumps(list(job.trace_ids)),
+                    now,
+                    job.job_id,
+                ),
             )
 
     def part_done(self, job_id: str, texts: list[str]) -> None:
@@ -220,8 +228,8 @@ class Ledger:
         return [str(t) for t in loaded]
 
     def planned_transcript(self, job_id: str, path: Path) -> None:
-        """finish chose this name for the transcript."""
-        self._update(job_id, transcript=str(path))
+        """finish chose this name for the transcript (durable: the file comes next)."""
+        self._update(job_id, durable=True, transcript=str(path))
 
     def finished(
         self,
@@ -256,10 +264,10 @@ class Ledger:
             last_error=json.dumps({"reason": "vanished", "message": why}),
         )
 
-    def _update(self, job_id: str, **fields: Any) -> None:
+    def _update(self, job_id: str, *, durable: bool = False, **fields: Any) -> None:
         fields["updated"] = time.time()
         names = ", ".join(f"{name} = ?" for name in fields)
-        with self._tx() as db:
+        with self._tx(durable=durable) as db:
             db.execute(
                 f"UPDATE jobs SET {names} WHERE job_id = ?",  # noqa: S608 - names are ours
                 (*fields.values(), job_id),

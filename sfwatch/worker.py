@@ -10,6 +10,7 @@ upload.
 
 from __future__ import annotations
 
+import contextlib
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,7 +85,10 @@ class Worker:
             # Gone from the work area: vanished. Anything else missing is our problem.
             kind: OutcomeKind = "finish_error" if job.path.exists() else "vanished"
             outcome = Outcome(kind, job, exc)
-        finally:
+        except BaseException:
+            self.ledger.set_running(job.job_id, running=False)
+            raise
+        if outcome.kind not in ("done", "dedup", "failed"):  # those cleared it already
             self.ledger.set_running(job.job_id, running=False)
         if outcome.kind in ("done", "dedup", "failed", "vanished"):
             clean_scratch(job, self.instance)  # the parts are not needed any more
@@ -92,11 +96,13 @@ class Worker:
 
     def _process(self, job: Job, watch: WatchConfig) -> Outcome:
         if job.verdict is not None:  # judged already: only the move to failed/ is left
+            if job.sha256 is None:
+                with contextlib.suppress(PrepareError):
+                    job = identify(job)  # for the error file
             return self.fail(job, job.verdict.error, watch, job.verdict.reason)
         try:
             if job.sha256 is None:
-                job = identify(job)
-                self.ledger.identified(job.job_id, job.sha256 or "")
+                job = identify(job)  # (the ledger learns the hash with the transcript)
         except PrepareError as exc:
             return self.fail(job, exc, watch)
         model = self.model_for(job)

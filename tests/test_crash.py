@@ -474,7 +474,6 @@ def test_restart_completes_an_interrupted_finish(
     ledger = Ledger.in_state_dir(config.state_dir)
     try:
         ledger.claimed(job, instance)
-        ledger.identified(job.job_id, sha(data))
         ledger.transcribed(job, config.api.model, "ti_before_the_crash")
         ledger.planned_transcript(job.job_id, transcript)
         ledger.set_running(job.job_id, running=True)
