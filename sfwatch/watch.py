@@ -30,9 +30,28 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
+from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
 from watchdog.observers.polling import PollingObserverVFS
 
 from sfwatch.config import WatchConfig
+
+# watchdog holds each unpaired IN_MOVED_FROM at the head of its event queue for
+# `delay` seconds, and every later event waits behind it. A claim renames the file
+# into a job folder inotify does not watch yet, so that event is never paired, and
+# each claim would delay the next arrival by 0.5 s (docs/benchmarks.md, b). sfwatch
+# notes both ends of a move itself and needs no pairing.
+InotifyMoveEventGrouper.delay = 0.05
+
+
+class _StopNoise(logging.Filter):
+    """Drops the error watchdog logs when an observer is stopped while reading."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "called when the thread is inactive" not in record.getMessage()
+
+
+# A clean stop must not leave an error line in the user's log.
+logging.getLogger("watchdog.observers.inotify").addFilter(_StopNoise())
 
 #: names that are never audio we should take: temp files, OS and NAS litter
 IGNORED_NAMES = (

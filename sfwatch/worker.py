@@ -95,11 +95,12 @@ class Worker:
         return outcome
 
     def _process(self, job: Job, watch: WatchConfig) -> Outcome:
-        if job.verdict is not None:  # judged already: only the move to failed/ is left
+        verdict = job.verdict
+        if verdict is not None:  # judged already: only the move to failed/ is left
             if job.sha256 is None:
                 with contextlib.suppress(PrepareError):
                     job = identify(job)  # for the error file
-            return self.fail(job, job.verdict.error, watch, job.verdict.reason)
+            return self.fail(job, verdict.error, watch, verdict.reason)
         try:
             if job.sha256 is None:
                 job = identify(job)  # (the ledger learns the hash with the transcript)
