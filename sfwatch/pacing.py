@@ -135,7 +135,7 @@ class Pacer:
         self._successes_since_cut = 0
         wait = (
             retry_after
-            if retry_after is not None and retry_after > 0
+            if retry_after is not None
             else (full_jitter(self._rate_limited_in_a_row, cap=60.0) + 1.0) * self.base
         )
         self._hold(wait, "rate limited (429)")
