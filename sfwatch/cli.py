@@ -148,13 +148,14 @@ def _scrub(text: str, key: Secret) -> str:
 def _oneshot_config(args: argparse.Namespace) -> Config:
     """The config for ``transcribe``: the config file if there is one, else defaults."""
     try:
-        return _load(args)
+        path = find_config_file(args.config)
     except ConfigError:
         if args.config or os.environ.get("SFWATCH_CONFIG"):
             raise
-    return Config(
-        api=ApiConfig(), state_dir=default_state_dir(os.environ), log=LogConfig(), watch=()
-    )
+        return Config(
+            api=ApiConfig(), state_dir=default_state_dir(os.environ), log=LogConfig(), watch=()
+        )
+    return load_config(path)  # a config that exists but is wrong is an error, not ignored
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:

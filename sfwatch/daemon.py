@@ -36,7 +36,7 @@ from types import FrameType
 from typing import Any
 
 from sfwatch import __version__
-from sfwatch.claim import claim, claimed_files, instance_dir, release
+from sfwatch.claim import claim, claimed_files, release
 from sfwatch.config import Config, Secret, WatchConfig, load_config
 from sfwatch.errors import ConfigError, SfwatchError, TranscribeError
 from sfwatch.intake import Intake
@@ -482,4 +482,4 @@ class Daemon:
         os.close(self._lock_fd)  # (a cold stop exits the process, which releases it too)
 
 
-__all__ = ["Daemon", "instance_dir", "instance_name"]
+__all__ = ["Daemon", "instance_name"]

@@ -208,3 +208,12 @@ def test_second_daemon_on_one_state_dir_is_refused(tmp_path: Path, fake_api: Fak
         assert "in use" in second.stderr
         first.signal(signal.SIGTERM)
         assert first.wait() == 0
+
+
+def test_transcribe_does_not_ignore_a_broken_config(tmp_path: Path) -> None:
+    """A ./sfwatch.yaml with a bad value is an error for transcribe too, not skipped."""
+    (tmp_path / "sfwatch.yaml").write_text("api:\n  concurrency: 0\nwatch:\n  - path: in\n")
+    (tmp_path / "a.wav").write_bytes(wav_bytes(800))
+    result = run_cli("transcribe", str(tmp_path / "a.wav"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "api.concurrency" in result.stderr
