@@ -36,7 +36,7 @@ from types import FrameType
 from typing import Any
 
 from sfwatch import __version__
-from sfwatch.claim import claim, claimed_files, release
+from sfwatch.claim import claim, claimed_files
 from sfwatch.config import Config, Secret, WatchConfig, load_config
 from sfwatch.errors import ConfigError, SfwatchError, TranscribeError
 from sfwatch.intake import Intake
@@ -45,8 +45,8 @@ from sfwatch.ledger import Ledger
 from sfwatch.logs import get_logger
 from sfwatch.notify import Notifier
 from sfwatch.pacing import Pacer
-from sfwatch.recovery import DEFAULT_LEASE_SECONDS, LeaseKeeper
-from sfwatch.scheduler import Scheduler
+from sfwatch.recovery import DEFAULT_LEASE_SECONDS, LeaseKeeper, job_from_row, retired_watch
+from sfwatch.scheduler import Scheduler, needs_upload, watch_dirs
 from sfwatch.settle import SettledFile, signature_of
 from sfwatch.transcribe import Transcriber
 from sfwatch.worker import Outcome, Worker
@@ -63,6 +63,8 @@ STATE_REFRESH = 30.0
 STUCK_MARGIN = 60.0
 #: a loop that has not ticked for this long is frozen (it ticks every TICK seconds)
 FROZEN_AFTER = 30.0
+#: threads for local work (moves to failed/, finishing paid transcripts)
+LOCAL_WORKERS = 2
 
 
 def instance_name(state_dir: Path) -> str:
@@ -126,17 +128,22 @@ class Daemon:
         self.pacer = Pacer(
             config.api.concurrency, config.api.requests_per_minute, backoff_base=backoff_base
         )
-        self.worker = Worker(config, self.transcriber, self.ledger, self.instance)
-        self.scheduler = Scheduler(config, self.pacer, self.ledger, self.worker)
         self.leases = LeaseKeeper(
             self.instance,
             [w.work_dir for w in config.watch],
             lease_seconds=lease_seconds or DEFAULT_LEASE_SECONDS,
         )
+        self.worker = Worker(
+            config, self.transcriber, self.ledger, self.instance, fence=self.leases.fence
+        )
+        self.scheduler = Scheduler(config, self.pacer, self.ledger, self.worker)
         self.ready: deque[SettledFile] = deque()
         self.queued: set[Path] = set()
         self.in_flight: dict[Future[Outcome], Job] = {}
         self.pool = ThreadPoolExecutor(config.api.concurrency, thread_name_prefix="sfwatch-upload")
+        # Moves to failed/ and finishes of paid transcripts: never behind the pacer.
+        self.local_pool = ThreadPoolExecutor(LOCAL_WORKERS, thread_name_prefix="sfwatch-local")
+        self.uploading: set[Future[Outcome]] = set()
         self.prober = ThreadPoolExecutor(1, thread_name_prefix="sfwatch-probe")
         self.probe: Future[dict[str, Any]] | None = None
         self.stop_level = 0  # 0 running, 1 warm stop, 2 cold stop
@@ -162,8 +169,7 @@ class Daemon:
         self._install_signals()
         self.intake.start()
         self.leases.beat()
-        for watch in self.watches.values():
-            self._recover(watch)
+        self._reconcile()
         self.log.info(
             "sfwatch.daemon_started",
             version=__version__,
@@ -244,8 +250,8 @@ class Daemon:
         candidates = [self.settler.next_due(), self.pacer.wake_at()]
         # A retry that is due only matters when it could start: otherwise the loop
         # would spin (a paused account, every slot busy, a warm stop).
-        if self.stop_level == 0 and self.pacer.allowed(len(self.in_flight)):
-            candidates.append(self.scheduler.next_due())
+        if self.stop_level == 0:
+            candidates.append(self.scheduler.next_due(self.pacer.allowed(len(self.uploading))))
         wakes = [now + TICK, *(due for due in candidates if due is not None and due > now)]
         return min(wakes) - now
 
@@ -302,22 +308,24 @@ class Daemon:
     # -- claim and dispatch --------------------------------------------------------
 
     def _dispatch(self) -> None:
-        while self.pacer.allowed(len(self.in_flight)):
-            job = self._next_job()
-            if job is None:
-                return
-            if job.text is None and job.verdict is None:
+        while (job := self._next_job(self.pacer.allowed(len(self.uploading)))) is not None:
+            upload = needs_upload(job)
+            if upload:
                 self.pacer.started()
-            future = self.pool.submit(self.worker.process, job)
+            future = (self.pool if upload else self.local_pool).submit(self.worker.process, job)
+            if upload:
+                self.uploading.add(future)
             self.in_flight[future] = job
             self.started_at[future] = time.monotonic()
             future.add_done_callback(lambda _f: self.notes.wakeup.set())
 
-    def _next_job(self) -> Job | None:
-        while (job := self.scheduler.pop_due()) is not None:
+    def _next_job(self, uploads_allowed: bool) -> Job | None:
+        while (job := self.scheduler.pop_due(uploads_allowed)) is not None:
+            if job.plan is not None:
+                return job  # mid-finish: the worker finds the file where it is now
             sig = signature_of(job.path)
             if sig is None:
-                self.scheduler.handle(Outcome("vanished", job))
+                self.scheduler.vanished(job)
                 continue
             if sig != job.signature:  # still being written through an old handle
                 self.scheduler.wait(
@@ -326,7 +334,7 @@ class Daemon:
                 )
                 continue
             return job
-        while self.ready:
+        while uploads_allowed and self.ready:
             settled = self.ready.popleft()
             self.queued.discard(settled.path)
             watch = self.watches.get(settled.root)
@@ -343,7 +351,7 @@ class Daemon:
                 continue
             now = time.monotonic()
             job = claimed.evolve(claimed_at=now, window_start=now)
-            self.ledger.claimed(job, self.instance)
+            self.ledger.claimed(job, self.instance, watch_dirs(watch))
             self.log.info(
                 "sfwatch.file_claimed",
                 job_id=job.job_id,
@@ -353,13 +361,42 @@ class Daemon:
             return job
         return None
 
-    def _recover(self, watch: WatchConfig, *, at_start: bool = True) -> None:
-        """Resume the claims an earlier run of this instance left in the work area."""
-        if at_start:  # split parts are regenerated (identically) when needed
+    def _reconcile(self) -> None:
+        """Start-up: every open ledger row against the file system (docs/design.md §6)."""
+        for watch in self.watches.values():
             shutil.rmtree(watch.work_dir / "tmp" / self.instance, ignore_errors=True)
-        # A folder removed and re-added by reloads may hold jobs we are still working on.
+        rows = self.ledger.open_jobs()
+        for row in rows:  # claims of folders that have left the config finish there
+            if Path(row.root) not in self.worker.watches:
+                watch = retired_watch(row)
+                self.worker.watches[watch.path] = watch
+                self.log.warning(
+                    "sfwatch.retired_watch_resumed", path=str(watch.path), job_id=row.job_id
+                )
+        roots = {Path(r.root) for r in rows} | set(self.watches)
+        for root in sorted(roots):
+            self._recover(self.worker.watches[root])
+        live = self._live_jobs()
+        for row in rows:
+            if row.job_id in live:
+                continue
+            job = job_from_row(row, self.instance)
+            if row.plan is not None:
+                self.scheduler.resume(job, self.instance)  # the worker finds where it went
+            elif job.path.exists():
+                continue  # another instance name's work folder: its lease decides
+            else:
+                self.scheduler.vanished(job)
+
+    def _live_jobs(self) -> set[str]:
         live = {j.job_id for j in self.in_flight.values()}
         live.update(j.job_id for _, _, j in self.scheduler.waiting)
+        return live
+
+    def _recover(self, watch: WatchConfig) -> None:
+        """Resume the claims an earlier run of this instance left in the work area."""
+        # A folder removed and re-added by reloads may hold jobs we are still working on.
+        live = self._live_jobs()
         for job in claimed_files(watch.work_dir, self.instance, watch.path):
             if job.job_id not in live:
                 self.scheduler.resume(job, self.instance)
@@ -369,6 +406,7 @@ class Daemon:
     def _reap(self) -> None:
         for future in [f for f in self.in_flight if f.done()]:
             job = self.in_flight.pop(future)
+            self.uploading.discard(future)
             self.started_at.pop(future, None)
             try:
                 outcome = future.result()
@@ -378,8 +416,6 @@ class Daemon:
                 )
                 self.scheduler.local_failure(job.evolve(last_reason="crash"), exc)
                 continue
-            if outcome.kind in ("done", "dedup", "failed"):
-                release(outcome.job, self.worker.watches[job.root].work_dir, self.instance)
             self.scheduler.handle(outcome)
 
     def _probe_account(self) -> None:
@@ -438,7 +474,7 @@ class Daemon:
         # Jobs already claimed from a removed folder finish with its old settings.
         self.worker.watches.update(fresh)
         for watch in self.intake.replace(fresh):
-            self._recover(watch, at_start=False)
+            self._recover(watch)
         self.leases.work_dirs = [w.work_dir for w in fresh.values()]
         self.config = replace(self.config, watch=new.watch)
         self.log.info("sfwatch.reload_finished", watches=[str(p) for p in fresh])
@@ -472,9 +508,10 @@ class Daemon:
         self.intake.stop()
         for job in self.in_flight.values():
             # We are leaving them, not crashing on them: no poison count.
-            self.ledger.set_running(job.job_id, running=False)
+            self.ledger.set_stage(job.job_id, None)
         self._publish()
         self.pool.shutdown(wait=not self.abandoned, cancel_futures=True)
+        self.local_pool.shutdown(wait=not self.abandoned, cancel_futures=True)
         self.prober.shutdown(wait=False, cancel_futures=True)
         if not self.abandoned:
             self.transcriber.close()

@@ -7,6 +7,8 @@ daemon decides what to do with a file by looking at one hierarchy::
     SfwatchError
     ├── ConfigError              bad config file or value; names the key path; exit 2
     ├── PrepareError             the file is not audio we can decode (reason "not_audio")
+    ├── Fenced                   this daemon may no longer own a job (its lease went
+    │                            stale, or a sibling adopted the job): stop, look again
     └── TranscribeError          an upload did not give us a transcript
         ├── ServiceError         the service's fault: the file waits, spends no attempt
         │   ├── TransientError   timeouts, connection errors, 408/429/5xx: back off, retry
@@ -45,6 +47,10 @@ class PrepareError(SfwatchError):
         super().__init__(message)
         self.reason = reason
         self.message = message
+
+
+class Fenced(SfwatchError):
+    """This daemon may no longer act for a job; no visible step is taken."""
 
 
 class TranscribeError(SfwatchError):

@@ -1,17 +1,31 @@
 """finish: put the transcript where the user expects it, then move the original.
 
-Order matters for promise 1: the transcript is written first (temp file, fsync,
-link into place, fsync the folder), and only then is the original moved out of
-the work area. A crash in between leaves a complete transcript and the original
-still claimed; recovery finishes the move. Names are never overwritten: a taken
-name gets `` (1)``, `` (2)``, … and the transcript and the original share it.
+Every finish follows a *plan* (``job.Plan``): the names it will create, chosen
+first and recorded durably by the caller (``record``) before anything visible
+is made (docs/design.md §5). Then, for a transcribed file:
+
+1. the transcript is written (tagged temp file, fsync, link into place, fsync);
+2. the original moves to done/ (link + unlink, or a verified copy across file
+   systems).
+
+For a failed file the error file is written first and the original moved
+second, so an original in failed/ always has its ``.error.json``.
+
+Each step is idempotent, so a killed or failed finish is simply run again with
+the same plan: a name that already holds what the step would put there (the
+job's inode, or its size and SHA-256; our transcript's bytes; an error file
+naming our job) is accepted as done. A planned name taken by a stranger meanwhile
+makes a new plan (``PlanConflict``); names are never overwritten, and the
+transcript and the original always share one stem: ``a (1).txt`` beside
+``done/a (1).mp3``.
 """
 
 from __future__ import annotations
 
-import itertools
+import contextlib
 import json
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,13 +33,26 @@ from pathlib import Path
 from typing import Any
 
 from sfwatch.config import WatchConfig
-from sfwatch.fsutil import free_stems, move_no_replace, numbered, write_new_file
-from sfwatch.job import Job
+from sfwatch.fsutil import (
+    free_stems,
+    fsync_dir,
+    move_no_replace,
+    same_content,
+    temp_name,
+    write_new_file,
+)
+from sfwatch.job import Job, Plan
 
 #: a longer "suffix" is part of the stem, so that derived names can be cut to fit
 MAX_SUFFIX_BYTES = 32
 #: what failed/ puts beside an original's name
 ERROR_SUFFIX = ".error.json"
+#: new plans tried when strangers keep taking the planned names (each one re-looks)
+MAX_PLANS = 50
+
+
+class PlanConflict(FileExistsError):
+    """A planned name was taken by someone else's file before our step made it."""
 
 
 @dataclass(frozen=True)
@@ -55,78 +82,185 @@ def _split(name: str) -> tuple[str, str]:
     return path.stem, path.suffix
 
 
+def _nothing(_plan: Plan) -> None:
+    return None
+
+
+def _always() -> None:
+    return None
+
+
+# -- plans -------------------------------------------------------------------------------
+
+
+def plan_done(job: Job, watch: WatchConfig) -> Plan:
+    """Free names for the transcript and the original in done/, sharing one stem."""
+    stem, suffix = _split(job.name)
+    tdir = transcript_folder(job, watch)
+    ddir = watch.done_dir / job.rel.parent
+    candidate = next(free_stems(stem, [(tdir, ".txt"), (ddir, suffix)]))
+    return Plan(
+        "done", original=ddir / f"{candidate}{suffix}", transcript=tdir / f"{candidate}.txt"
+    )
+
+
+def plan_failed(job: Job, watch: WatchConfig, error: dict[str, Any]) -> Plan:
+    """Free names for the original in failed/ and its error file."""
+    stem, suffix = _split(job.name)
+    fdir = watch.failed_dir / job.rel.parent
+    candidate = next(free_stems(stem, [(fdir, suffix), (fdir, f"{suffix}{ERROR_SUFFIX}")]))
+    target = fdir / f"{candidate}{suffix}"
+    return Plan(
+        "failed",
+        original=target,
+        error_file=target.with_name(f"{target.name}{ERROR_SUFFIX}"),
+        error=error,
+    )
+
+
+# -- carrying a plan out -----------------------------------------------------------------
+
+
 def finish_done(
     job: Job,
     text: str,
     watch: WatchConfig,
-    transcript_at: Path | None = None,
-    plan: Callable[[Path], None] | None = None,
+    *,
+    plan: Plan | None = None,
+    record: Callable[[Plan], None] = _nothing,
+    guard: Callable[[], None] = _always,
 ) -> Placed:
-    """Write the transcript, then move the original to done/.
+    """Write the transcript, then move the original to done/, following ``plan``.
 
-    ``transcript_at`` names a transcript an interrupted earlier finish already
-    wrote; it is kept instead of writing a second copy. ``plan`` is told each
-    name before a transcript is written under it (the ledger records it, so a
-    crash right after the write is recognised on resume).
+    Without a plan (or when a stranger took a planned name) a new one is made
+    and passed to ``record`` before any file is written under it. ``guard`` is
+    called before each visible step (it raises to stop them).
     """
-    stem, suffix = _split(job.name)
-    tdir = transcript_folder(job, watch)
-    ddir = watch.done_dir / job.rel.parent
     data = transcript_bytes(text)
-    transcript = transcript_at
-    if transcript is None:
-        for candidate in free_stems(stem, [(tdir, ".txt"), (ddir, suffix)]):
-            if plan is not None:
-                plan(tdir / f"{candidate}.txt")
-            try:
-                write_new_file(tdir / f"{candidate}.txt", data, tag=job.job_id)
-            except FileExistsError:
-                continue  # taken since we looked: try the next number
-            transcript = tdir / f"{candidate}.txt"
-            break
-    assert transcript is not None  # noqa: S101 - free_stems never ends
-    original = _move_original(job, ddir, transcript.stem, suffix)
-    return Placed(original=original, transcript=transcript)
-
-
-def _move_original(job: Job, folder: Path, preferred_stem: str, suffix: str) -> Path:
-    """Move the claimed file to ``folder``, under the transcript's stem if it is free."""
-    target = folder / f"{preferred_stem}{suffix}"
-    try:
-        move_no_replace(job.path, target)
-    except FileExistsError:
-        if _same_file(job.path, target):
-            # A crash between link() and unlink() last time: it is already there.
-            job.path.unlink()
-            return target
-    else:
-        return target
-    for candidate in free_stems(preferred_stem, [(folder, suffix)]):
-        target = folder / f"{candidate}{suffix}"
+    for _ in range(MAX_PLANS):
+        if plan is None or plan.kind != "done":
+            plan = plan_done(job, watch)
+            record(plan)
         try:
-            move_no_replace(job.path, target)
-        except FileExistsError:
-            continue
-        return target
-    raise AssertionError("unreachable")  # pragma: no cover
+            return _carry_out_done(job, data, plan, guard)
+        except PlanConflict:
+            undo(job, plan, data)
+            plan = None
+    raise PlanConflict(f"no free name for {job.rel} after {MAX_PLANS} tries")
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def _carry_out_done(job: Job, data: bytes, plan: Plan, guard: Callable[[], None]) -> Placed:
+    assert plan.transcript is not None  # noqa: S101 - a done plan always names one
+    guard()
+    _write_once(plan.transcript, data, job.job_id, lambda p: holds_bytes(p, data))
+    guard()
+    original = place_original(job, plan.original)
+    return Placed(original=original, transcript=plan.transcript)
+
+
+def finish_failed(
+    job: Job,
+    error: dict[str, Any],
+    watch: WatchConfig,
+    *,
+    plan: Plan | None = None,
+    record: Callable[[Plan], None] = _nothing,
+    guard: Callable[[], None] = _always,
+) -> Placed:
+    """Write ``<name>.error.json`` in failed/, then move the original beside it."""
+    for _ in range(MAX_PLANS):
+        if plan is None or plan.kind != "failed":
+            plan = plan_failed(job, watch, error)
+            record(plan)
+        try:
+            return _carry_out_failed(job, plan, guard)
+        except PlanConflict:
+            undo(job, plan, b"")
+            plan = None
+    raise PlanConflict(f"no free name for {job.rel} after {MAX_PLANS} tries")
+
+
+def _carry_out_failed(job: Job, plan: Plan, guard: Callable[[], None]) -> Placed:
+    assert plan.error_file is not None  # noqa: S101 - a failed plan always names one
+    body = error_body(job, plan.error or {})
+    guard()
+    _write_once(plan.error_file, body, job.job_id, lambda p: is_our_error_file(p, job.job_id))
+    guard()
+    original = place_original(job, plan.original)
+    return Placed(original=original, error_file=plan.error_file)
+
+
+def _write_once(path: Path, data: bytes, tag: str, ours: Callable[[Path], bool]) -> None:
+    """Create ``path`` unless an earlier run of this step already did."""
+    temp_name(path, tag).unlink(missing_ok=True)  # a killed earlier write's leftover
+    if ours(path):
+        return
     try:
-        return a.samefile(b)
+        write_new_file(path, data, tag=tag)
+    except FileExistsError as exc:
+        raise PlanConflict(str(path)) from exc
+
+
+def place_original(job: Job, target: Path) -> Path:
+    """Move the claimed file to ``target``; accept it there if an earlier try moved it.
+
+    FileNotFoundError when the file is neither claimed nor at ``target`` (a
+    person removed it, or a sibling daemon adopted the job).
+    """
+    temp_name(target, job.job_id).unlink(missing_ok=True)  # a killed copy's leftover
+
+    def held() -> bool:
+        return same_content(target, job.signature.size, job.identity, job.sha256)
+
+    if not os.path.lexists(job.path):
+        if held():
+            return target  # moved by an earlier try that did not get to record it
+        raise FileNotFoundError(2, "the claimed file is gone from the work area", str(job.path))
+    try:
+        move_no_replace(job.path, target, tag=job.job_id)
+    except FileExistsError as exc:
+        if not held():
+            raise PlanConflict(str(target)) from exc
+        # Killed between link() (or the copy) and unlink() last time: it is there.
+        job.path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            fsync_dir(job.path.parent)
+    return target
+
+
+def undo(job: Job, plan: Plan, transcript: bytes) -> None:
+    """Remove what an abandoned plan made of ours (never a stranger's file), and its temps."""
+    if plan.transcript is not None and holds_bytes(plan.transcript, transcript):
+        plan.transcript.unlink(missing_ok=True)
+    if plan.error_file is not None and is_our_error_file(plan.error_file, job.job_id):
+        plan.error_file.unlink(missing_ok=True)
+    remove_temps(job.job_id, plan)
+
+
+def remove_temps(job_id: str, plan: Plan) -> None:
+    """Remove the tagged temporary files a killed step of ``plan`` may have left."""
+    for path in plan.paths():
+        with contextlib.suppress(OSError):
+            temp_name(path, job_id).unlink(missing_ok=True)
+
+
+def holds_bytes(path: Path, data: bytes) -> bool:
+    """Is ``path`` a regular file holding exactly ``data``?"""
+    try:
+        st = path.lstat()
+        return stat.S_ISREG(st.st_mode) and st.st_size == len(data) and path.read_bytes() == data
     except OSError:
         return False
 
 
-def _linked_earlier(job: Job, folder: Path, stem: str, suffix: str) -> Path | None:
-    """The name (``a.mp3``, ``a (1).mp3``, …) an interrupted move already gave this file."""
-    for n in itertools.count():
-        target = folder / numbered(stem, n, suffix, f"{suffix}{ERROR_SUFFIX}")
-        if not os.path.lexists(target):
-            return None
-        if _same_file(job.path, target):
-            return target
-    return None  # pragma: no cover - count() never ends
+def is_our_error_file(path: Path, job_id: str) -> bool:
+    """Is ``path`` an error file that this job wrote?"""
+    try:
+        if not stat.S_ISREG(path.lstat().st_mode):
+            return False
+        return bool(json.loads(path.read_bytes()).get("job_id") == job_id)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def error_record(job: Job, error: dict[str, Any]) -> dict[str, Any]:
@@ -142,40 +276,10 @@ def error_record(job: Job, error: dict[str, Any]) -> dict[str, Any]:
         "attempts": job.attempts,
         "sha256": job.sha256,
         "job_id": job.job_id,
-        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        "time": error.get("time") or datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 
-def finish_failed(job: Job, error: dict[str, Any], watch: WatchConfig) -> Placed:
-    """Move the original to failed/ and write ``<name>.error.json`` beside it."""
-    stem, suffix = _split(job.name)
-    fdir = watch.failed_dir / job.rel.parent
-    earlier = _linked_earlier(job, fdir, stem, suffix)
-    if earlier is not None:
-        # A crash between link() and unlink() last time: it is already there.
-        job.path.unlink()
-        target = earlier
-    else:
-        for candidate in free_stems(stem, [(fdir, suffix), (fdir, f"{suffix}{ERROR_SUFFIX}")]):
-            target = fdir / f"{candidate}{suffix}"
-            try:
-                move_no_replace(job.path, target)
-            except FileExistsError:
-                continue
-            break
-    record = error_record(job, error)
-    body = (json.dumps(record, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
-    error_file: Path | None = None
-    try:
-        wanted = target.with_name(f"{target.name}{ERROR_SUFFIX}")
-        try:
-            write_new_file(wanted, body)
-        except FileExistsError:  # created since we looked: keep it, put ours beside it
-            wanted = fdir / numbered(target.name, 0, f".{job.job_id}{ERROR_SUFFIX}")
-            write_new_file(wanted, body)
-        error_file = wanted
-    except OSError:
-        # The original is safe in failed/ already (what matters most); the reason is
-        # still in the ledger and the log. Retrying would find the original gone.
-        error_file = None
-    return Placed(original=target, error_file=error_file)
+def error_body(job: Job, error: dict[str, Any]) -> bytes:
+    """``error_record`` as the bytes of the file."""
+    return (json.dumps(error_record(job, error), ensure_ascii=False, indent=2) + "\n").encode()

@@ -17,6 +17,7 @@ import errno
 import hashlib
 import os
 import secrets
+import stat
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -59,6 +60,29 @@ def temp_name(final: Path, tag: str | None = None) -> Path:
     return final.with_name(f".{head}.{tag or secrets.token_hex(4)}.sfwatch-tmp")
 
 
+def make_dirs(path: Path) -> None:
+    """``mkdir -p`` whose new folders are durable: each one's parent is fsynced.
+
+    A new folder is an entry in its parent; without the parent's fsync a power
+    loss can drop the folder, and with it a file just made durable inside it.
+    """
+    missing: list[Path] = []
+    current = path
+    while not current.is_dir():
+        missing.append(current)
+        if current.parent == current:
+            break
+        current = current.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            if not folder.is_dir():
+                raise
+            continue  # made by another thread or daemon meanwhile
+        fsync_dir(folder.parent)
+
+
 def write_new_file(path: Path, data: bytes, tag: str | None = None) -> None:
     """Create ``path`` with ``data`` atomically and durably; FileExistsError if taken.
 
@@ -66,7 +90,7 @@ def write_new_file(path: Path, data: bytes, tag: str | None = None) -> None:
     names the temporary file (see ``temp_name``); a leftover of the same tag,
     from a crash, is overwritten.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     tmp = temp_name(path, tag)
     try:
         with tmp.open("wb" if tag else "xb") as out:
@@ -99,18 +123,25 @@ def _link_or_rename(src: Path, dst: Path) -> None:
             raise
 
 
-def move_no_replace(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``; FileExistsError if ``dst`` is taken. Durable on return."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
+def move_no_replace(src: Path, dst: Path, tag: str | None = None) -> None:
+    """Move ``src`` to ``dst``; FileExistsError if ``dst`` is taken.
+
+    Once the source name is gone the move has happened: a failing fsync of the
+    source's folder afterwards is not reported as a failed move (the caller
+    would look for a source that is no longer there). ``tag`` names the
+    temporary copy made across file systems, so a killed copy can be found.
+    """
+    make_dirs(dst.parent)
     try:
         _link_or_rename(src, dst)
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-        copy_verify(src, dst)
+        copy_verify(src, dst, tag)
     fsync_dir(dst.parent)
     src.unlink(missing_ok=True)
-    fsync_dir(src.parent)
+    with contextlib.suppress(OSError):
+        fsync_dir(src.parent)
 
 
 def sha256_file(path: Path) -> str:
@@ -122,15 +153,18 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def copy_verify(src: Path, dst: Path) -> None:
+def copy_verify(src: Path, dst: Path, tag: str | None = None) -> None:
     """Copy ``src`` to a new ``dst`` on another file system, fsync, then verify it.
 
-    The source is left in place; the caller removes it once this returns.
+    The source is left in place; the caller removes it once this returns. The
+    copy keeps the source's permission bits (never wider than the original).
     """
-    tmp = temp_name(dst)
+    tmp = temp_name(dst, tag)
     try:
         digest = hashlib.sha256()
-        with src.open("rb") as fin, tmp.open("xb") as fout:
+        with src.open("rb") as fin, tmp.open("wb" if tag else "xb") as fout:
+            with contextlib.suppress(OSError):
+                os.fchmod(fout.fileno(), os.fstat(fin.fileno()).st_mode & 0o777)
             while chunk := fin.read(CHUNK):
                 digest.update(chunk)
                 fout.write(chunk)
@@ -144,6 +178,26 @@ def copy_verify(src: Path, dst: Path) -> None:
         _link_or_rename(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def same_content(path: Path, size: int, inode: tuple[int, int], sha256: str | None) -> bool:
+    """Is ``path`` a regular file holding a given file: its inode, or its size and SHA-256?
+
+    A move made by ``link()`` keeps the inode; one made by a copy across file
+    systems keeps only the bytes.
+    """
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+        return False
+    if (st.st_dev, st.st_ino) == inode:
+        return True
+    try:
+        return sha256 is not None and sha256_file(path) == sha256
+    except OSError:
+        return False
 
 
 def fit_stem(stem: str, room: int) -> str:

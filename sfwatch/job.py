@@ -8,10 +8,11 @@ or a test is exactly what that stage saw.
 from __future__ import annotations
 
 import dataclasses
+import json
 import secrets
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Self
+from typing import Any, Self
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,53 @@ class Verdict:
 
     error: Exception
     reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where finish will put a job's files, recorded durably before any of them is made.
+
+    Recovery reads it back to tell "finished but not yet recorded" from "lost",
+    and to find the temporary files a killed step left (docs/design.md §5).
+    """
+
+    #: "done" or "failed"
+    kind: str
+    #: where the original goes (done/… or failed/…)
+    original: Path
+    transcript: Path | None = None
+    error_file: Path | None = None
+    #: for "failed": the fields of the error file
+    error: dict[str, Any] | None = None
+
+    def to_json(self) -> str:
+        """The ledger's (and the job sidecar's) form."""
+        return json.dumps(
+            {
+                "kind": self.kind,
+                "original": str(self.original),
+                "transcript": str(self.transcript) if self.transcript else None,
+                "error_file": str(self.error_file) if self.error_file else None,
+                "error": self.error,
+            },
+            ensure_ascii=False,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        """Read back what ``to_json`` wrote."""
+        data = json.loads(text)
+        return cls(
+            kind=str(data["kind"]),
+            original=Path(data["original"]),
+            transcript=Path(data["transcript"]) if data.get("transcript") else None,
+            error_file=Path(data["error_file"]) if data.get("error_file") else None,
+            error=data.get("error"),
+        )
+
+    def paths(self) -> tuple[Path, ...]:
+        """Every name this plan makes."""
+        return tuple(p for p in (self.transcript, self.error_file, self.original) if p)
 
 
 @dataclass(frozen=True)
@@ -61,11 +109,18 @@ class Job:
     #: the file has been judged (e.g. a 400) but could not be moved to failed/ yet:
     #: the next try only moves it, it does not upload again
     verdict: Verdict | None = None
+    #: where finish puts things, once chosen (recorded in the ledger first)
+    plan: Plan | None = None
 
     @property
     def source(self) -> Path:
         """Where the file arrived in the inbox."""
         return self.root / self.rel
+
+    @property
+    def identity(self) -> tuple[int, int]:
+        """(device, inode) of the claimed file: a link() keeps it, so a moved file is found."""
+        return (self.signature.device, self.signature.inode)
 
     @property
     def name(self) -> str:

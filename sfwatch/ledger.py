@@ -1,22 +1,22 @@
 """The ledger: what happened to every file, in SQLite (WAL) in ``state_dir``.
 
 The file system says *where* each file is; the ledger says what is known about
-it (attempts, the transcript, trace IDs, where finish put things). Orderings:
+it (attempts, the transcript, trace IDs, the plan of where finish puts things).
+The orderings between the two are in docs/design.md §5; in short:
 
-1. **claim**: the rename comes first, then the ledger row. A crash in between
-   leaves a claimed file without a row; recovery makes the row from the path
-   (the job id is part of it), with no attempts spent.
-2. **transcript**: the text is committed to the ledger *before* anything is
-   written beside the audio. A crash after the upload never pays twice: the
-   resumed job finds its text here.
-3. **finish**: the transcript's final name is recorded before the file is
-   written; then the original moves; then the row says ``done``. Recovery of a
-   job whose transcript already stands keeps it instead of writing a copy.
-4. **failure**: the original moves to ``failed/`` with its error file, then the
-   row says ``failed``.
+1. **claim**: the rename comes first, then the row. A crash in between leaves a
+   claimed file without a row; recovery makes the row from the path.
+2. **transcript**: the text is committed *before* anything is written for the
+   user, so a crash after the upload never pays twice.
+3. **plan**: the names finish will create are committed before it creates them;
+   recovery compares them with the file system (docs/design.md §6).
+4. **finished**: the row says ``done``/``failed`` after the files are in place.
 
-Every write is one transaction with ``synchronous=FULL``: a row the daemon acted
-on survives power loss. ``sfwatch status`` and ``sfwatch retry`` open the same
+Durability (docs/design.md §4): what was paid for (transcripts, split parts),
+plans and ``retried`` are written with ``synchronous=FULL`` and survive power
+loss. Everything else is ``NORMAL``: it survives a crashed process, and what a
+power loss could undo of it, start-up reconcile rebuilds from the file system
+and the durable plan. ``sfwatch status`` and ``sfwatch retry`` open the same
 file from another process while the daemon runs; WAL lets them.
 """
 
@@ -29,10 +29,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from sfwatch.job import Job
+from sfwatch.job import Job, Plan
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -42,7 +43,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     rel          TEXT NOT NULL,
     sha256       TEXT,
     size         INTEGER NOT NULL,
-    status       TEXT NOT NULL,       -- claimed | done | failed | retried | lost
+    status       TEXT NOT NULL,       -- JobStatus: claimed (open) | done | failed | ...
     outcome      TEXT,                -- done | dedup | failed
     attempts     INTEGER NOT NULL DEFAULT 0,
     running      INTEGER NOT NULL DEFAULT 0,  -- a worker had it when we last heard
@@ -76,6 +77,36 @@ CREATE TABLE IF NOT EXISTS daemon (
 );
 """
 
+#: columns added after the first release (added to older ledgers on open)
+ADDED_COLUMNS = {
+    "plan": "TEXT",  # JSON job.Plan: where finish puts things (durable before acting)
+    "stage": "TEXT",  # prepare | upload | finish: where a worker was when last heard
+    "boot_id": "TEXT",  # the host's boot when stage was set (a host crash is no file's fault)
+    "dirs": "TEXT",  # JSON: the watch's folders at claim time (recovery's roots)
+    "work_path": "TEXT",  # where the claimed file is
+    "inode": "INTEGER",
+    "device": "INTEGER",
+}
+
+
+class JobStatus(StrEnum):
+    """Where a job stands in the ledger; only ``claimed`` is not final."""
+
+    CLAIMED = "claimed"
+    DONE = "done"
+    FAILED = "failed"
+    RETRIED = "retried"  # the failed original went back to its inbox (a new job follows)
+    LOST = "lost"  # the claimed file disappeared (a person removed it)
+    ADOPTED = "adopted"  # a sibling daemon took the claim over
+
+
+def boot_id() -> str:
+    """This boot of the host (a restart of the daemon keeps it; a reboot changes it)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
 
 @dataclass(frozen=True)
 class JobRow:
@@ -96,6 +127,14 @@ class JobRow:
     transcript: str | None
     final_path: str | None
     updated: float
+    size: int = 0
+    plan: Plan | None = None
+    stage: str | None = None
+    boot_id: str | None = None
+    dirs: dict[str, Any] | None = None
+    work_path: str | None = None
+    inode: int | None = None
+    device: int | None = None
 
 
 class Ledger:
@@ -112,6 +151,10 @@ class Ledger:
         self._db.execute("PRAGMA busy_timeout=10000")
         with self._lock:
             self._db.executescript(SCHEMA)  # (executescript manages its own transaction)
+            have = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            for name, kind in ADDED_COLUMNS.items():
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
     @classmethod
     def in_state_dir(cls, state_dir: Path) -> Ledger:
@@ -145,13 +188,18 @@ class Ledger:
 
     # -- the daemon's writes -------------------------------------------------------
 
-    def claimed(self, job: Job, instance: str) -> JobRow:
-        """Record a claim (or find the row of a resumed one); return the row."""
+    def claimed(self, job: Job, instance: str, dirs: dict[str, Any] | None = None) -> JobRow:
+        """Record a claim (or find the row of a resumed one); return the row.
+
+        ``dirs``: the watch's folders now, so that recovery can finish the job
+        even after its folder left the config.
+        """
         now = time.time()
         with self._tx() as db:
             db.execute(
                 "INSERT OR IGNORE INTO jobs (job_id, instance, root, rel, sha256, size, status,"
-                " created, updated) VALUES (?, ?, ?, ?, ?, ?, 'claimed', ?, ?)",
+                " created, updated, dirs, work_path, inode, device)"
+                " VALUES (?, ?, ?, ?, ?, ?, 'claimed', ?, ?, ?, ?, ?, ?)",
                 (
                     job.job_id,
                     instance,
@@ -161,21 +209,30 @@ class Ledger:
                     job.signature.size,
                     now,
                     now,
+                    json.dumps(dirs) if dirs else None,
+                    str(job.path),
+                    job.signature.inode,
+                    job.signature.device,
                 ),
             )
         row = self.job(job.job_id)
         assert row is not None  # noqa: S101 - inserted just above
         return row
 
-    def set_running(self, job_id: str, running: bool) -> None:
-        """A worker took (or let go of) the job; a crash while running counts against it."""
-        self._update(job_id, running=int(running))
+    def set_stage(self, job_id: str, stage: str | None) -> None:
+        """A worker is at ``stage`` of the job (None: it let go of it).
+
+        A restart that finds a job in ``prepare`` on the same boot may blame the
+        file (PyAV crashing or hanging on it); any other stage is not its fault.
+        """
+        self._update(job_id, running=int(stage is not None), stage=stage, boot_id=boot_id())
 
     def crashed(self, job_id: str) -> int:
         """A restart found the job running: count it; return the count."""
         with self._tx() as db:
             db.execute(
-                "UPDATE jobs SET crashes = crashes + 1, running = 0, updated = ? WHERE job_id = ?",
+                "UPDATE jobs SET crashes = crashes + 1, running = 0, stage = NULL, updated = ?"
+                " WHERE job_id = ?",
                 (time.time(), job_id),
             )
             (count,) = db.execute("SELECT crashes FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
@@ -216,8 +273,8 @@ class Ledger:
             )
 
     def part_done(self, job_id: str, texts: list[str]) -> None:
-        """The transcripts of the parts finished so far (a split upload resumes from here)."""
-        self._update(job_id, parts=json.dumps(texts))
+        """The transcripts of the parts finished so far (durable: they were paid for)."""
+        self._update(job_id, durable=True, parts=json.dumps(texts))
 
     def parts(self, job_id: str) -> list[str]:
         """Texts of the parts finished so far."""
@@ -227,9 +284,17 @@ class Ledger:
         loaded = json.loads(rows[0]["parts"])
         return [str(t) for t in loaded]
 
-    def planned_transcript(self, job_id: str, path: Path) -> None:
-        """finish chose this name for the transcript (durable: the file comes next)."""
-        self._update(job_id, durable=True, transcript=str(path))
+    def planned(self, job: Job, plan: Plan) -> None:
+        """finish chose these names (durable: the files come next)."""
+        self._update(
+            job.job_id,
+            durable=True,
+            plan=plan.to_json(),
+            transcript=str(plan.transcript) if plan.transcript else None,
+            sha256=job.sha256,
+            attempts=job.attempts,
+            trace_ids=json.dumps(list(job.trace_ids)),
+        )
 
     def finished(
         self,
@@ -244,10 +309,11 @@ class Ledger:
         """The job is over: done (or dedup) or failed."""
         self._update(
             job.job_id,
-            status="failed" if outcome == "failed" else "done",
+            status=JobStatus.FAILED if outcome == "failed" else JobStatus.DONE,
             outcome=outcome,
             attempts=job.attempts,
             running=0,
+            stage=None,
             final_path=str(final_path),
             transcript=str(transcript) if transcript else None,
             last_error=json.dumps(error) if error else None,
@@ -255,14 +321,19 @@ class Ledger:
             audio_seconds=audio_seconds,
         )
 
-    def lost(self, job_id: str, why: str) -> None:
-        """The claimed file is gone from the work area (someone removed it)."""
+    def lost(self, job_id: str, why: str, status: JobStatus = JobStatus.LOST) -> None:
+        """The claimed file is gone from the work area: removed, or adopted by a sibling."""
         self._update(
             job_id,
-            status="lost",
+            status=status,
             running=0,
+            stage=None,
             last_error=json.dumps({"reason": "vanished", "message": why}),
         )
+
+    def open_jobs(self) -> list[JobRow]:
+        """Every job not yet final (reconciled against the file system at start-up)."""
+        return [_row(r) for r in self._query("SELECT * FROM jobs WHERE status = 'claimed'")]
 
     def _update(self, job_id: str, *, durable: bool = False, **fields: Any) -> None:
         fields["updated"] = time.time()
@@ -307,8 +378,8 @@ class Ledger:
         return [_row(r) for r in self._query("SELECT * FROM jobs WHERE status = 'failed'")]
 
     def retried(self, job_id: str) -> None:
-        """The failed original went back to its inbox."""
-        self._update(job_id, status="retried")
+        """The failed original went back to its inbox (durable: the file has moved)."""
+        self._update(job_id, durable=True, status=JobStatus.RETRIED)
 
     # -- the daemon's live state, for `sfwatch status` ----------------------------------
 
@@ -348,4 +419,12 @@ def _row(row: sqlite3.Row) -> JobRow:
         transcript=row["transcript"],
         final_path=row["final_path"],
         updated=float(row["updated"]),
+        size=int(row["size"]),
+        plan=Plan.from_json(row["plan"]) if row["plan"] else None,
+        stage=row["stage"],
+        boot_id=row["boot_id"],
+        dirs=json.loads(row["dirs"]) if row["dirs"] else None,
+        work_path=row["work_path"],
+        inode=row["inode"],
+        device=row["device"],
     )

@@ -9,6 +9,7 @@ since their INFO lines repeat every request.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -92,9 +93,13 @@ class JournalWriter:
             if _journal_key(k)
         }
         level = str(fields.get("level", "info"))
-        self.journal.send(
-            line, PRIORITY=str(self.PRIORITY.get(level, 6)), SYSLOG_IDENTIFIER="sfwatch", **extra
-        )
+        with contextlib.suppress(OSError):  # (see SafeStream: a log line never stops work)
+            self.journal.send(
+                line,
+                PRIORITY=str(self.PRIORITY.get(level, 6)),
+                SYSLOG_IDENTIFIER="sfwatch",
+                **extra,
+            )
 
     def msg(self, message: str) -> None:
         """structlog's entry point, whatever the level."""
@@ -141,6 +146,38 @@ def journal_for(stream: TextIO) -> Any | None:
         return None  # no systemd-python: JSON on stdout reaches the journal as text
 
 
+class SafeStream:
+    """A text stream whose write errors are dropped: a log line never stops the work.
+
+    stdout may be a full disk, a closed pipe or a journald that went away; the
+    file being processed must not fail (or be retried, or paid for again)
+    because its log line could not be written.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self.dropped = 0
+
+    def write(self, text: str) -> int:
+        """Write, or count the line as dropped."""
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError):
+            self.dropped += 1
+            return 0
+
+    def flush(self) -> None:
+        """Flush, ignoring errors (see the class docstring)."""
+        try:
+            self._stream.flush()
+        except (OSError, ValueError):
+            self.dropped += 1
+
+    def isatty(self) -> bool:
+        """As the wrapped stream."""
+        return self._stream.isatty()
+
+
 def configure(
     fmt: str = "auto",
     level: str = "info",
@@ -169,7 +206,7 @@ def configure(
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, logging.INFO)),
         logger_factory=(lambda *_: writer)
         if writer is not None
-        else structlog.WriteLoggerFactory(file=out),
+        else structlog.WriteLoggerFactory(file=SafeStream(out)),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
     formatter = structlog.stdlib.ProcessorFormatter(

@@ -9,7 +9,14 @@ the sibling renames each of the dead instance's job folders into its own work
 area (atomic, so two siblings cannot both adopt one) and resumes them.
 
 A daemon that restarts under its own instance name recovers its claims itself,
-at once, without waiting for any lease (``Daemon._recover``).
+at once, without waiting for any lease (``Daemon._reconcile``).
+
+**Fencing** (docs/design.md §6): a daemon that was frozen (SIGSTOP, a hung NFS
+call) may wake up after a sibling adopted its claims. Before each visible step
+a worker calls ``LeaseKeeper.fence``: the lease must have been renewed within
+half its lifetime, and the job's folder must not sit in another instance's
+work folder. The adopter finishes the job from its sidecar (the paid text, the
+plan), accepting a target that already holds the file instead of copying it.
 """
 
 from __future__ import annotations
@@ -18,10 +25,13 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from sfwatch.claim import claimed_files, instance_dir
-from sfwatch.job import Job
+from sfwatch.claim import adopted_by, claimed_files, instance_dir
+from sfwatch.config import WatchConfig
+from sfwatch.errors import Fenced
+from sfwatch.job import FileSignature, Job
+from sfwatch.ledger import JobRow
 from sfwatch.logs import get_logger
 
 #: a lease not renewed for this long (on our clock) belongs to a dead daemon
@@ -52,9 +62,12 @@ class LeaseKeeper:
         self.log = get_logger()
         self._seen: dict[Path, _Seen] = {}
         self._next_check = 0.0
+        #: when every lease was last renewed (our clock); read by worker threads
+        self.last_beat = clock()
 
     def beat(self) -> None:
         """Renew this instance's lease in every watched folder."""
+        renewed = True
         for work_dir in self.work_dirs:
             lease = instance_dir(work_dir, self.instance) / LEASE_NAME
             try:
@@ -62,7 +75,19 @@ class LeaseKeeper:
                 lease.touch()
                 os.utime(lease)
             except OSError as exc:
+                renewed = False
                 self.log.warning("sfwatch.lease_failed", path=str(lease), error=str(exc))
+        if renewed:
+            self.last_beat = self.clock()
+
+    def fence(self, job: Job) -> None:
+        """Raise ``Fenced`` unless this daemon still owns ``job`` (see the module docstring)."""
+        stale = self.clock() - self.last_beat
+        if stale > self.lease_seconds / 2:
+            raise Fenced(f"lease not renewed for {stale:.0f} s: a sibling may own the job")
+        sibling = adopted_by(job)
+        if sibling is not None:
+            raise Fenced(f"adopted by {sibling}")
 
     def adopt_expired(self) -> list[Job]:
         """Take over the claims of instances whose lease has expired; return them."""
@@ -131,3 +156,44 @@ class LeaseKeeper:
                 break  # not empty: its owner came back, or more claims arrived
         self._seen.pop(other, None)
         return jobs
+
+
+def job_from_row(row: JobRow, instance: str) -> Job:
+    """The job a ledger row describes (for a row whose claimed file may have moved on)."""
+    root = Path(row.root)
+    rel = PurePosixPath(row.rel)
+    work_path = (
+        Path(row.work_path)
+        if row.work_path
+        else instance_dir(root / ".sfwatch", instance) / row.job_id / rel
+    )
+    return Job(
+        job_id=row.job_id,
+        root=root,
+        rel=rel,
+        path=work_path,
+        signature=FileSignature(row.size, 0, row.inode or 0, row.device or 0),
+        sha256=row.sha256,
+        attempts=row.attempts,
+        trace_ids=row.trace_ids,
+        text=row.text,
+        plan=row.plan,
+    )
+
+
+def retired_watch(row: JobRow) -> WatchConfig:
+    """Settings for a folder that left the config, from what the ledger recorded at claim."""
+    dirs = row.dirs or {}
+    root = Path(row.root)
+
+    def folder(key: str, default: Path) -> Path:
+        value = dirs.get(key)
+        return Path(value) if value else default
+
+    return WatchConfig(
+        path=root,
+        done_dir=folder("done_dir", root / "done"),
+        failed_dir=folder("failed_dir", root / "failed"),
+        transcript_dir=Path(dirs["transcript_dir"]) if dirs.get("transcript_dir") else None,
+        model=dirs.get("model"),
+    )

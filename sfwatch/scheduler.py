@@ -22,7 +22,8 @@ from collections import Counter
 from typing import Any
 
 from sfwatch.backoff import full_jitter
-from sfwatch.config import Config
+from sfwatch.claim import adopted_by
+from sfwatch.config import Config, WatchConfig
 from sfwatch.errors import (
     AccountError,
     FileRejected,
@@ -32,7 +33,7 @@ from sfwatch.errors import (
     UnusableResponse,
 )
 from sfwatch.job import Job, Verdict
-from sfwatch.ledger import Ledger
+from sfwatch.ledger import JobStatus, Ledger, boot_id
 from sfwatch.logs import get_logger
 from sfwatch.pacing import Pacer
 from sfwatch.worker import Outcome, Worker, error_fields
@@ -43,6 +44,24 @@ FINISH_RETRY_CAP = 300.0
 POISON_AFTER = 3
 #: unexpected errors (our bugs) on one file before it is failed as "internal_error"
 CRASH_LIMIT = 5
+#: a fenced job is looked at again after this long (the loop renews leases every 2 s)
+FENCE_RECHECK = 3.0
+
+
+def needs_upload(job: Job) -> bool:
+    """Does the job's next try upload (and so wait for the pacer)?"""
+    return job.text is None and job.verdict is None and job.plan is None
+
+
+def watch_dirs(watch: WatchConfig) -> dict[str, str | None]:
+    """A watch's folders, as the ledger records them at claim (recovery's roots)."""
+    return {
+        "path": str(watch.path),
+        "done_dir": str(watch.done_dir),
+        "failed_dir": str(watch.failed_dir),
+        "transcript_dir": str(watch.transcript_dir) if watch.transcript_dir else None,
+        "model": watch.model,
+    }
 
 
 class Scheduler:
@@ -54,57 +73,80 @@ class Scheduler:
         self.ledger = ledger
         self.worker = worker
         self.log = get_logger()
-        self.waiting: list[tuple[float, int, Job]] = []
+        #: jobs that need an upload wait for the pacer; local ones (a move to failed/,
+        #: finishing a paid transcript) never do, so they have a heap of their own
+        self.uploads: list[tuple[float, int, Job]] = []
+        self.local: list[tuple[float, int, Job]] = []
         self._seq = 0
         self.counts: Counter[str] = Counter()
 
+    @property
+    def waiting(self) -> list[tuple[float, int, Job]]:
+        """Every waiting job (due time, sequence, job)."""
+        return [*self.uploads, *self.local]
+
     def __len__(self) -> int:
-        return len(self.waiting)
+        return len(self.uploads) + len(self.local)
 
     def wait(self, job: Job, delay: float) -> None:
         """Run ``job`` again after ``delay`` seconds."""
         self._seq += 1
-        heapq.heappush(self.waiting, (time.monotonic() + delay, self._seq, job))
+        heap = self.uploads if needs_upload(job) else self.local
+        heapq.heappush(heap, (time.monotonic() + delay, self._seq, job))
 
-    def next_due(self) -> float | None:
-        """Monotonic time the earliest waiting job falls due."""
-        return self.waiting[0][0] if self.waiting else None
+    def next_due(self, uploads_allowed: bool = True) -> float | None:
+        """Monotonic time the earliest waiting job that could start falls due."""
+        heaps = [self.local, self.uploads] if uploads_allowed else [self.local]
+        dues = [heap[0][0] for heap in heaps if heap]
+        return min(dues) if dues else None
 
-    def pop_due(self) -> Job | None:
-        """The next job whose wait is over, if any."""
-        if self.waiting and self.waiting[0][0] <= time.monotonic():
-            return heapq.heappop(self.waiting)[2]
+    def pop_due(self, uploads_allowed: bool = True) -> Job | None:
+        """The next job whose wait is over, if any (local work first)."""
+        now = time.monotonic()
+        for heap in [self.local, self.uploads] if uploads_allowed else [self.local]:
+            if heap and heap[0][0] <= now:
+                return heapq.heappop(heap)[2]
         return None
 
     def resume(self, job: Job, instance: str) -> None:
         """Take back a claim found in the work area (after a restart, or adopted).
 
-        A job that was mid-attempt at each of ``POISON_AFTER`` restarts is what
-        crashed (or hung) the daemon: it is failed as ``poison`` instead of tried again.
+        What the ledger knows (or, for an adopted job, its sidecar) comes with it:
+        the paid text, the plan. A job that was being *prepared* at each of
+        ``POISON_AFTER`` restarts on this boot is what crashed (or hung) the daemon:
+        it is failed as ``poison``. Restarts during uploads or finishes, or after
+        the host itself went down, are nobody's fault and count nothing.
         """
         now = time.monotonic()
         job = job.evolve(claimed_at=now, window_start=now)
         row = self.ledger.job(job.job_id)
         if row is None:
-            row = self.ledger.claimed(job, instance)
+            row = self.ledger.claimed(job, instance, watch_dirs(self.worker.watches[job.root]))
+            if job.text is not None:  # an adopted job whose text a sibling paid for
+                self.ledger.transcribed(job, self.worker.model_for(job), None)
         elif row.running:
-            crashes = self.ledger.crashed(job.job_id)
-            if crashes >= POISON_AFTER:
+            if row.stage == "prepare" and row.boot_id == boot_id():
+                crashes = self.ledger.crashed(job.job_id)
+            else:
+                crashes = row.crashes
+                self.ledger.set_stage(job.job_id, None)
+            if crashes >= POISON_AFTER and row.plan is None:
                 self.log.error(
                     "sfwatch.job_poisoned", job_id=job.job_id, file=str(job.source), crashes=crashes
                 )
                 job = job.evolve(attempts=row.attempts, trace_ids=row.trace_ids, sha256=row.sha256)
                 self.fail(
                     job,
-                    RuntimeError(f"the daemon stopped {crashes} times while working on this file"),
+                    RuntimeError(f"the daemon stopped {crashes} times while preparing this file"),
                     reason="poison",
                 )
                 return
         job = job.evolve(
-            attempts=row.attempts,
-            trace_ids=row.trace_ids,
-            text=row.text,
-            sha256=row.sha256 if row.text is not None else None,
+            attempts=max(row.attempts, job.attempts),
+            trace_ids=row.trace_ids or job.trace_ids,
+            text=row.text if row.text is not None else job.text,
+            sha256=row.sha256 if row.text is not None else job.sha256,
+            plan=row.plan or job.plan,
         )
         self.log.info(
             "sfwatch.job_resumed",
@@ -112,6 +154,7 @@ class Scheduler:
             file=str(job.source),
             attempts=job.attempts,
             transcript_known=job.text is not None,
+            finishing=job.plan.kind if job.plan else None,
         )
         self.wait(job, 0.0)
 
@@ -133,18 +176,36 @@ class Scheduler:
             )
             self.wait(job, self.worker.watches[job.root].settle_seconds)
         elif outcome.kind == "vanished":
-            self.log.error(
-                "sfwatch.job_vanished",
+            self.vanished(job)
+        elif outcome.kind == "fenced":
+            # Our lease went stale (a freeze): look again once it has been renewed.
+            self.log.warning(
+                "sfwatch.job_fenced",
                 job_id=job.job_id,
                 file=str(job.source),
-                work_path=str(job.path),
+                why=str(outcome.error),
             )
-            self.ledger.lost(job.job_id, "the claimed file disappeared from the work area")
-            self.counts["vanished"] += 1
+            self.wait(job, FENCE_RECHECK)
         elif outcome.kind == "finish_error":
             self.local_failure(job, outcome.error)
         elif isinstance(outcome.error, TranscribeError):
             self.upload_failed(job, outcome.error)
+
+    def vanished(self, job: Job) -> None:
+        """The claimed file is gone: a sibling adopted the job, or a person removed it."""
+        sibling = adopted_by(job)
+        if sibling is not None:
+            self.log.warning(
+                "sfwatch.job_adopted", job_id=job.job_id, file=str(job.source), by=sibling
+            )
+            self.ledger.lost(job.job_id, f"adopted by {sibling}", JobStatus.ADOPTED)
+            self.counts["adopted"] += 1
+            return
+        self.log.error(
+            "sfwatch.job_vanished", job_id=job.job_id, file=str(job.source), work_path=str(job.path)
+        )
+        self.ledger.lost(job.job_id, "the claimed file disappeared from the work area")
+        self.counts["vanished"] += 1
 
     def local_failure(self, job: Job, error: Exception | None) -> None:
         """A step on our side failed (disk full, done/ not writable): try again later."""

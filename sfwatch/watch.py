@@ -175,8 +175,14 @@ def needs_polling(watch: WatchConfig, mountinfo: str | None = None) -> bool:
 
 
 def excluded_dirs(watch: WatchConfig) -> tuple[Path, ...]:
-    """Folders under a watched path that are never looked into."""
-    return (watch.done_dir, watch.failed_dir, watch.work_dir)
+    """Folders under a watched path that are never looked into.
+
+    The default ``done/`` and ``failed/`` stay excluded when ``done_dir`` or
+    ``failed_dir`` point elsewhere: after such a change the files an earlier run
+    put there must not be transcribed again.
+    """
+    defaults = (watch.path / "done", watch.path / "failed")
+    return tuple(dict.fromkeys((watch.done_dir, watch.failed_dir, watch.work_dir, *defaults)))
 
 
 @functools.lru_cache(maxsize=64)

@@ -1,33 +1,42 @@
-"""One attempt at one job: prepare → transcribe → finish, on an upload thread.
+"""One attempt at one job: prepare → transcribe → finish, on a worker thread.
 
 The worker never decides whether to retry, wait or give up: it reports an
 ``Outcome`` and the scheduler (on the main thread) decides. What the worker
-does own is the ledger ordering for the steps it takes (see ``ledger.py``): the
-transcript is durable in the ledger before it is written beside the audio, and
-a transcript already paid for (same SHA-256, same model) is reused without an
-upload.
+does own is the ledger ordering for the steps it takes (docs/design.md §5):
+the transcript is durable in the ledger before anything is written beside the
+audio, every finish is planned (durably) before its first visible step, and
+the daemon's ownership of the job is checked (``fence``) before each step.
+
+Errors of the host (an OSError, a ``sqlite3.Error`` from a full state disk) are
+not the file's fault and not a crash: the attempt reports ``finish_error``
+with everything learnt so far (the paid text, the plan), and the step is tried
+again after a backoff, never uploaded again.
 """
 
 from __future__ import annotations
 
 import contextlib
-import stat
+import os
+import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from sfwatch.claim import release, write_sidecar
 from sfwatch.config import Config, WatchConfig
-from sfwatch.errors import PrepareError, TranscribeError
-from sfwatch.finish import Placed, finish_done, finish_failed, transcript_bytes
-from sfwatch.fsutil import remove_empty_dirs, temp_name
-from sfwatch.job import Job
+from sfwatch.errors import Fenced, PrepareError, TranscribeError
+from sfwatch.finish import Placed, finish_done, finish_failed
+from sfwatch.fsutil import same_content
+from sfwatch.job import Job, Plan, Verdict
 from sfwatch.ledger import Ledger
+from sfwatch.lifecycle import OutcomeKind
 from sfwatch.logs import get_logger
 from sfwatch.prepare import clean_scratch, identify, prepare
 from sfwatch.settle import signature_of
 from sfwatch.transcribe import Transcriber
 
-OutcomeKind = Literal["done", "dedup", "failed", "error", "changed", "finish_error", "vanished"]
+#: host errors that make a step wait and try again (never the file's fault)
+HOST_ERRORS = (OSError, sqlite3.Error)
 
 
 @dataclass(frozen=True)
@@ -59,17 +68,29 @@ def error_fields(exc: BaseException) -> dict[str, Any]:
     return {"reason": type(exc).__name__, "message": str(exc)}
 
 
+def _no_fence(_job: Job) -> None:
+    return None
+
+
 class Worker:
-    """Runs attempts; shared by all upload threads (it holds no per-job state)."""
+    """Runs attempts; shared by all worker threads (it holds no per-job state)."""
 
     def __init__(
-        self, config: Config, transcriber: Transcriber, ledger: Ledger, instance: str = "local"
+        self,
+        config: Config,
+        transcriber: Transcriber,
+        ledger: Ledger,
+        instance: str = "local",
+        fence: Callable[[Job], None] = _no_fence,
     ) -> None:
         self.config = config
         self.instance = instance
         self.transcriber = transcriber
         self.ledger = ledger
+        #: settings per watched folder, also of folders that left the config but
+        #: still have claims to finish (the daemon keeps this up to date)
         self.watches = {w.path: w for w in config.watch}
+        self.fence = fence
         self.log = get_logger()
 
     def model_for(self, job: Job) -> str:
@@ -77,54 +98,75 @@ class Worker:
         return self.watches[job.root].model or self.config.api.model
 
     def process(self, job: Job) -> Outcome:
-        """One attempt; marks the job running in the ledger while it lasts."""
-        self.ledger.set_running(job.job_id, running=True)
-        try:
-            outcome = self._process(job, self.watches[job.root])
-        except FileNotFoundError as exc:
-            # Gone from the work area: vanished. Anything else missing is our problem.
-            kind: OutcomeKind = "finish_error" if job.path.exists() else "vanished"
-            outcome = Outcome(kind, job, exc)
-        except BaseException:
-            self.ledger.set_running(job.job_id, running=False)
-            raise
-        if outcome.kind not in ("done", "dedup", "failed"):  # those cleared it already
-            self.ledger.set_running(job.job_id, running=False)
+        """One attempt. Host errors become ``finish_error``; our bugs propagate."""
+        outcome = self._attempt(job)
         if outcome.kind in ("done", "dedup", "failed", "vanished"):
             clean_scratch(job, self.instance)  # the parts are not needed any more
+        if outcome.kind in ("done", "dedup", "failed"):
+            with contextlib.suppress(OSError):
+                release(outcome.job)
+        elif outcome.kind != "vanished":
+            with contextlib.suppress(*HOST_ERRORS):
+                self.ledger.set_stage(job.job_id, None)
         return outcome
 
-    def _process(self, job: Job, watch: WatchConfig) -> Outcome:
-        verdict = job.verdict
-        if verdict is not None:  # judged already: only the move to failed/ is left
-            if job.sha256 is None:
-                with contextlib.suppress(PrepareError):
-                    job = identify(job)  # for the error file
-            return self.fail(job, verdict.error, watch, verdict.reason)
+    def _attempt(self, job: Job) -> Outcome:
+        watch = self.watches[job.root]
+        if job.plan is None:
+            row = self.ledger.job(job.job_id)
+            if row is not None and row.plan is not None:
+                # A finish is under way (an earlier try, or before a restart): keep to it.
+                job = job.evolve(plan=row.plan, text=job.text or row.text)
+        progress = [job]  # the furthest the job got, for an outcome after an error
         try:
-            if job.sha256 is None:
-                job = identify(job)  # (the ledger learns the hash with the transcript)
-        except PrepareError as exc:
-            return self.fail(job, exc, watch)
-        model = self.model_for(job)
-        kind: OutcomeKind = "done"
+            return self._steps(job, watch, progress)
+        except Fenced as exc:
+            return Outcome(OutcomeKind.FENCED, progress[-1], exc)
+        except FileNotFoundError as exc:
+            latest = progress[-1]
+            if self._vanished(latest):
+                return Outcome(OutcomeKind.VANISHED, latest, exc)
+            return Outcome(OutcomeKind.FINISH_ERROR, latest, exc)
+        except HOST_ERRORS as exc:
+            return Outcome(OutcomeKind.FINISH_ERROR, progress[-1], exc)
+
+    def _vanished(self, job: Job) -> bool:
+        """Gone from the work area, and not where its plan put it."""
+        if os.path.lexists(job.path):
+            return False
+        plan = job.plan
+        return plan is None or not same_content(
+            plan.original, job.signature.size, job.identity, job.sha256
+        )
+
+    def _steps(self, job: Job, watch: WatchConfig, progress: list[Job]) -> Outcome:
+        if job.verdict is not None or (job.plan is not None and job.plan.kind == "failed"):
+            return self.fail(
+                job, watch, progress
+            )  # judged already: only the move to failed/ is left
         bytes_sent = 0
         audio_seconds: float | None = None
-        if (
-            job.text is None
-            and job.sha256
-            and (known := self.ledger.known_text(job.sha256, model)) is not None
-        ):
-            job, kind = job.evolve(text=known), "dedup"
+        kind = OutcomeKind.DONE
+        if job.text is None:
+            self.ledger.set_stage(job.job_id, "prepare")
+            try:
+                job = identify(job) if job.sha256 is None else job
+            except PrepareError as exc:
+                return self.fail(job.evolve(verdict=Verdict(exc)), watch, progress)
+            progress.append(job)
+            model = self.model_for(job)
+            if (known := self.ledger.known_text(job.sha256 or "", model)) is not None:
+                job, kind = job.evolve(text=known), OutcomeKind.DEDUP
         if job.text is None:
             try:
                 prepared = prepare(job, self.config, self.instance)
             except PrepareError as exc:
-                return self.fail(job, exc, watch)
+                return self.fail(job.evolve(verdict=Verdict(exc)), watch, progress)
             audio_seconds = prepared.audio_seconds
             # Parts whose transcripts the ledger holds (an earlier, interrupted try).
             texts = self.ledger.parts(job.job_id) if len(prepared.parts) > 1 else []
-            trace_id: str | None = None
+            self.fence(job)  # a sibling that adopted the job pays for it, not us too
+            self.ledger.set_stage(job.job_id, "upload")
             self.log.info(
                 "sfwatch.upload_started",
                 job_id=job.job_id,
@@ -136,6 +178,7 @@ class Worker:
                 audio_seconds=audio_seconds,
                 bytes=job.signature.size,
             )
+            trace_id: str | None = None
             try:
                 for part in prepared.parts[len(texts) :]:
                     result = self.transcriber.transcribe(part.path, part.upload_name, model)
@@ -148,66 +191,70 @@ class Worker:
             except TranscribeError as exc:
                 if exc.trace_id:
                     job = job.evolve(trace_ids=(*job.trace_ids, exc.trace_id))
-                return Outcome("error", job, exc, bytes_sent=bytes_sent)
+                return Outcome(OutcomeKind.ERROR, job, exc, bytes_sent=bytes_sent)
             job = job.evolve(attempts=job.attempts + 1, text="\n".join(t.strip() for t in texts))
+            progress.append(job)  # paid: from here on, errors keep the text
             if signature_of(job.path) != job.signature:
                 # New content: the parts and their transcripts are of the old one.
                 self.ledger.part_done(job.job_id, [])
                 clean_scratch(job, self.instance)
-                return Outcome("changed", job.evolve(text=None, sha256=None))
+                return Outcome(OutcomeKind.CHANGED, job.evolve(text=None, sha256=None))
             self.ledger.transcribed(job, model, trace_id)
-        try:
-            placed = self._finish(job, watch)
-        except OSError as exc:
-            return Outcome("finish_error", job, exc, bytes_sent=bytes_sent)
+            write_sidecar(job)
+        placed = self._finish(job, watch, progress)
         self.ledger.finished(
-            job,
+            progress[-1],
             kind,
             final_path=placed.original,
             transcript=placed.transcript,
             audio_seconds=audio_seconds,
         )
-        return Outcome(kind, job, placed=placed, bytes_sent=bytes_sent, audio_seconds=audio_seconds)
+        return Outcome(
+            kind, progress[-1], placed=placed, bytes_sent=bytes_sent, audio_seconds=audio_seconds
+        )
 
-    def _finish(self, job: Job, watch: WatchConfig) -> Placed:
-        row = self.ledger.job(job.job_id)
-        existing = Path(row.transcript) if row and row.transcript else None
-        if existing is not None:
-            # An earlier finish chose this name and may have been killed mid-write.
-            temp_name(existing, job.job_id).unlink(missing_ok=True)
-            if not _holds(existing, transcript_bytes(job.text or "")):
-                existing = None  # never written, or another file's since: choose again
+    def _finish(self, job: Job, watch: WatchConfig, progress: list[Job]) -> Placed:
+        self.ledger.set_stage(job.job_id, "finish")
         return finish_done(
             job,
             job.text or "",
             watch,
-            transcript_at=existing,
-            plan=lambda path: self.ledger.planned_transcript(job.job_id, path),
+            plan=job.plan,
+            record=lambda plan: self._record_plan(job, plan, progress),
+            guard=lambda: self.fence(job),
         )
 
-    def fail(
-        self, job: Job, exc: Exception, watch: WatchConfig, reason: str | None = None
-    ) -> Outcome:
+    def _record_plan(self, job: Job, plan: Plan, progress: list[Job]) -> None:
+        """Durably note where finish is about to put things; tell a would-be adopter too."""
+        planned = job.evolve(plan=plan)
+        self.ledger.planned(planned, plan)
+        progress.append(planned)
+        with contextlib.suppress(OSError):  # only a sibling's convenience
+            write_sidecar(planned)
+
+    def fail(self, job: Job, watch: WatchConfig, progress: list[Job]) -> Outcome:
         """Move the job's file to failed/ with its error file; record it."""
-        fields = error_fields(exc)
-        if reason is not None:
-            fields = {**fields, "reason": reason, "last_reason": fields.get("reason")}
-        try:
-            placed = finish_failed(job, fields, watch)
-        except OSError as move_exc:
-            return Outcome("finish_error", job, move_exc)
-        self.ledger.finished(job, "failed", final_path=placed.original, error=fields)
-        clean_scratch(job, self.instance)
-        # The scheduler also fails jobs no outcome of ours ends (poison, gave_up, a 400):
-        # their job folder, now empty, goes here (up to the instance folder).
-        remove_empty_dirs(job.path.parent, job.path.parents[len(job.rel.parts)])
-        return Outcome("failed", job, exc, placed=placed)
-
-
-def _holds(path: Path, data: bytes) -> bool:
-    """Is ``path`` a regular file holding exactly ``data``?"""
-    try:
-        st = path.lstat()
-        return stat.S_ISREG(st.st_mode) and st.st_size == len(data) and path.read_bytes() == data
-    except OSError:
-        return False
+        verdict = job.verdict
+        fields: dict[str, Any] = {}
+        if verdict is not None:
+            fields = error_fields(verdict.error)
+            if verdict.reason is not None:
+                fields = {**fields, "reason": verdict.reason, "last_reason": fields.get("reason")}
+        if job.sha256 is None and os.path.lexists(job.path):
+            with contextlib.suppress(PrepareError, OSError):
+                job = identify(job)  # for the error file (and to recognise a copy later)
+        progress.append(job)
+        self.ledger.set_stage(job.job_id, "finish")
+        placed = finish_failed(
+            job,
+            fields,
+            watch,
+            plan=job.plan,
+            record=lambda plan: self._record_plan(job, plan, progress),
+            guard=lambda: self.fence(job),
+        )
+        latest = progress[-1]
+        error = latest.plan.error if latest.plan is not None else fields
+        self.ledger.finished(latest, "failed", final_path=placed.original, error=error)
+        exc = verdict.error if verdict is not None else None
+        return Outcome(OutcomeKind.FAILED, latest, exc, placed=placed)

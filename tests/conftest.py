@@ -73,8 +73,12 @@ def write_config(
     watch: dict[str, Any] | None = None,
     extra_watches: list[dict[str, Any]] | None = None,
     log_level: str = "debug",
+    extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a config file into ``folder`` watching ``folder/inbox``; return its path."""
+    """Write a config file into ``folder`` watching ``folder/inbox``; return its path.
+
+    ``extra``: more top-level sections (``prepare``, …).
+    """
     data: dict[str, Any] = {
         "api": {"base_url": api_url, "concurrency": 4, "timeout_seconds": 10, **(api or {})},
         "state_dir": str(folder / "state"),
@@ -83,6 +87,7 @@ def write_config(
             {"path": "inbox", "settle_seconds": 0.3, "rescan_seconds": 5, **(watch or {})},
             *(extra_watches or []),
         ],
+        **(extra or {}),
     }
     path = folder / "sfwatch.yaml"
     path.write_text(yaml.safe_dump(data), encoding="utf-8")

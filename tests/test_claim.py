@@ -210,6 +210,6 @@ def test_release_removes_job_folders_up_to_instance(watch: WatchConfig) -> None:
     job = claim(settled_file(watch, "sub/deeper/a.mp3"), watch.work_dir, "i")
     assert job is not None
     job.path.rename(watch.path / "moved-out.mp3")
-    release(job, watch.work_dir, "i")
+    release(job)
     assert instance_dir(watch.work_dir, "i").is_dir()
     assert list(instance_dir(watch.work_dir, "i").iterdir()) == []

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from datetime import datetime, timedelta
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ import pytest
 from sfwatch.claim import claim
 from sfwatch.config import WatchConfig
 from sfwatch.finish import Placed, finish_done, finish_failed
-from sfwatch.job import Job
+from sfwatch.job import Job, Plan
 from sfwatch.settle import SettledFile, signature_of
 from tests.conftest import files_under
 
@@ -127,13 +129,14 @@ def test_done_name_taken_between_look_and_write(watch: WatchConfig) -> None:
     inbox = watch.path
     planned: list[Path] = []
 
-    def someone_else_takes_it(path: Path) -> None:
-        planned.append(path)
+    def someone_else_takes_it(plan: Plan) -> None:
+        assert plan.transcript is not None
+        planned.append(plan.transcript)
         if len(planned) == 1:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(b"another writer's file")
+            plan.transcript.parent.mkdir(parents=True, exist_ok=True)
+            plan.transcript.write_bytes(b"another writer's file")
 
-    placed = finish_done(claimed(watch, "a.mp3"), TEXT, watch, plan=someone_else_takes_it)
+    placed = finish_done(claimed(watch, "a.mp3"), TEXT, watch, record=someone_else_takes_it)
     assert planned == [inbox / "a.txt", inbox / "a (1).txt"]
     assert (inbox / "a.txt").read_bytes() == b"another writer's file"
     assert placed.transcript == inbox / "a (1).txt"
@@ -182,17 +185,38 @@ def test_done_to_other_filesystem(tmp_path: Path, shm_dir: Path) -> None:
     assert files_under(shm_dir) == ["done/sub/a (1).mp3", "done/sub/a.mp3"]
 
 
+def done_plan(watch: WatchConfig, stem: str, sub: str = "") -> Plan:
+    """The plan an interrupted earlier finish recorded for ``<sub><stem>``."""
+    return Plan(
+        "done",
+        original=watch.done_dir / sub / f"{stem}.mp3",
+        transcript=watch.path / sub / f"{stem}.txt",
+    )
+
+
 def test_done_resume_keeps_existing_transcript(watch: WatchConfig) -> None:
-    """With ``transcript_at`` the earlier transcript is kept and no second one is written."""
+    """A planned transcript already written (the crash came after it) is kept, not copied."""
     inbox = watch.path
     job = claimed(watch, "sub/a.mp3")
-    earlier = put(inbox / "sub/a.txt", b"written before the crash\n")
-    placed = finish_done(job, "a different text", watch, transcript_at=earlier)
+    earlier = put(inbox / "sub/a.txt", (TEXT + "\n").encode())
+    placed = finish_done(job, TEXT, watch, plan=done_plan(watch, "a", "sub"))
     assert placed.transcript == earlier
-    assert earlier.read_bytes() == b"written before the crash\n"
     assert placed.original == inbox / "done/sub/a.mp3"
     assert placed.original.read_bytes() == AUDIO
     assert files_under(inbox) == ["done/sub/a.mp3", "sub/a.txt"]
+
+
+def test_done_planned_name_taken_by_a_stranger_plans_again(watch: WatchConfig) -> None:
+    """A planned transcript name holding someone else's file is left alone; a new plan is made."""
+    inbox = watch.path
+    job = claimed(watch, "a.mp3")
+    stranger = put(inbox / "a.txt", b"not ours\n")
+    recorded: list[Plan] = []
+    placed = finish_done(job, TEXT, watch, plan=done_plan(watch, "a"), record=recorded.append)
+    assert stranger.read_bytes() == b"not ours\n"
+    assert [p.transcript for p in recorded] == [inbox / "a (1).txt"]
+    assert placed.original == inbox / "done/a (1).mp3"
+    assert files_under(inbox) == ["a (1).txt", "a.txt", "done/a (1).mp3"]
 
 
 def test_done_resume_follows_numbered_transcript(watch: WatchConfig) -> None:
@@ -200,10 +224,36 @@ def test_done_resume_follows_numbered_transcript(watch: WatchConfig) -> None:
     inbox = watch.path
     put(inbox / "a.txt", b"another file's transcript\n")
     job = claimed(watch, "a.mp3")
-    earlier = put(inbox / "a (1).txt", b"ours\n")
-    placed = finish_done(job, "ours", watch, transcript_at=earlier)
+    put(inbox / "a (1).txt", b"ours\n")
+    placed = finish_done(job, "ours", watch, plan=done_plan(watch, "a (1)"))
     assert placed.original == inbox / "done/a (1).mp3"
     assert files_under(inbox) == ["a (1).txt", "a.txt", "done/a (1).mp3"]
+
+
+def test_done_resume_after_the_original_moved(watch: WatchConfig) -> None:
+    """Killed after the move, before the ledger said done: the moved file is accepted."""
+    inbox = watch.path
+    job = claimed(watch, "a.mp3")
+    put(inbox / "a.txt", (TEXT + "\n").encode())
+    (inbox / "done").mkdir()
+    job.path.rename(inbox / "done/a.mp3")
+    placed = finish_done(job, TEXT, watch, plan=done_plan(watch, "a"))
+    assert placed.original == inbox / "done/a.mp3"
+    assert files_under(inbox) == ["a.txt", "done/a.mp3"]
+
+
+def test_done_copy_across_file_systems_killed_before_unlink(tmp_path: Path, shm_dir: Path) -> None:
+    """A verified copy already in done/ on another disk (kill before unlink): no ` (1)`."""
+    watch = WatchConfig(path=tmp_path / "inbox", done_dir=shm_dir / "done")
+    job = claimed(watch, "a.mp3")
+    job = job.evolve(sha256=hashlib.sha256(AUDIO).hexdigest())
+    put(shm_dir / "done/a.mp3", AUDIO)  # a different inode, the same bytes
+    put(tmp_path / "inbox/a.txt", (TEXT + "\n").encode())
+    plan = Plan("done", original=shm_dir / "done/a.mp3", transcript=tmp_path / "inbox/a.txt")
+    placed = finish_done(job, TEXT, watch, plan=plan)
+    assert placed.original == shm_dir / "done/a.mp3"
+    assert not job.path.exists()
+    assert files_under(shm_dir) == ["done/a.mp3"]
 
 
 # --- finish_failed ----------------------------------------------------------------------
@@ -278,7 +328,8 @@ def test_done_resume_after_crash_between_link_and_unlink(watch: WatchConfig) -> 
     earlier = put(inbox / "sub/a.txt", (TEXT + "\n").encode())
     (inbox / "done/sub").mkdir(parents=True)
     os.link(job.path, inbox / "done/sub/a.mp3")  # what the interrupted move had done
-    placed = finish_done(job, TEXT, watch, transcript_at=earlier)
+    placed = finish_done(job, TEXT, watch, plan=done_plan(watch, "a", "sub"))
+    assert placed.transcript == earlier
     assert placed.original == inbox / "done/sub/a.mp3"
     assert placed.original.stat().st_nlink == 1
     assert not job.path.exists()
@@ -289,14 +340,16 @@ def test_done_resume_after_crash_between_link_and_unlink(watch: WatchConfig) -> 
 def test_failed_resume_after_crash_between_link_and_unlink(
     watch: WatchConfig, linked_as: str
 ) -> None:
-    """Original already linked into failed/ (crash before unlink): one name and its error file."""
+    """Error file written, original linked into failed/ (kill before unlink): completed as is."""
     fdir = watch.failed_dir / "sub"
     job = claimed(watch, "sub/a.mp3")
-    fdir.mkdir(parents=True)
     if linked_as != "a.mp3":
         put(fdir / "a.mp3", b"an earlier failure of another file")
+    recorded: list[Plan] = []
+    with pytest.raises(_Stop):
+        finish_failed(job, ERROR, watch, record=recorded.append, guard=_stop_before_move())
     os.link(job.path, fdir / linked_as)  # what the interrupted move had done
-    placed = finish_failed(job, ERROR, watch)
+    placed = finish_failed(job, ERROR, watch, plan=recorded[0])
     assert placed.original == fdir / linked_as
     assert placed.error_file == fdir / f"{linked_as}.error.json"
     assert placed.original.stat().st_nlink == 1
@@ -307,3 +360,28 @@ def test_failed_resume_after_crash_between_link_and_unlink(
         expected.add("a.mp3")
         assert (fdir / "a.mp3").read_bytes() == b"an earlier failure of another file"
     assert files_under(fdir) == sorted(expected)
+
+
+def test_failed_error_file_comes_before_the_original(watch: WatchConfig) -> None:
+    """Stopped before the move, failed/ already holds the error file (never the reverse)."""
+    job = claimed(watch, "a.mp3")
+    with pytest.raises(_Stop):
+        finish_failed(job, ERROR, watch, guard=_stop_before_move())
+    assert files_under(watch.failed_dir) == ["a.mp3.error.json"]
+    assert job.path.exists()
+
+
+class _Stop(Exception):
+    """Raised by a guard to stop finish between two steps."""
+
+
+def _stop_before_move() -> Callable[[], None]:
+    """A guard that lets the first step through and stops before the second."""
+    calls: list[None] = []
+
+    def guard() -> None:
+        calls.append(None)
+        if len(calls) == 2:
+            raise _Stop
+
+    return guard
