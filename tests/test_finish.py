@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from datetime import datetime, timedelta
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
