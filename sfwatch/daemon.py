@@ -376,7 +376,7 @@ class Daemon:
                 self.log.exception(
                     "sfwatch.worker_crashed", job_id=job.job_id, file=str(job.source)
                 )
-                self.scheduler.local_failure(job.evolve(last_reason="crash"), exc)
+                self.scheduler.handle(Outcome("crash", job, exc))
                 continue
             if outcome.kind in ("done", "dedup", "failed"):
                 release(outcome.job, self.worker.watches[job.root].work_dir, self.instance)

@@ -27,7 +27,10 @@ from sfwatch.prepare import clean_scratch, identify, prepare
 from sfwatch.settle import signature_of
 from sfwatch.transcribe import Transcriber
 
-OutcomeKind = Literal["done", "dedup", "failed", "error", "changed", "finish_error", "vanished"]
+#: the values of ``lifecycle.OutcomeKind`` (the worker reports the first seven)
+OutcomeKind = Literal[
+    "done", "dedup", "failed", "error", "changed", "finish_error", "vanished", "crash", "fenced"
+]
 
 
 @dataclass(frozen=True)
