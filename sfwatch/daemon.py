@@ -42,6 +42,7 @@ from sfwatch.errors import ConfigError, SfwatchError, TranscribeError
 from sfwatch.intake import Intake
 from sfwatch.job import Job
 from sfwatch.ledger import Ledger
+from sfwatch.lifecycle import OutcomeKind
 from sfwatch.logs import get_logger
 from sfwatch.notify import Notifier
 from sfwatch.pacing import Pacer
@@ -414,7 +415,7 @@ class Daemon:
                 self.log.exception(
                     "sfwatch.worker_crashed", job_id=job.job_id, file=str(job.source)
                 )
-                self.scheduler.local_failure(job.evolve(last_reason="crash"), exc)
+                self.scheduler.handle(Outcome(OutcomeKind.CRASH, job, exc))
                 continue
             self.scheduler.handle(outcome)
 

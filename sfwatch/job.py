@@ -104,6 +104,8 @@ class Job:
     last_reason: str | None = None
     #: monotonic time since which another upload's success would show the service works
     window_start: float = 0.0
+    #: unexpected exceptions (our bugs) on this file; ``lifecycle.CRASH_LIMIT`` fail it
+    crashes: int = 0
     #: monotonic time of the claim (for duration_ms)
     claimed_at: float = 0.0
     #: the file has been judged (e.g. a 400) but could not be moved to failed/ yet:

@@ -100,6 +100,10 @@ class JobStatus(StrEnum):
     ADOPTED = "adopted"  # a sibling daemon took the claim over
 
 
+#: every status but ``claimed``: nothing more happens to the job
+TERMINAL = frozenset(JobStatus) - {JobStatus.CLAIMED}
+
+
 def boot_id() -> str:
     """This boot of the host (a restart of the daemon keeps it; a reboot changes it)."""
     try:

@@ -1,8 +1,10 @@
-"""The scheduler: which claimed job runs next, and what an outcome means.
+"""The scheduler: which claimed job runs next, and acting on what an outcome means.
 
-It lives on the main thread and owns every decision about a job after a worker
-reports back: finished, retry after a backoff, wait for the whole account, or
-fail. It implements DESIGN.md's promise 3:
+It lives on the main thread and owns every job after a worker reports back:
+finished, retry after a backoff, wait for the whole account, or fail. What an
+outcome means is decided by ``lifecycle.decide`` (pure, table-tested); the
+scheduler only applies the decision: it tells the pacer, writes the ledger, logs,
+and queues the job. Together they implement DESIGN.md's promise 3:
 
 - a file's own fault (400/413/415/422, a second unusable 200) fails it at once;
 - a rate limit (429) or an overloaded model (50505) never costs an attempt;
@@ -19,33 +21,36 @@ from __future__ import annotations
 import heapq
 import time
 from collections import Counter
-from typing import Any
+from collections.abc import Callable
+from typing import Any, assert_never
 
-from sfwatch.backoff import full_jitter
 from sfwatch.claim import adopted_by
 from sfwatch.config import Config, WatchConfig
-from sfwatch.errors import (
-    AccountError,
-    FileRejected,
-    RateLimited,
-    TranscribeError,
-    TransientError,
-    UnusableResponse,
-)
+from sfwatch.errors import TranscribeError
 from sfwatch.job import Job, Verdict
 from sfwatch.ledger import JobStatus, Ledger, boot_id
+from sfwatch.lifecycle import (
+    CRASH_LIMIT,
+    Context,
+    Fail,
+    Finished,
+    Lost,
+    OutcomeKind,
+    PacerSignal,
+    Park,
+    Recheck,
+    Retry,
+    Signal,
+    decide,
+    state_of,
+    with_state,
+)
 from sfwatch.logs import get_logger
 from sfwatch.pacing import Pacer
 from sfwatch.worker import Outcome, Worker, error_fields
 
-#: the longest a job waits between tries of a failing local step (a full disk)
-FINISH_RETRY_CAP = 300.0
 #: restarts that found a job mid-attempt before it is failed as "poison"
 POISON_AFTER = 3
-#: unexpected errors (our bugs) on one file before it is failed as "internal_error"
-CRASH_LIMIT = 5
-#: a fenced job is looked at again after this long (the loop renews leases every 2 s)
-FENCE_RECHECK = 3.0
 
 
 def needs_upload(job: Job) -> bool:
@@ -67,8 +72,16 @@ def watch_dirs(watch: WatchConfig) -> dict[str, str | None]:
 class Scheduler:
     """The waiting jobs and the decisions about them."""
 
-    def __init__(self, config: Config, pacer: Pacer, ledger: Ledger, worker: Worker) -> None:
+    def __init__(
+        self,
+        config: Config,
+        pacer: Pacer,
+        ledger: Ledger,
+        worker: Worker,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
+        self.clock = clock
         self.pacer = pacer
         self.ledger = ledger
         self.worker = worker
@@ -92,7 +105,7 @@ class Scheduler:
         """Run ``job`` again after ``delay`` seconds."""
         self._seq += 1
         heap = self.uploads if needs_upload(job) else self.local
-        heapq.heappush(heap, (time.monotonic() + delay, self._seq, job))
+        heapq.heappush(heap, (self.clock() + delay, self._seq, job))
 
     def next_due(self, uploads_allowed: bool = True) -> float | None:
         """Monotonic time the earliest waiting job that could start falls due."""
@@ -102,7 +115,7 @@ class Scheduler:
 
     def pop_due(self, uploads_allowed: bool = True) -> Job | None:
         """The next job whose wait is over, if any (local work first)."""
-        now = time.monotonic()
+        now = self.clock()
         for heap in [self.local, self.uploads] if uploads_allowed else [self.local]:
             if heap and heap[0][0] <= now:
                 return heapq.heappop(heap)[2]
@@ -117,7 +130,7 @@ class Scheduler:
         it is failed as ``poison``. Restarts during uploads or finishes, or after
         the host itself went down, are nobody's fault and count nothing.
         """
-        now = time.monotonic()
+        now = self.clock()
         job = job.evolve(claimed_at=now, window_start=now)
         row = self.ledger.job(job.job_id)
         if row is None:
@@ -161,35 +174,74 @@ class Scheduler:
     # -- outcomes ------------------------------------------------------------------
 
     def handle(self, outcome: Outcome) -> None:
-        """Decide what an attempt's outcome means for its job."""
+        """Decide what an attempt's outcome means for its job (``lifecycle.decide``), then act."""
         job = outcome.job
-        if outcome.kind in ("done", "dedup", "failed"):
-            if outcome.kind == "done" and outcome.bytes_sent > 0:
-                self.pacer.succeeded()  # only a real upload says the service works
-            self.finished(outcome, job.verdict.reason if job.verdict else None)
-        elif outcome.kind == "changed":
-            self.log.warning(
-                "sfwatch.file_changed",
-                job_id=job.job_id,
-                file=str(job.source),
-                note="written to during upload; uploading again once it settles",
-            )
-            self.wait(job, self.worker.watches[job.root].settle_seconds)
-        elif outcome.kind == "vanished":
-            self.vanished(job)
-        elif outcome.kind == "fenced":
-            # Our lease went stale (a freeze): look again once it has been renewed.
-            self.log.warning(
-                "sfwatch.job_fenced",
-                job_id=job.job_id,
-                file=str(job.source),
-                why=str(outcome.error),
-            )
-            self.wait(job, FENCE_RECHECK)
-        elif outcome.kind == "finish_error":
-            self.local_failure(job, outcome.error)
-        elif isinstance(outcome.error, TranscribeError):
-            self.upload_failed(job, outcome.error)
+        kind = OutcomeKind(outcome.kind)
+        decision = decide(kind, outcome.error, state_of(job), self._context(job, outcome))
+        paused = self.pacer.account_fault is not None
+        hold = self._tell_pacer(decision.signal)
+        match decision:
+            case Finished():
+                self.finished(outcome, job.verdict.reason if job.verdict else None)
+            case Lost():
+                self.vanished(job)
+            case Recheck(delay):
+                # Our lease went stale (a freeze): look again once it has been renewed.
+                self.log.warning(
+                    "sfwatch.job_fenced",
+                    job_id=job.job_id,
+                    file=str(job.source),
+                    why=str(outcome.error),
+                )
+                self.wait(job, delay)
+            case Park(state):
+                exc = _upload_error(outcome)
+                if not paused:
+                    fields = _upload_fields(job, exc)
+                    self.log.error("sfwatch.uploads_paused", **fields, probe_in=round(hold, 1))
+                self._record_wait(with_state(job, state), exc, 0.0)
+            case Retry(delay, state) if kind is OutcomeKind.ERROR:
+                exc = _upload_error(outcome)
+                fields = _upload_fields(job, exc)
+                if decision.signal.kind is Signal.RATE_LIMITED:
+                    delay = max(delay, hold)
+                    self.log.warning(
+                        "sfwatch.rate_limited",
+                        **fields,
+                        limit=self.pacer.limit,
+                        hold_seconds=round(delay, 1),
+                    )
+                else:
+                    charged = state.attempts > job.attempts
+                    self.log.warning(
+                        "sfwatch.upload_failed", **fields, charged=charged, retry_in=round(delay, 2)
+                    )
+                self._record_wait(with_state(job, state), exc, delay)
+            case Retry(delay, state) if kind is OutcomeKind.CHANGED:
+                self.log.warning(
+                    "sfwatch.file_changed",
+                    job_id=job.job_id,
+                    file=str(job.source),
+                    note="written to during upload; uploading again once it settles",
+                )
+                self.wait(with_state(job, state), delay)
+            case Retry(delay, state):  # finish_error, crash: a step on our side failed
+                self.log.error(
+                    "sfwatch.finish_failed",
+                    job_id=job.job_id,
+                    file=str(job.source),
+                    error=str(outcome.error),
+                    retry_in=round(delay, 1),
+                )
+                self.wait(with_state(job, state), delay)
+            case Fail(reason, state):
+                error = outcome.error
+                if reason == "internal_error" or error is None:
+                    # The same file keeps hitting a bug of ours: set it aside, say so.
+                    error = RuntimeError(f"sfwatch failed on this file: {outcome.error}")
+                self.fail(with_state(job, state), error, reason)
+            case _:  # pragma: no cover - the union is closed
+                assert_never(decision)
 
     def vanished(self, job: Job) -> None:
         """The claimed file is gone: a sibling adopted the job, or a person removed it."""
@@ -207,77 +259,32 @@ class Scheduler:
         self.ledger.lost(job.job_id, "the claimed file disappeared from the work area")
         self.counts["vanished"] += 1
 
-    def local_failure(self, job: Job, error: Exception | None) -> None:
-        """A step on our side failed (disk full, done/ not writable): try again later."""
-        if job.last_reason == "crash" and job.failures + 1 >= CRASH_LIMIT and not job.verdict:
-            # The same file keeps hitting a bug of ours: set it aside, say so.
-            self.fail(job, RuntimeError(f"sfwatch failed on this file: {error}"), "internal_error")
-            return
-        delay = full_jitter(job.failures + 1, base=2.0 * self.pacer.base, cap=FINISH_RETRY_CAP)
-        self.log.error(
-            "sfwatch.finish_failed",
-            job_id=job.job_id,
-            file=str(job.source),
-            error=str(error),
-            retry_in=round(delay, 1),
+    def _context(self, job: Job, outcome: Outcome) -> Context:
+        return Context(
+            now=self.clock(),
+            last_success=self.pacer.last_success,
+            max_attempts=self.config.api.max_attempts,
+            backoff_base=self.pacer.base,
+            settle_seconds=self.worker.watches[job.root].settle_seconds,
+            crash_limit=CRASH_LIMIT,
+            bytes_sent=outcome.bytes_sent,
+            judged=job.verdict is not None,
         )
-        self.wait(job.evolve(failures=job.failures + 1), delay)
 
-    def upload_failed(self, job: Job, exc: TranscribeError) -> None:
-        """Back off, pause, or fail, by the kind of error (see the module docstring)."""
-        now = time.monotonic()
-        fields: dict[str, Any] = {
-            "job_id": job.job_id,
-            "file": str(job.source),
-            "attempt": job.attempts + 1,
-            "http_status": exc.http_status,
-            "trace_id": exc.trace_id,
-            "reason": exc.reason,
-            "error": exc.message,
-        }
-        if isinstance(exc, FileRejected) or (
-            isinstance(exc, UnusableResponse) and job.last_reason == exc.reason
-        ):
-            self.pacer.succeeded()  # the service is up: it judged the file
-            self.fail(job.evolve(attempts=job.attempts + 1), exc)
-            return
-        if isinstance(exc, AccountError):
-            first = self.pacer.account_fault is None
-            wait = self.pacer.account_failed(exc.reason)
-            if first:
-                self.log.error("sfwatch.uploads_paused", **fields, probe_in=round(wait, 1))
-            self._record_wait(job, exc, 0.0)
-            return
-        if not isinstance(exc, TransientError):  # pragma: no cover - the hierarchy is closed
-            raise TypeError(exc)
-        if isinstance(exc, RateLimited):
-            hold = self.pacer.rate_limited(exc.retry_after)
-            self.log.warning(
-                "sfwatch.rate_limited",
-                **fields,
-                limit=self.pacer.limit,
-                hold_seconds=round(hold, 1),
-            )
-            self._record_wait(job.evolve(last_reason=exc.reason), exc, hold)
-            return
-        charged = exc.reason != "overloaded" and self.pacer.last_success > job.window_start
-        self.pacer.failed(exc.reason, exc.retry_after)
-        job = job.evolve(
-            failures=job.failures + 1,
-            last_reason=exc.reason,
-            window_start=now,
-            attempts=job.attempts + int(charged),
-        )
-        if job.attempts >= self.config.api.max_attempts:
-            self.fail(job, exc, reason="gave_up")
-            return
-        delay = max(
-            exc.retry_after or 0.0, full_jitter(job.failures, base=self.pacer.base, cap=60.0)
-        )
-        self.log.warning(
-            "sfwatch.upload_failed", **fields, charged=charged, retry_in=round(delay, 2)
-        )
-        self._record_wait(job, exc, delay)
+    def _tell_pacer(self, signal: PacerSignal) -> float:
+        """Apply a decision's pacer signal; return the wait the pacer chose, if any."""
+        match signal.kind:
+            case Signal.SUCCEEDED:
+                self.pacer.succeeded()
+            case Signal.RATE_LIMITED:
+                return self.pacer.rate_limited(signal.retry_after)
+            case Signal.FAILED:
+                self.pacer.failed(signal.reason or "transient", signal.retry_after)
+            case Signal.ACCOUNT:
+                return self.pacer.account_failed(signal.reason or "account")
+            case Signal.NONE:
+                pass
+        return 0.0
 
     def _record_wait(self, job: Job, exc: TranscribeError, delay: float) -> None:
         self.ledger.attempt_failed(job, error_fields(exc), time.time() + delay)
@@ -304,7 +311,7 @@ class Scheduler:
             "bytes": job.signature.size,
             "bytes_sent": outcome.bytes_sent,
             "audio_seconds": outcome.audio_seconds,
-            "duration_ms": round((time.monotonic() - job.claimed_at) * 1000),
+            "duration_ms": round((self.clock() - job.claimed_at) * 1000),
             "trace_id": next((t for t in reversed(job.trace_ids) if t), None),
         }
         if outcome.placed is not None:
@@ -319,3 +326,22 @@ class Scheduler:
             fields["reason"] = reason
         level = "warning" if outcome.kind == "failed" else "info"
         getattr(self.log, level)("sfwatch.job_finished", **fields)
+
+
+def _upload_error(outcome: Outcome) -> TranscribeError:
+    if not isinstance(outcome.error, TranscribeError):  # pragma: no cover - decide checked
+        raise TypeError(outcome.error)
+    return outcome.error
+
+
+def _upload_fields(job: Job, exc: TranscribeError) -> dict[str, Any]:
+    """The fields of an upload-failure log line."""
+    return {
+        "job_id": job.job_id,
+        "file": str(job.source),
+        "attempt": job.attempts + 1,
+        "http_status": exc.http_status,
+        "trace_id": exc.trace_id,
+        "reason": exc.reason,
+        "error": exc.message,
+    }

@@ -22,6 +22,7 @@ import wave
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ from sfwatch.config import load_config
 from sfwatch.daemon import instance_name
 from sfwatch.finish import transcript_bytes
 from sfwatch.fsutil import temp_name
+from sfwatch.job import Plan
 from sfwatch.ledger import Ledger
 from sfwatch.prepare import identify
 from sfwatch.scheduler import POISON_AFTER
@@ -411,16 +413,15 @@ def test_a_file_killing_the_daemon_while_prepared_fails_as_poison(
         good.append(wav(rng))
         (inbox / f"good-{n}.wav").write_bytes(good[-1])
 
+    def prepared(kills: int) -> bool:
+        return stage_of(tmp_path / "state", "bad.wav") == ("prepare", kills)
+
     (inbox / "bad.wav").write_bytes(bad)
     drop_good(0)
     for crash in range(POISON_AFTER):
         with daemon_process(config) as daemon:
             # (the restart counts the last kill first, then prepares again)
-            wait_until(
-                lambda n=crash: stage_of(tmp_path / "state", "bad.wav") == ("prepare", n),
-                20,
-                f"prepare #{crash + 1}",
-            )
+            wait_until(partial(prepared, crash), 20, f"prepare #{crash + 1}")
             daemon.kill()
     with daemon_process(config) as daemon:
         (poisoned,) = daemon.wait_event("sfwatch.job_poisoned")
@@ -449,6 +450,9 @@ def test_kills_during_uploads_are_not_the_files_fault(tmp_path: Path, fake_api: 
             return stall(60)
         return None
 
+    def uploads_more_than(n: int) -> bool:
+        return len(stalled) > n
+
     fake_api.responder = respond
     config = write_config(tmp_path, fake_api.url, api={"concurrency": 1})
     inbox = tmp_path / "inbox"
@@ -456,7 +460,7 @@ def test_kills_during_uploads_are_not_the_files_fault(tmp_path: Path, fake_api: 
     (inbox / "a.wav").write_bytes(data)
     for crash in range(POISON_AFTER):
         with daemon_process(config) as daemon:
-            wait_until(lambda n=crash: len(stalled) > n, 20, f"upload #{crash + 1}")
+            wait_until(partial(uploads_more_than, crash), 20, f"upload #{crash + 1}")
             daemon.kill()
     with daemon_process(config) as daemon:
         wait_until(lambda: all_done(inbox, 1), 20, "a.wav done")
@@ -504,8 +508,8 @@ def test_restart_completes_an_interrupted_finish(
     try:
         ledger.claimed(job, instance)
         ledger.transcribed(job, config.api.model, "ti_before_the_crash")
-        ledger.planned_transcript(job.job_id, transcript)
-        ledger.set_running(job.job_id, running=True)
+        ledger.planned(job, Plan("done", original=inbox / "done/sub/a.wav", transcript=transcript))
+        ledger.set_stage(job.job_id, "finish")
     finally:
         ledger.close()
     body = transcript_bytes(job.text or "")
