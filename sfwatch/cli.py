@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 from sfwatch import __version__
-from sfwatch.admin import format_status, retry, status_report
+from sfwatch.admin import format_status, printable, retry, status_report
 from sfwatch.backoff import full_jitter
 from sfwatch.config import (
     ApiConfig,
@@ -228,17 +228,23 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    """``sfwatch retry``: failed originals back into their inbox."""
+    """``sfwatch retry``: failed originals back into their inbox.
+
+    One line per file moved on stdout; a warning on stderr for each file skipped
+    (the ledger does not show it as failed, or it is gone from failed/), which
+    does not change the exit status. 1 if a named FILE is no failed file (not in
+    a failed_dir, no such file) or a move failed; the other files are retried.
+    """
     if not args.all and not args.files:
         print("sfwatch: retry: name FILEs or give --all", file=sys.stderr)
         return EXIT_CONFIG
-    try:
-        moved = retry(_load(args), args.files, everything=args.all)
-    except FileNotFoundError as exc:
-        print(f"sfwatch: retry: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    for source, target in moved:
-        print(f"{source} -> {target}")
-    if not moved:
-        print("nothing to retry")
-    return EXIT_OK
+    report = retry(_load(args), args.files, everything=args.all)
+    for source, target in report.moved:
+        print(f"{printable(source)} -> {printable(target)}")
+    for path, why in report.skipped:
+        print(f"sfwatch: retry: skipped {printable(path)}: {printable(why)}", file=sys.stderr)
+    for path, why in report.errors:
+        print(f"sfwatch: retry: {printable(path)}: {printable(why)}", file=sys.stderr)
+    if not report.moved:
+        print("nothing retried")
+    return EXIT_FAILED if report.errors else EXIT_OK

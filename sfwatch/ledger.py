@@ -378,8 +378,9 @@ class Ledger:
         return [_row(r) for r in rows]
 
     def failed_jobs(self) -> list[JobRow]:
-        """Every job whose original sits in failed/."""
-        return [_row(r) for r in self._query("SELECT * FROM jobs WHERE status = 'failed'")]
+        """Every job whose original sits in failed/, oldest first."""
+        rows = self._query("SELECT * FROM jobs WHERE status = 'failed' ORDER BY updated, rowid")
+        return [_row(r) for r in rows]
 
     def retried(self, job_id: str) -> None:
         """The failed original went back to its inbox (durable: the file has moved)."""

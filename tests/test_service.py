@@ -214,25 +214,6 @@ def test_status_and_retry_while_running(tmp_path: Path, fake_api: FakeAPI) -> No
     assert report["daemons"][0]["running"] is False
 
 
-def test_retry_all_and_unknown_file(tmp_path: Path, fake_api: FakeAPI) -> None:
-    """retry --all moves every failed file back; a FILE outside failed/ is an error."""
-    config = write_config(tmp_path, fake_api.url)
-    failed = tmp_path / "inbox" / "failed" / "sub"
-    failed.mkdir(parents=True)
-    (failed / "a.mp3").write_bytes(b"a")
-    (failed / "a.mp3.error.json").write_text("{}")
-    (tmp_path / "inbox" / "sub").mkdir()
-    (tmp_path / "inbox" / "sub" / "a.mp3").write_bytes(b"a newer a")
-    result = run_cli("retry", "--all", "-c", str(config))
-    assert result.returncode == 0, result.stderr
-    assert (tmp_path / "inbox" / "sub" / "a (1).mp3").read_bytes() == b"a"
-    assert (tmp_path / "inbox" / "sub" / "a.mp3").read_bytes() == b"a newer a"
-    assert not (failed / "a.mp3.error.json").exists()
-    bad = run_cli("retry", "-c", str(config), str(tmp_path / "elsewhere.mp3"))
-    assert bad.returncode == 1
-    assert "failed_dir" in bad.stderr
-
-
 def test_dead_observer_is_restarted(tmp_path: Path, fake_api: FakeAPI) -> None:
     """An observer thread that dies is noticed and restarted; files still arrive."""
     config = write_config(tmp_path, fake_api.url, watch={"rescan_seconds": 600})
