@@ -11,7 +11,7 @@ the tree's own figures. Patches:
 - ``ledger-sync=MODE``: ``PRAGMA synchronous=MODE`` for the ledger (FULL in the tree).
 - ``hash-chunk=N``: read N bytes at a time when hashing a file (1 MiB in the tree).
 - ``claim-no-fsync``: the claim's two directory fsyncs are skipped.
-- ``no-running-flag``: skip the ledger's two ``running`` writes per attempt.
+- ``no-running-flag``: skip the ledger's ``stage`` writes per attempt.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def apply(spec: str) -> None:
         elif name == "claim-no-fsync":
             claim.__dict__["fsync_dir"] = lambda _path: None
         elif name == "no-running-flag":
-            ledger.Ledger.set_running = lambda *_a, **_k: None  # type: ignore[method-assign]
+            ledger.Ledger.set_stage = lambda *_a, **_k: None  # type: ignore[method-assign]
         else:
             raise SystemExit(f"bench.patched: unknown patch {name!r}")
 

@@ -143,9 +143,12 @@ def write_sidecar(job: Job) -> None:
     path = job_dir(job) / SIDECAR
     body = json.dumps(data, ensure_ascii=False).encode()
     tmp = path.with_name(f"{SIDECAR}.sfwatch-tmp")  # (removed by claimed_files if left)
-    with tmp.open("wb") as out:
-        out.write(body)
-    tmp.replace(path)  # our own file in our own folder: replacing is what we want
+    try:
+        with tmp.open("wb") as out:
+            out.write(body)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # our own file in our own folder: replacing is what we want
 
 
 def read_sidecar(folder: Path) -> dict[str, Any] | None:

@@ -1,6 +1,6 @@
 """The command line: ``sfwatch run | check | transcribe | status | retry``.
 
-Exit codes (DESIGN.md): 0 success, 1 a command's work failed (an online check,
+Exit codes (docs/design.md §10): 0 success, 1 a command's work failed (an online check,
 a one-shot transcription), 2 any usage or config error — with a message that
 names the config key.
 """

@@ -1,4 +1,4 @@
-"""Reading and checking the config file (DESIGN.md, "Configuration").
+"""Reading and checking the config file (docs/design.md §9).
 
 The YAML file is the user-facing contract, so this module is strict: unknown keys,
 wrong types and impossible values are errors whose text starts with the full key
@@ -119,7 +119,7 @@ class WatchConfig:
     rescan_seconds: float = 60.0
 
     def __post_init__(self) -> None:
-        # Lets tests and callers write WatchConfig(path=...) and get DESIGN.md's layout.
+        # Lets tests and callers write WatchConfig(path=...) and get docs/design.md §3.
         if self.done_dir == _DERIVED:
             object.__setattr__(self, "done_dir", self.path / "done")
         if self.failed_dir == _DERIVED:

@@ -21,7 +21,7 @@ daemon decides what to do with a file by looking at one hierarchy::
 
 A ``TransientError`` that keeps happening to one file while other uploads succeed
 is the one case where a service-shaped error is charged to the file (see
-``api.max_attempts`` in DESIGN.md).
+``api.max_attempts`` in docs/design.md §1, P3).
 """
 
 from __future__ import annotations

@@ -93,7 +93,7 @@ class Job:
     path: Path
     signature: FileSignature
     sha256: str | None = None
-    #: upload attempts charged to this file so far (see DESIGN.md, promise 3)
+    #: upload attempts charged to this file so far (docs/design.md §1, P3)
     attempts: int = 0
     trace_ids: tuple[str, ...] = ()
     #: the transcript, once an upload returned it (so a failed finish never pays twice)

@@ -1,7 +1,7 @@
 """What an attempt's outcome means for its job: one pure decision, no side effects.
 
 The scheduler used to decide and act in the same breath (call the pacer, write the
-ledger, log, push onto the heap), so the rules of DESIGN.md's promise 3 could only
+ledger, log, push onto the heap), so the rules of promise P3 (docs/design.md §1) could only
 be tested by running a daemon against a fake API. Here they are one function,
 ``decide(kind, error, state, ctx)``: it reads an outcome, the job's ``RetryState``
 and a ``Context`` (the clock, the pacer's last success, the config's limits, the

@@ -4,7 +4,7 @@ It lives on the main thread and owns every job after a worker reports back:
 finished, retry after a backoff, wait for the whole account, or fail. What an
 outcome means is decided by ``lifecycle.decide`` (pure, table-tested); the
 scheduler only applies the decision: it tells the pacer, writes the ledger, logs,
-and queues the job. Together they implement DESIGN.md's promise 3:
+and queues the job. Together they implement promise P3 (docs/design.md §1):
 
 - a file's own fault (400/413/415/422, a second unusable 200) fails it at once;
 - a rate limit (429) or an overloaded model (50505) never costs an attempt;

@@ -200,7 +200,8 @@ class Worker:
                 clean_scratch(job, self.instance)
                 return Outcome(OutcomeKind.CHANGED, job.evolve(text=None, sha256=None))
             self.ledger.transcribed(job, model, trace_id)
-            write_sidecar(job)
+            with contextlib.suppress(OSError):  # only a sibling's convenience
+                write_sidecar(job)
         placed = self._finish(job, watch, progress)
         self.ledger.finished(
             progress[-1],

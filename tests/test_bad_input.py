@@ -3,7 +3,7 @@
 Each case runs a real daemon (in a thread, or as a subprocess where it must run
 as another user) against the fake API on loopback. After each case a normal file
 is dropped and must be processed: the daemon never crashes or stalls on bad
-input, and no original is ever lost (promises 1, 2 and 3 of DESIGN.md).
+input, and no original is ever lost (promises P1-P3 of docs/design.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tests for sfwatch.config: the config file contract of DESIGN.md."""
+"""Tests for sfwatch.config: the config file contract of docs/design.md §9."""
 
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ def test_defaults_of_a_minimal_config(tmp: Path) -> None:
 
 
 def test_default_include_matches_design() -> None:
-    """The default include list is the one in DESIGN.md."""
+    """The default include list is the one in docs/design.md §9."""
     assert (
         *("*.mp3", "*.wav", "*.m4a", "*.flac", "*.ogg", "*.opus", "*.aac"),
         *("*.amr", "*.wma", "*.webm", "*.mp4", "*.mkv", "*.mov"),
@@ -142,7 +142,7 @@ def test_null_sections_and_values_mean_defaults(tmp: Path) -> None:
 
 
 def test_watch_config_derives_done_and_failed_dirs() -> None:
-    """WatchConfig(path=...) alone lays out done/ and failed/ as DESIGN.md says."""
+    """WatchConfig(path=...) alone lays out done/ and failed/ as docs/design.md §3 says."""
     watch = WatchConfig(path=Path("/srv/rec/inbox"))
     assert watch.done_dir == Path("/srv/rec/inbox/done")
     assert watch.failed_dir == Path("/srv/rec/inbox/failed")

@@ -1,7 +1,7 @@
 """kill -9 at any moment loses nothing, doubles nothing and pays (nearly) once.
 
 Real ``sfwatch run`` subprocesses, SIGKILLed mid-work and started again on the
-same state_dir; the fake API on loopback. Promises 1 and 4 of DESIGN.md.
+same state_dir; the fake API on loopback. Promises P1 and P4 of docs/design.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Every way real tools deliver a file: each is uploaded once, complete.
 
 A real daemon (in a thread), a real inotify observer, real files, and the fake
-API on loopback. Promise 2 of DESIGN.md.
+API on loopback. Promise P2 of docs/design.md.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The service misbehaves; files still end in done/, and never in failed/ for it.
 
-Promise 3 of DESIGN.md: a fault of the service never fails a file.
+Promise P3 of docs/design.md: a fault of the service never fails a file.
 """
 
 from __future__ import annotations

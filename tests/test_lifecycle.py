@@ -394,11 +394,17 @@ def _claimed(scheduler: Scheduler) -> Job:
     return job
 
 
+def _clear(scheduler: Scheduler) -> None:
+    """Forget every waiting job (both heaps)."""
+    scheduler.uploads.clear()
+    scheduler.local.clear()
+
+
 def _again(scheduler: Scheduler, outcome: Outcome) -> Job:
     """Handle ``outcome``; take back the one job it queued, not yet judged."""
     scheduler.handle(outcome)
     [(_, _, job)] = scheduler.waiting
-    scheduler.waiting.clear()
+    _clear(scheduler)
     assert job.verdict is None
     return job
 
@@ -440,7 +446,7 @@ def test_scheduler_charges_a_500_only_after_another_success(scheduler: Scheduler
     clock = typing.cast(Clock, scheduler.clock)
     scheduler.handle(Outcome(OutcomeKind("error"), _claimed(scheduler), E500))
     [(due, _, job)] = scheduler.waiting
-    scheduler.waiting.clear()
+    _clear(scheduler)
     assert NOW <= due <= NOW + scheduler.pacer.base
     assert (job.attempts, job.failures, job.window_start) == (0, 1, NOW)
     clock.now += 10

@@ -104,11 +104,16 @@ def test_wants_never_done_failed_or_work_area(rel: str) -> None:
 
 
 def test_wants_respects_overridden_done_and_failed() -> None:
-    """An overridden done/failed folder is excluded; the default names are then ordinary."""
+    """Overridden done/failed folders are excluded, and the default ones stay excluded.
+
+    (An earlier run with the defaults left files there: they must not come back.)
+    """
     watch = WatchConfig(path=INBOX, done_dir=INBOX / "processed", failed_dir=INBOX / "bad")
     assert not wants(INBOX / "processed/a.mp3", watch)
     assert not wants(INBOX / "bad/a.mp3", watch)
-    assert wants(INBOX / "done/a.mp3", watch)
+    assert not wants(INBOX / "done/a.mp3", watch)
+    assert not wants(INBOX / "failed/a.mp3", watch)
+    assert wants(INBOX / "sub/done/a.mp3", watch)
 
 
 def test_wants_recursive_false_only_top_level() -> None:
@@ -182,11 +187,11 @@ def test_scan_does_not_even_read_pruned_folders(tmp_path: Path) -> None:
 
 
 def test_scan_prunes_overridden_done_dir(tmp_path: Path) -> None:
-    """An overridden done_dir inside the inbox is pruned; plain done/ is then scanned."""
+    """An overridden done_dir inside the inbox is pruned, and so is the default done/."""
     inbox = tmp_path / "inbox"
-    make_tree(inbox, ["processed/a.mp3", "done/b.mp3"])
+    make_tree(inbox, ["processed/a.mp3", "done/b.mp3", "c.mp3"])
     watch = WatchConfig(path=inbox, done_dir=inbox / "processed")
-    assert scanned(watch) == ["done/b.mp3"]
+    assert scanned(watch) == ["c.mp3"]
 
 
 def test_scan_does_not_follow_symlinked_dirs(tmp_path: Path) -> None:
