@@ -10,6 +10,7 @@ whose rename finds the file gone has lost the race, which is normal.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -61,8 +62,11 @@ def claim(settled: SettledFile, work_dir: Path, instance: str) -> Job | None:
                 exc.errno, "work area is on another file system than the file", str(settled.path)
             ) from exc
         raise
-    fsync_dir(dest.parent)
-    fsync_dir(settled.path.parent)
+    # The rename has happened: the file is ours whatever the fsyncs say (a failure
+    # here must not make us forget a claim that sits in the work area).
+    with contextlib.suppress(OSError):
+        fsync_dir(dest.parent)
+        fsync_dir(settled.path.parent)
     return job
 
 

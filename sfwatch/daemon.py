@@ -47,7 +47,7 @@ from sfwatch.logs import get_logger
 from sfwatch.notify import Notifier
 from sfwatch.pacing import Pacer
 from sfwatch.recovery import DEFAULT_LEASE_SECONDS, LeaseKeeper, job_from_row, retired_watch
-from sfwatch.scheduler import Scheduler, needs_upload, watch_dirs
+from sfwatch.scheduler import Scheduler, needs_upload
 from sfwatch.settle import SettledFile, signature_of
 from sfwatch.transcribe import Transcriber
 from sfwatch.worker import Outcome, Worker
@@ -242,7 +242,7 @@ class Daemon:
             self.intake.idle()
             and not self.in_flight
             and not self.ready
-            and not self.scheduler.waiting
+            and not len(self.scheduler)
             and self.probe is None
         )
 
@@ -321,6 +321,7 @@ class Daemon:
             future.add_done_callback(lambda _f: self.notes.wakeup.set())
 
     def _next_job(self, uploads_allowed: bool) -> Job | None:
+        self.scheduler.run_deferred()
         while (job := self.scheduler.pop_due(uploads_allowed)) is not None:
             if job.plan is not None:
                 return job  # mid-finish: the worker finds the file where it is now
@@ -352,7 +353,8 @@ class Daemon:
                 continue
             now = time.monotonic()
             job = claimed.evolve(claimed_at=now, window_start=now)
-            self.ledger.claimed(job, self.instance, watch_dirs(watch))
+            if not self.scheduler.record_claim(job, self.instance):
+                continue  # resumed once the ledger takes the row
             self.log.info(
                 "sfwatch.file_claimed",
                 job_id=job.job_id,

@@ -47,10 +47,12 @@ from sfwatch.lifecycle import (
 )
 from sfwatch.logs import get_logger
 from sfwatch.pacing import Pacer
-from sfwatch.worker import Outcome, Worker, error_fields
+from sfwatch.worker import HOST_ERRORS, Outcome, Worker, error_fields
 
 #: restarts that found a job mid-attempt before it is failed as "poison"
 POISON_AFTER = 3
+#: a step the host failed (the ledger's disk full) is tried again after this long
+DEFER_SECONDS = 5.0
 
 
 def needs_upload(job: Job) -> bool:
@@ -92,6 +94,8 @@ class Scheduler:
         self.local: list[tuple[float, int, Job]] = []
         self._seq = 0
         self.counts: Counter[str] = Counter()
+        #: steps the host failed, to try again: (due, step, job, action)
+        self.deferred: list[tuple[float, str, Job, Callable[[], None]]] = []
 
     @property
     def waiting(self) -> list[tuple[float, int, Job]]:
@@ -99,7 +103,7 @@ class Scheduler:
         return [*self.uploads, *self.local]
 
     def __len__(self) -> int:
-        return len(self.uploads) + len(self.local)
+        return len(self.uploads) + len(self.local) + len(self.deferred)
 
     def wait(self, job: Job, delay: float) -> None:
         """Run ``job`` again after ``delay`` seconds."""
@@ -173,7 +177,52 @@ class Scheduler:
 
     # -- outcomes ------------------------------------------------------------------
 
+    # -- host errors on the main thread --------------------------------------------------
+
+    def guarded(self, step: str, job: Job, action: Callable[[], None]) -> bool:
+        """Run ``action``; if the host fails it (a full state disk), try it again later.
+
+        A step about a job that raises must not drop the job until the next
+        restart (its file would sit claimed with nobody working on it).
+        """
+        try:
+            action()
+        except HOST_ERRORS as exc:
+            self.log.error(
+                "sfwatch.step_deferred",
+                job_id=job.job_id,
+                file=str(job.source),
+                step=step,
+                error=str(exc),
+                retry_in=DEFER_SECONDS,
+            )
+            self.deferred.append((self.clock() + DEFER_SECONDS, step, job, action))
+            return False
+        return True
+
+    def run_deferred(self) -> None:
+        """Try again the steps that the host failed (see ``guarded``)."""
+        now = self.clock()
+        due = [d for d in self.deferred if d[0] <= now]
+        self.deferred = [d for d in self.deferred if d[0] > now]
+        for _, step, job, action in due:
+            self.guarded(step, job, action)
+
+    def record_claim(self, job: Job, instance: str) -> bool:
+        """Write a new claim's row; False (the job is resumed later instead) if that failed."""
+        dirs = watch_dirs(self.worker.watches[job.root])
+        try:
+            self.ledger.claimed(job, instance, dirs)
+        except HOST_ERRORS:
+            self.guarded("resume", job, lambda: self.resume(job, instance))
+            return False
+        return True
+
     def handle(self, outcome: Outcome) -> None:
+        """Decide what an attempt's outcome means for its job; a host error defers it."""
+        self.guarded("handle", outcome.job, lambda: self._handle(outcome))
+
+    def _handle(self, outcome: Outcome) -> None:
         """Decide what an attempt's outcome means for its job (``lifecycle.decide``), then act."""
         job = outcome.job
         kind = OutcomeKind(outcome.kind)

@@ -112,11 +112,19 @@ class Worker:
 
     def _attempt(self, job: Job) -> Outcome:
         watch = self.watches[job.root]
-        if job.plan is None:
-            row = self.ledger.job(job.job_id)
-            if row is not None and row.plan is not None:
-                # A finish is under way (an earlier try, or before a restart): keep to it.
-                job = job.evolve(plan=row.plan, text=job.text or row.text)
+        progress = [job]
+        try:
+            if job.plan is None:
+                row = self.ledger.job(job.job_id)
+                if row is not None and row.plan is not None:
+                    # A finish is under way (an earlier try, or before a restart): keep to it.
+                    job = job.evolve(plan=row.plan, text=job.text or row.text)
+                elif job.text is not None and (row is None or row.text is None):
+                    # Paid, but the ledger could not record it last time: record it now,
+                    # before anything is written for the user.
+                    self.ledger.transcribed(job, self.model_for(job), None)
+        except HOST_ERRORS as exc:
+            return Outcome(OutcomeKind.FINISH_ERROR, job, exc)
         progress = [job]  # the furthest the job got, for an outcome after an error
         try:
             return self._steps(job, watch, progress)

@@ -420,6 +420,8 @@ def test_a_file_killing_the_daemon_while_prepared_fails_as_poison(
     drop_good(0)
     for crash in range(POISON_AFTER):
         with daemon_process(config) as daemon:
+            # Only bad.wav is being prepared at the kill: good-0 is done by then.
+            wait_until((inbox / "done" / "good-0.wav").exists, 20, "good-0 done")
             # (the restart counts the last kill first, then prepares again)
             wait_until(partial(prepared, crash), 20, f"prepare #{crash + 1}")
             daemon.kill()
