@@ -15,13 +15,17 @@ import errno
 import json
 import os
 import shutil
+import stat
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from sfwatch.fsutil import fsync_dir, make_dirs, remove_empty_dirs
+from sfwatch.errors import PrepareError
+from sfwatch.fsutil import link_or_rename_at
 from sfwatch.job import FileSignature, Job, Plan, new_job_id
-from sfwatch.settle import SettledFile, signature_of
+from sfwatch.safefs import PRIVATE_DIR, WORK_AREA, folder, fsync_fd, open_below, work_area
+from sfwatch.settle import SettledFile
 
 
 def instance_dir(work_dir: Path, instance: str) -> Path:
@@ -39,73 +43,155 @@ def job_dir(job: Job) -> Path:
 
 
 def claim(settled: SettledFile, work_dir: Path, instance: str) -> Job | None:
-    """Rename the file into this instance's work folder; None if it changed or is gone."""
-    if signature_of(settled.path) != settled.signature:
-        return None  # written to since it settled, or gone: settle it again
-    job_id = new_job_id()
+    """Rename the file into this instance's work folder; None if it changed or is gone.
+
+    Done on folder handles (safefs.py): the source's folders are opened without
+    following links, the entry must still be the regular file that settled
+    (same device and inode, size and mtime), and the rename goes from handle to
+    handle, so swapping a folder for a symlink at any moment cannot make us take
+    a file from elsewhere. What the rename took is checked once more: anything
+    but the settled file is put back.
+    """
     rel = PurePosixPath(settled.path.relative_to(settled.root).as_posix())
+    name = rel.name
+    job_id = new_job_id()
     dest = instance_dir(work_dir, instance) / job_id / rel
-    make_dirs(dest.parent)
     job = Job(job_id=job_id, root=settled.root, rel=rel, path=dest, signature=settled.signature)
     try:
-        settled.path.rename(dest)
+        source = open_below(settled.root, rel.parent.parts)
+    except FileNotFoundError:
+        return None
+    try:
+        if _signature_at(source, name) != settled.signature:
+            return None  # written to since it settled, gone, or not a regular file now
+        with work_area(settled.root).folder(["work", instance]) as mine:
+            target = open_below(mine, [job_id, *rel.parent.parts], create=True, mode=PRIVATE_DIR)
+            try:
+                if not _rename(source, target, mine, job):
+                    return None
+                if _signature_at(target, name) != settled.signature:
+                    _put_back(target, name, source)
+                    return None
+                # The rename has happened: the file is ours whatever the fsyncs say (a
+                # failure here must not make us forget a claim that sits in the work area).
+                with contextlib.suppress(OSError):
+                    fsync_fd(target)
+                    fsync_fd(source)
+            finally:
+                os.close(target)
+    finally:
+        os.close(source)
+    return job
+
+
+def _rename(source: int, target: int, mine: int, job: Job) -> bool:
+    """The claim's rename; False if another daemon was faster."""
+    name = job.rel.name
+    try:
+        os.rename(name, name, src_dir_fd=source, dst_dir_fd=target)
     except OSError as exc:
-        if os.path.lexists(dest):
-            # The rename happened after all (an NFS reply lost and retried): it is ours.
-            return job
-        # Only our own empty folders go; never a file (rmtree here could delete one).
-        remove_empty_dirs(dest.parent, instance_dir(work_dir, instance))
+        if _lexists_at(target, name):
+            return True  # the rename happened after all (an NFS reply lost and retried)
+        _remove_empty(mine, job.job_id)  # only our own empty folders; never a file
         if isinstance(exc, FileNotFoundError):
-            return None  # another daemon was faster
+            return False
         if exc.errno == errno.EXDEV:
             raise OSError(
-                exc.errno, "work area is on another file system than the file", str(settled.path)
+                exc.errno, "work area is on another file system than the file", str(job.path)
             ) from exc
         raise
-    # The rename has happened: the file is ours whatever the fsyncs say (a failure
-    # here must not make us forget a claim that sits in the work area).
+    return True
+
+
+def _signature_at(dfd: int, name: str) -> FileSignature | None:
+    try:
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return FileSignature(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+
+
+def _lexists_at(dfd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except OSError:
+        return False
+    return True
+
+
+def _put_back(target: int, name: str, source: int) -> None:
+    """Return what a claim took by mistake (swapped in after our check) to where it was."""
     with contextlib.suppress(OSError):
-        fsync_dir(dest.parent)
-        fsync_dir(settled.path.parent)
-    return job
+        link_or_rename_at(target, name, source, name)
+        os.unlink(name, dir_fd=target)
+
+
+def _remove_empty(mine: int, job_id: str) -> None:
+    """Remove a job folder that holds no file (finished, or a claim that did not happen)."""
+    if not _holds_files(mine, job_id):
+        with contextlib.suppress(OSError):
+            shutil.rmtree(job_id, dir_fd=mine)
+
+
+def _holds_files(mine: int, job_id: str) -> bool:
+    try:
+        with folder(mine, [job_id]) as fd:
+            return any(files for _, _, files, _ in os.fwalk(dir_fd=fd))
+    except OSError:
+        return True  # not sure: keep it
 
 
 def claimed_files(work_dir: Path, instance: str, root: Path) -> Iterator[Job]:
     """The jobs an earlier run of this instance (or an adopted one) left in its work folder.
 
-    A job folder whose file has already moved out but whose sidecar names a plan
+    Walked on folder handles; only regular files are jobs (a symlink or a device
+    is never taken), and only job folders owned by our user are looked into. A
+    job folder whose file has already moved out but whose sidecar names a plan
     is yielded too (its ``path`` no longer exists): finish accepts the file where
     the plan put it.
     """
-    base = instance_dir(work_dir, instance)
-    if not base.is_dir():
+    del work_dir  # (always <root>/.sfwatch: the WorkArea reaches it by handles)
+    base = root / WORK_AREA / "work" / instance
+    try:
+        mine = work_area(root).open(["work", instance], create=False)
+    except OSError:
+        return  # none yet, or refused (the WorkArea logged why, once)
+    try:
+        for entry in sorted(os.listdir(mine)):  # noqa: PTH208 - a handle, not a path
+            if entry.startswith("."):
+                continue
+            yield from _jobs_in(mine, entry, root, base / entry)
+    finally:
+        os.close(mine)
+
+
+def _jobs_in(mine: int, entry: str, root: Path, where: Path) -> Iterator[Job]:
+    try:
+        st = os.stat(entry, dir_fd=mine, follow_symlinks=False)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            return  # not a job folder of ours: never taken
+        jfd = open_below(mine, [entry])
+    except OSError:
         return
-    for folder in sorted(base.iterdir()):
-        if not folder.is_dir() or folder.is_symlink() or folder.name.startswith("."):
-            continue
-        sidecar = read_sidecar(folder)
-        files = [
-            Path(d) / f
-            for d, _, names in os.walk(folder)
-            for f in names
-            if not (Path(d) == folder and f == SIDECAR)
-        ]
-        if not files and sidecar is None:
-            shutil.rmtree(folder, ignore_errors=True)  # a claim that never happened
-            continue
-        found = False
-        for path in files:
-            if path.name.startswith(".") and path.name.endswith(".sfwatch-tmp"):
-                path.unlink(missing_ok=True)  # a temp file of ours, not the user's
-                continue
-            sig = signature_of(path)
-            if sig is None:
-                continue
-            found = True
-            rel = PurePosixPath(path.relative_to(folder).as_posix())
-            yield _with_sidecar(
-                Job(job_id=folder.name, root=root, rel=rel, path=path, signature=sig), sidecar
-            )
+    found: list[Job] = []
+    try:
+        sidecar = _read_sidecar_at(jfd)
+        for top, _dirs, names, tfd in os.fwalk(dir_fd=jfd):
+            for name in names:
+                if top == "." and name == SIDECAR:
+                    continue
+                if name.startswith(".") and name.endswith(".sfwatch-tmp"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(name, dir_fd=tfd)  # a temp file of ours, not the user's
+                    continue
+                sig = _signature_at(tfd, name)
+                if sig is None:
+                    continue
+                rel = PurePosixPath(top) / name
+                job = Job(job_id=entry, root=root, rel=rel, path=where / rel, signature=sig)
+                found.append(_with_sidecar(job, sidecar))
         if not found and sidecar is not None and sidecar.get("plan"):
             rel = PurePosixPath(sidecar["rel"])
             sig = FileSignature(
@@ -114,8 +200,13 @@ def claimed_files(work_dir: Path, instance: str, root: Path) -> Iterator[Job]:
                 inode=int(sidecar["inode"]),
                 device=int(sidecar["device"]),
             )
-            job = Job(job_id=folder.name, root=root, rel=rel, path=folder / rel, signature=sig)
-            yield _with_sidecar(job, sidecar)
+            job = Job(job_id=entry, root=root, rel=rel, path=where / rel, signature=sig)
+            found.append(_with_sidecar(job, sidecar))
+        elif not found and sidecar is None:
+            _remove_empty(mine, entry)  # a claim that never happened
+    finally:
+        os.close(jfd)
+    yield from found
 
 
 def _with_sidecar(job: Job, sidecar: dict[str, Any] | None) -> Job:
@@ -131,6 +222,38 @@ def _with_sidecar(job: Job, sidecar: dict[str, Any] | None) -> Job:
     )
 
 
+@contextmanager
+def job_folder(job: Job, below: Path | None = None) -> Iterator[int]:
+    """A handle of the job's folder in the work area (or of ``below``, a folder in it)."""
+    where = job_dir(job) if below is None else below
+    parts = PurePosixPath(where.relative_to(job.root / WORK_AREA).as_posix()).parts
+    with work_area(job.root).folder(parts, create=False) as fd:
+        yield fd
+
+
+@contextmanager
+def reading(job: Job) -> Iterator[Path]:
+    """The claimed file, opened without following links, as a path that reaches it alone.
+
+    ``/proc/self/fd/N`` names the open file itself: PyAV and the upload can open
+    it by name, and no rename or symlink in the share can make that name lead
+    anywhere else. PrepareError ``unreadable`` when our user may not read it.
+    """
+    with job_folder(job, job.path.parent) as pfd:
+        try:
+            fd = os.open(
+                job.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=pfd
+            )
+        except PermissionError as exc:
+            raise PrepareError("unreadable", f"cannot read the file: {exc.strerror}") from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "the claimed file is not a regular file", str(job.path))
+        yield Path(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+
+
 def write_sidecar(job: Job) -> None:
     """Leave what a sibling needs in the job's folder: the paid text and the plan."""
     data = {
@@ -144,21 +267,31 @@ def write_sidecar(job: Job) -> None:
         "trace_ids": list(job.trace_ids),
         "plan": job.plan.to_json() if job.plan else None,
     }
-    path = job_dir(job) / SIDECAR
     body = json.dumps(data, ensure_ascii=False).encode()
-    tmp = path.with_name(f"{SIDECAR}.sfwatch-tmp")  # (removed by claimed_files if left)
-    try:
-        with tmp.open("wb") as out:
-            out.write(body)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)  # our own file in our own folder: replacing is what we want
+    tmp = f"{SIDECAR}.sfwatch-tmp"  # (removed by claimed_files if left)
+    with job_folder(job) as jfd:
+        try:
+            fd = os.open(
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600, dir_fd=jfd
+            )
+            with os.fdopen(fd, "wb") as out:
+                out.write(body)
+            # Our own file in our own folder: replacing the older sidecar is what we want.
+            os.replace(tmp, SIDECAR, src_dir_fd=jfd, dst_dir_fd=jfd)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=jfd)
 
 
-def read_sidecar(folder: Path) -> dict[str, Any] | None:
+def _read_sidecar_at(jfd: int) -> dict[str, Any] | None:
     """What ``write_sidecar`` left in a job folder, if anything readable."""
     try:
-        data = json.loads((folder / SIDECAR).read_bytes())
+        fd = os.open(SIDECAR, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=jfd)
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            data = json.loads(f.read(1 << 24))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -166,20 +299,21 @@ def read_sidecar(folder: Path) -> dict[str, Any] | None:
 
 def adopted_by(job: Job) -> str | None:
     """The sibling instance whose work folder now holds this job's folder, if any."""
-    mine = job_dir(job)
-    base = mine.parent.parent
+    mine = job_dir(job).parent.name
     try:
-        others = [d for d in base.iterdir() if d.name != mine.parent.name]
+        with work_area(job.root).folder(["work"], create=False) as work:
+            for other in os.listdir(work):  # noqa: PTH208 - a handle, not a path
+                if other != mine and _lexists_at(work, f"{other}/{job.job_id}"):
+                    return other
     except OSError:
         return None
-    for other in others:
-        if os.path.lexists(other / job.job_id):
-            return other.name
     return None
 
 
 def release(job: Job) -> None:
     """Remove a finished job's sidecar and (now empty) folders from the work area."""
-    folder = job_dir(job)
-    (folder / SIDECAR).unlink(missing_ok=True)
-    remove_empty_dirs(job.path.parent, folder.parent)
+    instance = job_dir(job).parent.name
+    with work_area(job.root).folder(["work", instance], create=False) as mine:
+        with contextlib.suppress(FileNotFoundError), folder(mine, [job.job_id]) as jfd:
+            os.unlink(SIDECAR, dir_fd=jfd)
+        _remove_empty(mine, job.job_id)

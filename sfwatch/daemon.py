@@ -19,6 +19,7 @@ is a cold stop (leave now; claimed files are resumed at the next start).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -47,6 +48,7 @@ from sfwatch.logs import get_logger
 from sfwatch.notify import Notifier
 from sfwatch.pacing import Pacer
 from sfwatch.recovery import DEFAULT_LEASE_SECONDS, LeaseKeeper, job_from_row, retired_watch
+from sfwatch.safefs import work_area
 from sfwatch.scheduler import Scheduler, needs_upload
 from sfwatch.settle import SettledFile, signature_of
 from sfwatch.transcribe import Transcriber
@@ -81,7 +83,7 @@ def lock_state_dir(state_dir: Path) -> int:
     Two daemons on one state_dir would share an instance name and resume each
     other's claims while both are working on them.
     """
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(state_dir / "daemon.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -366,8 +368,9 @@ class Daemon:
 
     def _reconcile(self) -> None:
         """Start-up: every open ledger row against the file system (docs/design.md §6)."""
-        for watch in self.watches.values():
-            shutil.rmtree(watch.work_dir / "tmp" / self.instance, ignore_errors=True)
+        for watch in self.watches.values():  # split parts are made again when needed
+            with contextlib.suppress(OSError), work_area(watch.path).folder(["tmp"]) as tmp:
+                shutil.rmtree(self.instance, dir_fd=tmp)
         rows = self.ledger.open_jobs()
         for row in rows:  # claims of folders that have left the config finish there
             if Path(row.root) not in self.worker.watches:

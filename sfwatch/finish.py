@@ -26,22 +26,24 @@ import contextlib
 import json
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sfwatch.config import WatchConfig
 from sfwatch.fsutil import (
     free_stems,
-    fsync_dir,
-    move_no_replace,
-    same_content,
-    temp_name,
-    write_new_file,
+    make_dirs,
+    move_no_replace_at,
+    same_content_at,
+    temp_leaf,
+    write_new_at,
 )
 from sfwatch.job import Job, Plan
+from sfwatch.safefs import anchored, folder, fsync_fd, work_area
 
 #: a longer "suffix" is part of the stem, so that derived names can be cut to fit
 MAX_SUFFIX_BYTES = 32
@@ -142,20 +144,11 @@ def finish_done(
             plan = plan_done(job, watch)
             record(plan)
         try:
-            return _carry_out_done(job, data, plan, guard)
+            return _carry_out_done(job, data, plan, watch, guard)
         except PlanConflict:
-            undo(job, plan, data)
+            undo(job, plan, data, watch)
             plan = None
     raise PlanConflict(f"no free name for {job.rel} after {MAX_PLANS} tries")
-
-
-def _carry_out_done(job: Job, data: bytes, plan: Plan, guard: Callable[[], None]) -> Placed:
-    assert plan.transcript is not None  # noqa: S101 - a done plan always names one
-    guard()
-    _write_once(plan.transcript, data, job.job_id, lambda p: holds_bytes(p, data))
-    guard()
-    original = place_original(job, plan.original)
-    return Placed(original=original, transcript=plan.transcript)
 
 
 def finish_failed(
@@ -173,82 +166,193 @@ def finish_failed(
             plan = plan_failed(job, watch, error)
             record(plan)
         try:
-            return _carry_out_failed(job, plan, guard)
+            return _carry_out_failed(job, plan, watch, guard)
         except PlanConflict:
-            undo(job, plan, b"")
+            undo(job, plan, b"", watch)
             plan = None
     raise PlanConflict(f"no free name for {job.rel} after {MAX_PLANS} tries")
 
 
-def _carry_out_failed(job: Job, plan: Plan, guard: Callable[[], None]) -> Placed:
+def _carry_out_done(
+    job: Job, data: bytes, plan: Plan, watch: WatchConfig, guard: Callable[[], None]
+) -> Placed:
+    assert plan.transcript is not None  # noqa: S101 - a done plan always names one
+    guard()
+    mode = _source_mode(job, watch)
+    with target_folder(plan.transcript, watch) as dfd:
+        _write_once(dfd, plan.transcript.name, data, tag=job.job_id, mode=mode, ours=_holds(data))
+    guard()
+    original = place_original(job, plan.original, watch)
+    return Placed(original=original, transcript=plan.transcript)
+
+
+def _carry_out_failed(
+    job: Job, plan: Plan, watch: WatchConfig, guard: Callable[[], None]
+) -> Placed:
     assert plan.error_file is not None  # noqa: S101 - a failed plan always names one
     body = error_body(job, plan.error or {})
     guard()
-    _write_once(plan.error_file, body, job.job_id, lambda p: is_our_error_file(p, job.job_id))
+    mode = _source_mode(job, watch)
+    with target_folder(plan.error_file, watch) as dfd:
+        _write_once(
+            dfd, plan.error_file.name, body, tag=job.job_id, mode=mode, ours=_ours(job.job_id)
+        )
     guard()
-    original = place_original(job, plan.original)
+    original = place_original(job, plan.original, watch)
     return Placed(original=original, error_file=plan.error_file)
 
 
-def _write_once(path: Path, data: bytes, tag: str, ours: Callable[[Path], bool]) -> None:
-    """Create ``path`` unless an earlier run of this step already did."""
-    temp_name(path, tag).unlink(missing_ok=True)  # a killed earlier write's leftover
-    if ours(path):
+def _write_once(
+    dfd: int, name: str, data: bytes, *, tag: str, mode: int, ours: Callable[[int, str], bool]
+) -> None:
+    """Create ``name`` unless an earlier run of this step already did."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temp_leaf(name, tag), dir_fd=dfd)  # a killed earlier write's leftover
+    if ours(dfd, name):
         return
     try:
-        write_new_file(path, data, tag=tag)
+        write_new_at(dfd, name, data, tag=tag, mode=mode)
     except FileExistsError as exc:
-        raise PlanConflict(str(path)) from exc
+        raise PlanConflict(name) from exc
 
 
-def place_original(job: Job, target: Path) -> Path:
+# -- where things are: folder handles below the configured folders (safefs.py) -----------
+
+
+def _roots(watch: WatchConfig) -> tuple[Path | None, ...]:
+    # The watched folder first: a done/ inside it is reached through the share's entry.
+    return (watch.path, watch.done_dir, watch.failed_dir, watch.transcript_dir)
+
+
+@contextmanager
+def target_folder(path: Path, watch: WatchConfig, *, create: bool = True) -> Iterator[int]:
+    """A handle of the folder a planned name goes in; no link below the root followed.
+
+    A symlink or a file where a folder must be is an OSError (ELOOP, ENOTDIR):
+    the step fails and is tried again later; nothing is written elsewhere.
+    """
+    root, parts = anchored(path.parent, _roots(watch))
+    if create and not root.is_dir():
+        make_dirs(root)  # a configured folder (trusted as given) that is not there yet
+    with folder(root, parts, create=create) as fd:
+        yield fd
+
+
+@contextmanager
+def source_folder(job: Job, watch: WatchConfig) -> Iterator[int]:
+    """A handle of the folder in the work area holding the claimed file."""
+    parts = PurePosixPath(job.path.parent.relative_to(watch.work_dir).as_posix()).parts
+    with work_area(watch.path).folder(parts, create=False) as fd:
+        yield fd
+
+
+def _source_mode(job: Job, watch: WatchConfig) -> int:
+    """The recording's permission bits: what we write for it gets no more (0600 if gone)."""
+    try:
+        with source_folder(job, watch) as sfd:
+            st = os.stat(job.name, dir_fd=sfd, follow_symlinks=False)
+    except OSError:
+        return 0o600
+    return stat.S_IMODE(st.st_mode) & 0o666
+
+
+def place_original(job: Job, target: Path, watch: WatchConfig) -> Path:
     """Move the claimed file to ``target``; accept it there if an earlier try moved it.
 
     FileNotFoundError when the file is neither claimed nor at ``target`` (a
     person removed it, or a sibling daemon adopted the job).
     """
-    temp_name(target, job.job_id).unlink(missing_ok=True)  # a killed copy's leftover
+    with target_folder(target, watch) as dfd:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp_leaf(target.name, job.job_id), dir_fd=dfd)  # a killed copy's
 
-    def held() -> bool:
-        return same_content(target, job.signature.size, job.identity, job.sha256)
+        def held() -> bool:
+            return same_content_at(dfd, target.name, job.signature.size, job.identity, job.sha256)
 
-    if not os.path.lexists(job.path):
-        if held():
-            return target  # moved by an earlier try that did not get to record it
-        raise FileNotFoundError(2, "the claimed file is gone from the work area", str(job.path))
-    try:
-        move_no_replace(job.path, target, tag=job.job_id)
-    except FileExistsError as exc:
-        if not held():
-            raise PlanConflict(str(target)) from exc
-        # Killed between link() (or the copy) and unlink() last time: it is there.
-        job.path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            fsync_dir(job.path.parent)
+        try:
+            with source_folder(job, watch) as sfd:
+                try:
+                    move_no_replace_at(sfd, job.name, dfd, target.name, tag=job.job_id)
+                except FileExistsError as exc:
+                    if not held():
+                        raise PlanConflict(str(target)) from exc
+                    # Killed between link() (or the copy) and unlink() last time: it is there.
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(job.name, dir_fd=sfd)
+                    with contextlib.suppress(OSError):
+                        fsync_fd(sfd)
+        except FileNotFoundError:
+            if held():
+                return target  # moved by an earlier try that did not get to record it
+            raise FileNotFoundError(
+                2, "the claimed file is gone from the work area", str(job.path)
+            ) from None
     return target
 
 
-def undo(job: Job, plan: Plan, transcript: bytes) -> None:
+def undo(job: Job, plan: Plan, transcript: bytes, watch: WatchConfig) -> None:
     """Remove what an abandoned plan made of ours (never a stranger's file), and its temps."""
-    if plan.transcript is not None and holds_bytes(plan.transcript, transcript):
-        plan.transcript.unlink(missing_ok=True)
-    if plan.error_file is not None and is_our_error_file(plan.error_file, job.job_id):
-        plan.error_file.unlink(missing_ok=True)
-    remove_temps(job.job_id, plan)
+    made = [(plan.transcript, _holds(transcript)), (plan.error_file, _ours(job.job_id))]
+    for path, ours in made:
+        if path is None:
+            continue
+        with contextlib.suppress(OSError), target_folder(path, watch, create=False) as dfd:
+            if ours(dfd, path.name):
+                os.unlink(path.name, dir_fd=dfd)
+    remove_temps(job.job_id, plan, watch)
 
 
-def remove_temps(job_id: str, plan: Plan) -> None:
+def remove_temps(job_id: str, plan: Plan, watch: WatchConfig) -> None:
     """Remove the tagged temporary files a killed step of ``plan`` may have left."""
     for path in plan.paths():
-        with contextlib.suppress(OSError):
-            temp_name(path, job_id).unlink(missing_ok=True)
+        with contextlib.suppress(OSError), target_folder(path, watch, create=False) as dfd:
+            os.unlink(temp_leaf(path.name, job_id), dir_fd=dfd)
+
+
+def _holds(data: bytes) -> Callable[[int, str], bool]:
+    """Is ``name`` in a folder a regular file holding exactly ``data``?"""
+
+    def check(dfd: int, name: str) -> bool:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        except OSError:
+            return False
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size != len(data):
+                return False
+            return os.pread(fd, len(data) + 1, 0) == data
+        finally:
+            os.close(fd)
+
+    return check
+
+
+def _ours(job_id: str) -> Callable[[int, str], bool]:
+    """Is ``name`` in a folder an error file that this job wrote?"""
+
+    def check(dfd: int, name: str) -> bool:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        except OSError:
+            return False
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return False
+            return bool(json.loads(os.pread(fd, 1 << 20, 0)).get("job_id") == job_id)
+        except (OSError, ValueError, AttributeError):
+            return False
+        finally:
+            os.close(fd)
+
+    return check
 
 
 def holds_bytes(path: Path, data: bytes) -> bool:
     """Is ``path`` a regular file holding exactly ``data``?"""
     try:
-        st = path.lstat()
-        return stat.S_ISREG(st.st_mode) and st.st_size == len(data) and path.read_bytes() == data
+        with folder(path.parent, ()) as dfd:
+            return _holds(data)(dfd, path.name)
     except OSError:
         return False
 
@@ -256,10 +360,9 @@ def holds_bytes(path: Path, data: bytes) -> bool:
 def is_our_error_file(path: Path, job_id: str) -> bool:
     """Is ``path`` an error file that this job wrote?"""
     try:
-        if not stat.S_ISREG(path.lstat().st_mode):
-            return False
-        return bool(json.loads(path.read_bytes()).get("job_id") == job_id)
-    except (OSError, ValueError, AttributeError):
+        with folder(path.parent, ()) as dfd:
+            return _ours(job_id)(dfd, path.name)
+    except OSError:
         return False
 
 

@@ -21,6 +21,8 @@ import stat
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from sfwatch.safefs import NO_DIR_FSYNC, folder, fsync_fd
+
 CHUNK = 1 << 16  # 64 KiB: larger reads only grow each thread's malloc arena
 #: the longest file name Linux file systems take, in bytes (not characters)
 NAME_MAX = 255
@@ -28,23 +30,16 @@ NAME_MAX = 255
 _NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
 
 
-#: errno values meaning "this file system cannot fsync a directory" (some FUSE, SMB)
-_NO_DIR_FSYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF, errno.EACCES}
-
-
 def fsync_dir(path: Path) -> None:
     """Make a directory's entries (a rename, a new name) durable, where the file system can."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
-        if exc.errno in _NO_DIR_FSYNC:
+        if exc.errno in NO_DIR_FSYNC:
             return
         raise
     try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno not in _NO_DIR_FSYNC:
-            raise
+        fsync_fd(fd)
     finally:
         os.close(fd)
 
@@ -55,9 +50,14 @@ def temp_name(final: Path, tag: str | None = None) -> Path:
     With a ``tag`` (a job id) the name is predictable, so that a writer killed
     mid-write can find and remove its leftover; otherwise it is random.
     """
+    return final.with_name(temp_leaf(final.name, tag))
+
+
+def temp_leaf(name: str, tag: str | None = None) -> str:
+    """``temp_name`` for a bare file name."""
     # NAME_MAX (255) counts bytes, not characters: cut the UTF-8 name, not the str.
-    head = os.fsencode(final.name)[:200].decode("utf-8", "ignore")
-    return final.with_name(f".{head}.{tag or secrets.token_hex(4)}.sfwatch-tmp")
+    head = os.fsencode(name)[:200].decode("utf-8", "ignore")
+    return f".{head}.{tag or secrets.token_hex(4)}.sfwatch-tmp"
 
 
 def make_dirs(path: Path) -> None:
@@ -73,131 +73,202 @@ def make_dirs(path: Path) -> None:
         if current.parent == current:
             break
         current = current.parent
-    for folder in reversed(missing):
+    for created in reversed(missing):
         try:
-            folder.mkdir()
+            created.mkdir()
         except FileExistsError:
-            if not folder.is_dir():
+            if not created.is_dir():
                 raise
             continue  # made by another thread or daemon meanwhile
-        fsync_dir(folder.parent)
+        fsync_dir(created.parent)
 
 
-def write_new_file(path: Path, data: bytes, tag: str | None = None) -> None:
-    """Create ``path`` with ``data`` atomically and durably; FileExistsError if taken.
+# -- the steps, on folder handles (see safefs.py) -----------------------------------------
 
-    Readers see no file or the whole file, never a half-written one. ``tag``
-    names the temporary file (see ``temp_name``); a leftover of the same tag,
-    from a crash, is overwritten.
+
+def write_new_at(
+    dfd: int, name: str, data: bytes, tag: str | None = None, mode: int = 0o666
+) -> None:
+    """Create ``name`` in folder ``dfd`` with ``data``, atomically and durably.
+
+    FileExistsError if the name is taken. Readers see no file or the whole file,
+    never a half-written one. ``tag`` names the temporary file (see
+    ``temp_name``); a leftover of the same tag, from a crash, is overwritten.
+    ``mode`` is intersected with the umask, as for any new file.
     """
-    make_dirs(path.parent)
-    tmp = temp_name(path, tag)
+    tmp = temp_leaf(name, tag)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    flags |= os.O_TRUNC if tag else os.O_EXCL
+    fd = os.open(tmp, flags, mode, dir_fd=dfd)
     try:
-        with tmp.open("wb" if tag else "xb") as out:
+        with os.fdopen(fd, "wb") as out:
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
-        _link_or_rename(tmp, path)
+        link_or_rename_at(dfd, tmp, dfd, name)
     finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dfd)
+    fsync_fd(dfd)
 
 
-def _link_or_rename(src: Path, dst: Path) -> None:
-    """Give ``src``'s file the name ``dst`` without replacing anything there."""
+def link_or_rename_at(sfd: int, sname: str, dfd: int, dname: str) -> None:
+    """Give ``sname``'s file the name ``dname`` without replacing anything there."""
     try:
-        os.link(src, dst, follow_symlinks=False)
+        os.link(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
     except OSError as exc:
         if exc.errno not in _NO_LINKS:
             raise
         # No hard links here: reserve the name with an exclusive create (which fails if
         # it is taken, atomically), then rename onto our own placeholder.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            os.close(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.close(os.open(dname, flags, 0o600, dir_fd=dfd))
         except FileExistsError:
-            raise FileExistsError(errno.EEXIST, "file exists", str(dst)) from exc
+            raise FileExistsError(errno.EEXIST, "file exists", dname) from exc
         try:
-            src.rename(dst)
+            os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
         except OSError:
-            dst.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                os.unlink(dname, dir_fd=dfd)
             raise
 
 
-def move_no_replace(src: Path, dst: Path, tag: str | None = None) -> None:
-    """Move ``src`` to ``dst``; FileExistsError if ``dst`` is taken.
+def move_no_replace_at(sfd: int, sname: str, dfd: int, dname: str, tag: str | None = None) -> None:
+    """Move ``sname`` (in ``sfd``) to ``dname`` (in ``dfd``); FileExistsError if taken.
 
     Once the source name is gone the move has happened: a failing fsync of the
     source's folder afterwards is not reported as a failed move (the caller
     would look for a source that is no longer there). ``tag`` names the
     temporary copy made across file systems, so a killed copy can be found.
     """
-    make_dirs(dst.parent)
     try:
-        _link_or_rename(src, dst)
+        link_or_rename_at(sfd, sname, dfd, dname)
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-        copy_verify(src, dst, tag)
-    fsync_dir(dst.parent)
-    src.unlink(missing_ok=True)
+        copy_verify_at(sfd, sname, dfd, dname, tag)
+    fsync_fd(dfd)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(sname, dir_fd=sfd)
     with contextlib.suppress(OSError):
-        fsync_dir(src.parent)
+        fsync_fd(sfd)
 
 
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file's content, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def copy_verify(src: Path, dst: Path, tag: str | None = None) -> None:
-    """Copy ``src`` to a new ``dst`` on another file system, fsync, then verify it.
+def copy_verify_at(sfd: int, sname: str, dfd: int, dname: str, tag: str | None = None) -> None:
+    """Copy a file to a new name on another file system, fsync, then verify it.
 
     The source is left in place; the caller removes it once this returns. The
-    copy keeps the source's permission bits (never wider than the original).
+    copy keeps the source's permission bits and times (never wider than the
+    original: the mode is set on the copy's handle, not asked of the umask).
     """
-    tmp = temp_name(dst, tag)
+    tmp = temp_leaf(dname, tag)
+    src = os.open(sname, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sfd)
     try:
-        digest = hashlib.sha256()
-        with src.open("rb") as fin, tmp.open("wb" if tag else "xb") as fout:
-            with contextlib.suppress(OSError):
-                os.fchmod(fout.fileno(), os.fstat(fin.fileno()).st_mode & 0o777)
-            while chunk := fin.read(CHUNK):
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        flags |= os.O_TRUNC if tag else os.O_EXCL
+        out = os.open(tmp, flags, 0o600, dir_fd=dfd)
+        try:
+            st = os.fstat(src)
+            os.fchmod(out, stat.S_IMODE(st.st_mode) & 0o777)
+            digest = hashlib.sha256()
+            while chunk := os.read(src, CHUNK):
                 digest.update(chunk)
-                fout.write(chunk)
-            fout.flush()
-            os.fsync(fout.fileno())
-        with contextlib.suppress(OSError):
-            st = src.stat()
-            os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
-        if sha256_file(tmp) != digest.hexdigest():
-            raise OSError(errno.EIO, "copy does not match its source", str(dst))
-        _link_or_rename(tmp, dst)
+                view = memoryview(chunk)
+                while view:  # (a write may take less than it was given)
+                    view = view[os.write(out, view) :]
+            os.fsync(out)
+            with contextlib.suppress(OSError):
+                os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
+            if _sha256_fd(out) != digest.hexdigest():
+                raise OSError(errno.EIO, "copy does not match its source", dname)
+        finally:
+            os.close(out)
+        link_or_rename_at(dfd, tmp, dfd, dname)
     finally:
-        tmp.unlink(missing_ok=True)
+        os.close(src)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dfd)
 
 
-def same_content(path: Path, size: int, inode: tuple[int, int], sha256: str | None) -> bool:
-    """Is ``path`` a regular file holding a given file: its inode, or its size and SHA-256?
+def same_content_at(
+    dfd: int, name: str, size: int, inode: tuple[int, int], sha256: str | None
+) -> bool:
+    """Is ``name`` a regular file holding a given file: its inode, or its size and SHA-256?
 
     A move made by ``link()`` keeps the inode; one made by a copy across file
     systems keeps only the bytes.
     """
     try:
-        st = path.lstat()
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
     except OSError:
         return False
     if not stat.S_ISREG(st.st_mode) or st.st_size != size:
         return False
     if (st.st_dev, st.st_ino) == inode:
         return True
+    if sha256 is None:
+        return False
     try:
-        return sha256 is not None and sha256_file(path) == sha256
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
     except OSError:
         return False
+    try:
+        return _sha256_fd(fd) == sha256
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _sha256_fd(fd: int) -> str:
+    digest = hashlib.sha256()
+    offset = 0
+    while chunk := os.pread(fd, CHUNK, offset):
+        digest.update(chunk)
+        offset += len(chunk)
+    return digest.hexdigest()
+
+
+# -- the same steps by path (for the one-shot command, retry, tests) ----------------------
+
+
+def write_new_file(path: Path, data: bytes, tag: str | None = None, mode: int = 0o666) -> None:
+    """``write_new_at`` in ``path``'s folder (made if missing)."""
+    make_dirs(path.parent)
+    with folder(path.parent, ()) as dfd:
+        write_new_at(dfd, path.name, data, tag, mode)
+
+
+def move_no_replace(src: Path, dst: Path, tag: str | None = None) -> None:
+    """``move_no_replace_at`` between two folders given by path (made if missing)."""
+    make_dirs(dst.parent)
+    with folder(src.parent, ()) as sfd, folder(dst.parent, ()) as dfd:
+        move_no_replace_at(sfd, src.name, dfd, dst.name, tag)
+
+
+def copy_verify(src: Path, dst: Path, tag: str | None = None) -> None:
+    """``copy_verify_at`` between two folders given by path."""
+    with folder(src.parent, ()) as sfd, folder(dst.parent, ()) as dfd:
+        copy_verify_at(sfd, src.name, dfd, dst.name, tag)
+
+
+def same_content(path: Path, size: int, inode: tuple[int, int], sha256: str | None) -> bool:
+    """``same_content_at`` for a path."""
+    try:
+        with folder(path.parent, ()) as dfd:
+            return same_content_at(dfd, path.name, size, inode, sha256)
+    except OSError:
+        return False
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's content, read in chunks."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return _sha256_fd(fd)
+    finally:
+        os.close(fd)
 
 
 def fit_stem(stem: str, room: int) -> str:

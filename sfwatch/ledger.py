@@ -22,7 +22,9 @@ file from another process while the daemon runs; WAL lets them.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from sfwatch.job import Job, Plan
+from sfwatch.logs import get_logger
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -141,11 +144,33 @@ class JobRow:
     device: int | None = None
 
 
+def make_private(path: Path) -> None:
+    """The state folder 0700 and the ledger 0600: every transcript is in it.
+
+    Made so whatever the umask; narrowed (with a warning) when an older version
+    or a 0022 umask left them readable to others and they are ours to change.
+    The ledger is only ever opened here to create it: closing any handle of a
+    file drops every POSIX lock this process holds on it, SQLite's included.
+    """
+    folder = path.parent
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        os.close(os.open(path, flags, 0o600))
+    for what, mode in ((folder, 0o700), (path, 0o600)):
+        st = what.stat()
+        if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+            what.chmod(mode)
+            get_logger().warning(
+                "sfwatch.state_narrowed", path=str(what), was=oct(st.st_mode & 0o777)
+            )
+
+
 class Ledger:
     """One SQLite file shared by the daemon's threads (serialised by a lock)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_private(path)
         self.path = path
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, timeout=10, check_same_thread=False, isolation_level=None)

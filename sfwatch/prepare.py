@@ -17,7 +17,10 @@ same parts, so the parts whose transcripts the ledger already holds are skipped.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from sfwatch.config import Config
 from sfwatch.errors import PrepareError
 from sfwatch.fsutil import sha256_file
 from sfwatch.job import Job
+from sfwatch.safefs import work_area
 
 #: parts are cut this much short of the duration limit (encoder padding, rounding)
 DURATION_MARGIN = 0.98
@@ -65,9 +69,17 @@ def scratch_dir(job: Job, instance: str) -> Path:
     return job.root / ".sfwatch" / "tmp" / instance / job.job_id
 
 
+@contextmanager
+def scratch_folder(job: Job, instance: str) -> Iterator[Path]:
+    """The job's scratch folder as ``/proc/self/fd/N`` (reached by handles: safefs.py)."""
+    with work_area(job.root).folder(["tmp", instance]) as fd:
+        yield Path(f"/proc/self/fd/{fd}") / job.job_id  # (made only when parts are written)
+
+
 def clean_scratch(job: Job, instance: str) -> None:
     """Remove a job's parts (after it finished, or before a fresh start)."""
-    shutil.rmtree(scratch_dir(job, instance), ignore_errors=True)
+    with contextlib.suppress(OSError), work_area(job.root).folder(["tmp", instance]) as tmp:
+        shutil.rmtree(job.job_id, dir_fd=tmp)
 
 
 def prepare(job: Job, config: Config, instance: str, scratch: Path | None = None) -> Prepared:

@@ -21,7 +21,9 @@ plan), accepting a target that already holds the file instead of copying it.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ from sfwatch.errors import Fenced
 from sfwatch.job import FileSignature, Job
 from sfwatch.ledger import JobRow
 from sfwatch.logs import get_logger
+from sfwatch.safefs import folder, work_area
 
 #: a lease not renewed for this long (on our clock) belongs to a dead daemon
 DEFAULT_LEASE_SECONDS = 120.0
@@ -69,14 +72,18 @@ class LeaseKeeper:
         """Renew this instance's lease in every watched folder."""
         renewed = True
         for work_dir in self.work_dirs:
-            lease = instance_dir(work_dir, self.instance) / LEASE_NAME
             try:
-                lease.parent.mkdir(parents=True, exist_ok=True)
-                lease.touch()
-                os.utime(lease)
+                with work_area(work_dir.parent).folder(["work", self.instance]) as mine:
+                    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+                    os.close(os.open(LEASE_NAME, flags, 0o600, dir_fd=mine))
+                    os.utime(LEASE_NAME, dir_fd=mine, follow_symlinks=False)
             except OSError as exc:
                 renewed = False
-                self.log.warning("sfwatch.lease_failed", path=str(lease), error=str(exc))
+                self.log.warning(
+                    "sfwatch.lease_failed",
+                    path=str(instance_dir(work_dir, self.instance) / LEASE_NAME),
+                    error=str(exc),
+                )
         if renewed:
             self.last_beat = self.clock()
 
@@ -97,65 +104,66 @@ class LeaseKeeper:
         self._next_check = now + max(0.2, self.lease_seconds / 8)
         adopted: list[Job] = []
         for work_dir in self.work_dirs:
-            base = work_dir / "work"
             try:
-                others = [d for d in base.iterdir() if d.is_dir() and d.name != self.instance]
-            except OSError:
-                continue
-            for other in others:
-                if not self._expired(other, now):
-                    continue
-                try:
-                    adopted.extend(self._adopt(work_dir, other))
-                except OSError as exc:  # a third daemon adopted and removed it first
-                    self.log.warning("sfwatch.adopt_failed", path=str(other), error=str(exc))
+                with work_area(work_dir.parent).folder(["work"]) as work:
+                    for other in sorted(os.listdir(work)):  # noqa: PTH208 - a handle
+                        if other == self.instance or not _ours(work, other):
+                            continue
+                        if self._expired(work, work_dir / "work" / other, now):
+                            adopted.extend(self._adopt(work_dir, work, other))
+            except OSError as exc:  # a third daemon adopted and removed it first
+                self.log.warning("sfwatch.adopt_failed", path=str(work_dir), error=str(exc))
         return adopted
 
-    def _expired(self, other: Path, now: float) -> bool:
+    def _expired(self, work: int, other: Path, now: float) -> bool:
         try:
-            mtime = (other / LEASE_NAME).stat().st_mtime_ns
+            st = os.stat(f"{other.name}/{LEASE_NAME}", dir_fd=work, follow_symlinks=False)
         except FileNotFoundError:
-            try:
-                mtime = other.stat().st_mtime_ns  # an instance that never wrote a lease
-            except OSError:
-                return False
-        except OSError:
-            return False
+            st = os.stat(other.name, dir_fd=work, follow_symlinks=False)  # never wrote a lease
+        mtime = st.st_mtime_ns
         seen = self._seen.get(other)
         if seen is None or seen.mtime_ns != mtime:
             self._seen[other] = _Seen(mtime, now)
             return False
         return now - seen.since >= self.lease_seconds
 
-    def _adopt(self, work_dir: Path, other: Path) -> list[Job]:
-        mine = instance_dir(work_dir, self.instance)
-        mine.mkdir(parents=True, exist_ok=True)
+    def _adopt(self, work_dir: Path, work: int, other: str) -> list[Job]:
+        """Rename the dead instance's job folders into ours (only real folders of our user)."""
         taken: set[str] = set()
-        for job_dir in sorted(other.iterdir()):
-            if not job_dir.is_dir():
-                continue
-            try:
-                job_dir.rename(mine / job_dir.name)
-            except OSError:
-                continue  # a sibling adopted it first, or it is not ours to take
-            taken.add(job_dir.name)
+        with folder(work, [other]) as theirs, folder(work, [self.instance], create=True) as mine:
+            for job_dir in sorted(os.listdir(theirs)):  # noqa: PTH208 - a handle
+                if job_dir.startswith(".") or not _ours(theirs, job_dir):
+                    continue
+                try:
+                    os.rename(job_dir, job_dir, src_dir_fd=theirs, dst_dir_fd=mine)
+                except OSError:
+                    continue  # a sibling adopted it first
+                taken.add(job_dir)
+            with contextlib.suppress(OSError):
+                os.unlink(LEASE_NAME, dir_fd=theirs)
+        with contextlib.suppress(OSError):
+            os.rmdir(other, dir_fd=work)  # (not empty: its owner came back meanwhile)
         jobs = [
             j for j in claimed_files(work_dir, self.instance, work_dir.parent) if j.job_id in taken
         ]
         if taken:
             self.log.warning(
                 "sfwatch.claims_adopted",
-                from_instance=other.name,
+                from_instance=other,
                 jobs=len(jobs),
                 path=str(work_dir.parent),
             )
-        for leftover in (other / LEASE_NAME, other):
-            try:
-                leftover.rmdir() if leftover.is_dir() else leftover.unlink()
-            except OSError:
-                break  # not empty: its owner came back, or more claims arrived
-        self._seen.pop(other, None)
+        self._seen.pop(work_dir / "work" / other, None)
         return jobs
+
+
+def _ours(dfd: int, name: str) -> bool:
+    """A real folder of our user (a sibling's instance or job folder), not a planted link."""
+    try:
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
 
 
 def job_from_row(row: JobRow, instance: str) -> Job:

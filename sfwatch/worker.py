@@ -20,9 +20,10 @@ import os
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from sfwatch.claim import release, write_sidecar
+from sfwatch.claim import reading, release, write_sidecar
 from sfwatch.config import Config, WatchConfig
 from sfwatch.errors import Fenced, PrepareError, TranscribeError
 from sfwatch.finish import Placed, finish_done, finish_failed
@@ -31,7 +32,7 @@ from sfwatch.job import Job, Plan, Verdict
 from sfwatch.ledger import Ledger
 from sfwatch.lifecycle import OutcomeKind
 from sfwatch.logs import get_logger
-from sfwatch.prepare import clean_scratch, identify, prepare
+from sfwatch.prepare import Prepared, clean_scratch, identify, prepare, scratch_folder
 from sfwatch.settle import signature_of
 from sfwatch.transcribe import Transcriber
 
@@ -66,6 +67,16 @@ def error_fields(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, OSError):
         return {"reason": "os_error", "message": f"{exc.strerror or exc} ({exc.filename})"}
     return {"reason": type(exc).__name__, "message": str(exc)}
+
+
+@dataclass
+class Got:
+    """What one attempt got so far (filled in by ``Worker._transcript``)."""
+
+    job: Job
+    kind: OutcomeKind = OutcomeKind.DONE
+    bytes_sent: int = 0
+    seconds: float | None = None
 
 
 def _no_fence(_job: Job) -> None:
@@ -149,67 +160,18 @@ class Worker:
 
     def _steps(self, job: Job, watch: WatchConfig, progress: list[Job]) -> Outcome:
         if job.verdict is not None or (job.plan is not None and job.plan.kind == "failed"):
-            return self.fail(
-                job, watch, progress
-            )  # judged already: only the move to failed/ is left
-        bytes_sent = 0
-        audio_seconds: float | None = None
-        kind = OutcomeKind.DONE
-        if job.text is None:
-            self.ledger.set_stage(job.job_id, "prepare")
-            try:
-                job = identify(job) if job.sha256 is None else job
-            except PrepareError as exc:
-                return self.fail(job.evolve(verdict=Verdict(exc)), watch, progress)
-            progress.append(job)
-            model = self.model_for(job)
-            if (known := self.ledger.known_text(job.sha256 or "", model)) is not None:
-                job, kind = job.evolve(text=known), OutcomeKind.DEDUP
+            # Judged already: only the move to failed/ is left.
+            return self.fail(job, watch, progress)
+        got = Got(job)
         if job.text is None:
             try:
-                prepared = prepare(job, self.config, self.instance)
-            except PrepareError as exc:
+                with reading(job) as source:
+                    early = self._transcript(source, watch, progress, got)
+            except PrepareError as exc:  # (unreadable: the daemon's user may not read it)
                 return self.fail(job.evolve(verdict=Verdict(exc)), watch, progress)
-            audio_seconds = prepared.audio_seconds
-            # Parts whose transcripts the ledger holds (an earlier, interrupted try).
-            texts = self.ledger.parts(job.job_id) if len(prepared.parts) > 1 else []
-            self.fence(job)  # a sibling that adopted the job pays for it, not us too
-            self.ledger.set_stage(job.job_id, "upload")
-            self.log.info(
-                "sfwatch.upload_started",
-                job_id=job.job_id,
-                file=str(job.source),
-                attempt=job.attempts + 1,
-                parts=len(prepared.parts),
-                parts_done=len(texts),
-                prepared=prepared.how,
-                audio_seconds=audio_seconds,
-                bytes=job.signature.size,
-            )
-            trace_id: str | None = None
-            try:
-                for part in prepared.parts[len(texts) :]:
-                    result = self.transcriber.transcribe(part.path, part.upload_name, model)
-                    trace_id = result.trace_id
-                    job = job.evolve(trace_ids=(*job.trace_ids, result.trace_id or ""))
-                    texts.append(result.text)
-                    bytes_sent += result.bytes_sent
-                    if len(prepared.parts) > 1:
-                        self.ledger.part_done(job.job_id, texts)
-            except TranscribeError as exc:
-                if exc.trace_id:
-                    job = job.evolve(trace_ids=(*job.trace_ids, exc.trace_id))
-                return Outcome(OutcomeKind.ERROR, job, exc, bytes_sent=bytes_sent)
-            job = job.evolve(attempts=job.attempts + 1, text="\n".join(t.strip() for t in texts))
-            progress.append(job)  # paid: from here on, errors keep the text
-            if signature_of(job.path) != job.signature:
-                # New content: the parts and their transcripts are of the old one.
-                self.ledger.part_done(job.job_id, [])
-                clean_scratch(job, self.instance)
-                return Outcome(OutcomeKind.CHANGED, job.evolve(text=None, sha256=None))
-            self.ledger.transcribed(job, model, trace_id)
-            with contextlib.suppress(OSError):  # only a sibling's convenience
-                write_sidecar(job)
+            if early is not None:
+                return early
+        job, kind, bytes_sent, audio_seconds = got.job, got.kind, got.bytes_sent, got.seconds
         placed = self._finish(job, watch, progress)
         self.ledger.finished(
             progress[-1],
@@ -221,6 +183,83 @@ class Worker:
         return Outcome(
             kind, progress[-1], placed=placed, bytes_sent=bytes_sent, audio_seconds=audio_seconds
         )
+
+    def _transcript(
+        self, source: Path, watch: WatchConfig, progress: list[Job], got: Got
+    ) -> Outcome | None:
+        """Get the job's text: known already (dedup) or uploaded; fill ``got``.
+
+        ``source`` is the claimed file's handle as a path (``/proc/self/fd/N``):
+        PyAV and the upload read the file the claim checked, whatever happens
+        to the names around it meanwhile (safefs.py).
+        """
+        job = got.job
+        self.ledger.set_stage(job.job_id, "prepare")
+        reader = job.evolve(path=source)
+        try:
+            job = job if job.sha256 is not None else job.evolve(sha256=identify(reader).sha256)
+        except PrepareError as exc:
+            return self.fail(job.evolve(verdict=Verdict(exc)), watch, progress)
+        progress.append(job)
+        got.job = job
+        model = self.model_for(job)
+        if (known := self.ledger.known_text(job.sha256 or "", model)) is not None:
+            got.job, got.kind = job.evolve(text=known), OutcomeKind.DEDUP
+            return None
+        try:
+            with scratch_folder(job, self.instance) as scratch:
+                prepared = prepare(
+                    reader.evolve(sha256=job.sha256), self.config, self.instance, scratch
+                )
+                return self._upload(job, prepared, model, progress, got)
+        except PrepareError as exc:
+            return self.fail(job.evolve(verdict=Verdict(exc)), watch, progress)
+
+    def _upload(
+        self, job: Job, prepared: Prepared, model: str, progress: list[Job], got: Got
+    ) -> Outcome | None:
+        got.seconds = prepared.audio_seconds
+        # Parts whose transcripts the ledger holds (an earlier, interrupted try).
+        texts = self.ledger.parts(job.job_id) if len(prepared.parts) > 1 else []
+        self.fence(job)  # a sibling that adopted the job pays for it, not us too
+        self.ledger.set_stage(job.job_id, "upload")
+        self.log.info(
+            "sfwatch.upload_started",
+            job_id=job.job_id,
+            file=str(job.source),
+            attempt=job.attempts + 1,
+            parts=len(prepared.parts),
+            parts_done=len(texts),
+            prepared=prepared.how,
+            audio_seconds=got.seconds,
+            bytes=job.signature.size,
+        )
+        trace_id: str | None = None
+        try:
+            for part in prepared.parts[len(texts) :]:
+                result = self.transcriber.transcribe(part.path, part.upload_name, model)
+                trace_id = result.trace_id
+                job = job.evolve(trace_ids=(*job.trace_ids, result.trace_id or ""))
+                texts.append(result.text)
+                got.bytes_sent += result.bytes_sent
+                if len(prepared.parts) > 1:
+                    self.ledger.part_done(job.job_id, texts)
+        except TranscribeError as exc:
+            if exc.trace_id:
+                job = job.evolve(trace_ids=(*job.trace_ids, exc.trace_id))
+            return Outcome(OutcomeKind.ERROR, job, exc, bytes_sent=got.bytes_sent)
+        job = job.evolve(attempts=job.attempts + 1, text="\n".join(t.strip() for t in texts))
+        progress.append(job)  # paid: from here on, errors keep the text
+        got.job = job
+        if signature_of(job.path) != job.signature:
+            # New content: the parts and their transcripts are of the old one.
+            self.ledger.part_done(job.job_id, [])
+            clean_scratch(job, self.instance)
+            return Outcome(OutcomeKind.CHANGED, job.evolve(text=None, sha256=None))
+        self.ledger.transcribed(job, model, trace_id)
+        with contextlib.suppress(OSError):  # only a sibling's convenience
+            write_sidecar(job)
+        return None
 
     def _finish(self, job: Job, watch: WatchConfig, progress: list[Job]) -> Placed:
         self.ledger.set_stage(job.job_id, "finish")
@@ -250,8 +289,9 @@ class Worker:
             if verdict.reason is not None:
                 fields = {**fields, "reason": verdict.reason, "last_reason": fields.get("reason")}
         if job.sha256 is None and os.path.lexists(job.path):
-            with contextlib.suppress(PrepareError, OSError):
-                job = identify(job)  # for the error file (and to recognise a copy later)
+            with contextlib.suppress(PrepareError, OSError), reading(job) as source:
+                # For the error file (and to recognise a copy across file systems later).
+                job = job.evolve(sha256=identify(job.evolve(path=source)).sha256)
         progress.append(job)
         self.ledger.set_stage(job.job_id, "finish")
         placed = finish_failed(

@@ -102,13 +102,17 @@ def test_claim_race_lost_at_the_rename(watch: WatchConfig, monkeypatch: pytest.M
     """Two claimers both past the signature check: one rename wins, the loser cleans up."""
     settled = settled_file(watch, "sub/a.mp3", b"contested")
     both_checked = threading.Barrier(2, timeout=5)
+    seen = threading.local()
+    signature_at = sfwatch.claim._signature_at
 
-    def check_then_wait(path: Path) -> FileSignature | None:
-        signature = signature_of(path)
-        both_checked.wait()  # neither renames before both saw the file
+    def check_then_wait(dfd: int, name: str) -> FileSignature | None:
+        signature = signature_at(dfd, name)
+        if not getattr(seen, "checked", False):  # (the second call checks what was taken)
+            seen.checked = True
+            both_checked.wait()  # neither renames before both saw the file
         return signature
 
-    monkeypatch.setattr(sfwatch.claim, "signature_of", check_then_wait)
+    monkeypatch.setattr(sfwatch.claim, "_signature_at", check_then_wait)
     results: dict[str, Job | None] = {}
 
     def claimer(instance: str) -> None:

@@ -1,0 +1,213 @@
+"""Folder handles: reach below a trusted root without following any link.
+
+The share is not trusted (docs/design.md §11): anyone who can write to a watched
+folder can replace a folder with a symlink at any moment (also *between* our
+check and our use). So nothing below a trusted root is ever reached by path.
+A folder is opened one component at a time with ``O_NOFOLLOW | O_DIRECTORY``
+from its parent's handle, and every step then acts on handles (``*at`` calls:
+``dir_fd=`` in Python). A swapped component can make a step fail (ELOOP,
+ENOTDIR: a ``finish_error``, tried again later), never send it elsewhere.
+
+The trusted roots are the configured folders themselves (``watch.path``,
+``done_dir``, …): an administrator may well have made one a symlink. Everything
+*below* them is the share's.
+
+The work area (``<watched>/.sfwatch``) is the daemon's alone: created 0700 and
+checked on every use to be a real folder owned by the daemon's user that nobody
+else may write to (``WorkArea``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
+
+from sfwatch.logs import get_logger
+
+#: how a folder below a root is opened: never through a symlink
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: how a root (trusted, maybe a symlink the administrator made) is opened
+ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+#: the work area's mode, whatever the umask
+PRIVATE_DIR = 0o700
+#: the name of the work area in a watched folder
+WORK_AREA = ".sfwatch"
+
+
+class UnsafeFolder(OSError):
+    """A folder we must use is not what it must be (a symlink, a file, not ours)."""
+
+
+def _check_part(part: str) -> None:
+    if part in ("", ".", "..") or "/" in part:
+        raise UnsafeFolder(errno.EINVAL, f"not a plain folder name: {part!r}")
+
+
+def open_below(
+    root: Path | int, parts: Sequence[str], *, create: bool = False, mode: int = 0o777
+) -> int:
+    """A handle of ``root/parts[0]/…``; no symlink below ``root`` is followed.
+
+    ``root`` is a path (opened as given) or a handle (kept open). With
+    ``create``, missing folders are made with ``mode`` (the umask applies) and
+    made durable in their parents. The caller closes the returned handle.
+    """
+    fd = os.dup(root) if isinstance(root, int) else os.open(root, ROOT_FLAGS)
+    try:
+        for part in parts:
+            _check_part(part)
+            try:
+                child = os.open(part, DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, mode, dir_fd=fd)
+                    fsync_fd(fd)
+                child = os.open(part, DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@contextmanager
+def folder(
+    root: Path | int, parts: Sequence[str], *, create: bool = False, mode: int = 0o777
+) -> Iterator[int]:
+    """``open_below`` as a context manager that closes the handle."""
+    fd = open_below(root, parts, create=create, mode=mode)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+#: errno values meaning "this file system cannot fsync a directory" (some FUSE, SMB)
+NO_DIR_FSYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF, errno.EACCES}
+
+
+def fsync_fd(fd: int) -> None:
+    """Make a folder's entries durable, where the file system can (some FUSE/SMB cannot)."""
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in NO_DIR_FSYNC:
+            raise
+
+
+def anchored(path: Path, roots: Sequence[Path | None]) -> tuple[Path, tuple[str, ...]]:
+    """Split ``path`` into the first trusted root containing it and the parts below.
+
+    The order of ``roots`` matters: the watched folder comes first, so that a
+    ``done/`` inside it is reached through the share's own (untrusted) entry.
+    """
+    for root in roots:
+        if root is None:
+            continue
+        try:
+            rel = path.relative_to(root)
+        except ValueError:
+            continue
+        return root, PurePosixPath(rel.as_posix()).parts if str(rel) != "." else ()
+    raise UnsafeFolder(errno.EPERM, f"{path} is under no configured folder")
+
+
+def is_private(st: os.stat_result) -> bool:
+    """A folder only this process's user may change."""
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+class WorkArea:
+    """``<watched>/.sfwatch``, checked on every use (see the module docstring).
+
+    A work area that is not a real folder owned by our user is refused with one
+    error line (per folder, until it is fixed). One of ours that others may
+    write to (made by an older version under a 0007 umask) is narrowed to 0700
+    with a warning: it is ours to narrow, and what others put inside is theirs,
+    never taken (``is_private`` is asked of every folder below it too).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.log = get_logger()
+        self._refused = False
+        self._lock = threading.Lock()
+
+    @property
+    def path(self) -> Path:
+        """Where it is (for logs; never for acting)."""
+        return self.root / WORK_AREA
+
+    def open(self, parts: Sequence[str] = (), *, create: bool = True) -> int:
+        """A handle of ``.sfwatch/<parts>``, every folder checked; the caller closes it."""
+        fd = open_below(self.root, [WORK_AREA], create=create, mode=PRIVATE_DIR)
+        try:
+            self._check(fd, self.path)
+            for part in parts:
+                child = open_below(fd, [part], create=create, mode=PRIVATE_DIR)
+                os.close(fd)
+                fd = child
+                self._check(fd, self.path.joinpath(*parts))
+        except BaseException:
+            os.close(fd)
+            raise
+        if self._refused:
+            self._refused = False
+            self.log.info("sfwatch.work_area_accepted", path=str(self.path))
+        return fd
+
+    @contextmanager
+    def folder(self, parts: Sequence[str] = (), *, create: bool = True) -> Iterator[int]:
+        """``open`` as a context manager that closes the handle."""
+        fd = self.open(parts, create=create)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _check(self, fd: int, where: Path) -> None:
+        st = os.fstat(fd)
+        if is_private(st):
+            return
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
+            with self._lock:
+                os.fchmod(fd, PRIVATE_DIR)
+            self.log.warning(
+                "sfwatch.work_area_narrowed",
+                path=str(where),
+                was=oct(stat.S_IMODE(st.st_mode)),
+                now=oct(PRIVATE_DIR),
+            )
+            return
+        if not self._refused:
+            self._refused = True
+            self.log.error(
+                "sfwatch.work_area_refused",
+                path=str(where),
+                owner_uid=st.st_uid,
+                mode=oct(stat.S_IMODE(st.st_mode)),
+                fix=f"remove it; sfwatch makes its own (0700, owned by uid {os.geteuid()})",
+            )
+        raise UnsafeFolder(errno.EPERM, f"work area {where} is not sfwatch's own folder")
+
+
+_areas: dict[Path, WorkArea] = {}
+_areas_lock = threading.Lock()
+
+
+def work_area(root: Path) -> WorkArea:
+    """The ``WorkArea`` of a watched folder (one per folder, so refusals are logged once)."""
+    with _areas_lock:
+        area = _areas.get(root)
+        if area is None:
+            area = _areas[root] = WorkArea(root)
+        return area
