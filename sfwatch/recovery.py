@@ -9,7 +9,7 @@ the sibling renames each of the dead instance's job folders into its own work
 area (atomic, so two siblings cannot both adopt one) and resumes them.
 
 A daemon that restarts under its own instance name recovers its claims itself,
-at once, without waiting for any lease (``Daemon._reconcile``).
+at once, without waiting for any lease (``reconcile.Reconciler``).
 
 **Fencing** (docs/design.md §6): a daemon that was frozen (SIGSTOP, a hung NFS
 call) may wake up after a sibling adopted its claims. Before each visible step
@@ -30,6 +30,7 @@ from pathlib import Path, PurePosixPath
 from sfwatch.claim import adopted_by, claimed_files, instance_dir
 from sfwatch.config import WatchConfig
 from sfwatch.errors import Fenced
+from sfwatch.folders import Folders
 from sfwatch.job import FileSignature, Job
 from sfwatch.ledger import JobRow
 from sfwatch.logs import get_logger
@@ -51,12 +52,13 @@ class LeaseKeeper:
     def __init__(
         self,
         instance: str,
-        work_dirs: list[Path],
+        folders: Folders,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.instance = instance
-        self.work_dirs = work_dirs
+        #: leases are kept in the folders watched now (a reload changes them)
+        self.folders = folders
         self.lease_seconds = lease_seconds
         self.clock = clock
         self.log = get_logger()
@@ -68,7 +70,7 @@ class LeaseKeeper:
     def beat(self) -> None:
         """Renew this instance's lease in every watched folder."""
         renewed = True
-        for work_dir in self.work_dirs:
+        for work_dir in self.folders.work_dirs():
             lease = instance_dir(work_dir, self.instance) / LEASE_NAME
             try:
                 lease.parent.mkdir(parents=True, exist_ok=True)
@@ -96,7 +98,7 @@ class LeaseKeeper:
             return []
         self._next_check = now + max(0.2, self.lease_seconds / 8)
         adopted: list[Job] = []
-        for work_dir in self.work_dirs:
+        for work_dir in self.folders.work_dirs():
             base = work_dir / "work"
             try:
                 others = [d for d in base.iterdir() if d.is_dir() and d.name != self.instance]
