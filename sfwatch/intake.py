@@ -12,10 +12,10 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from sfwatch.config import WatchConfig
+from sfwatch.folders import FolderChange, Folders
 from sfwatch.logs import get_logger
 from sfwatch.settle import SettledFile, Settler
 from sfwatch.watch import (
@@ -37,9 +37,9 @@ WATCH_RETRY = 30.0
 class Intake:
     """Observers, the scanner and the settler for every watched folder."""
 
-    def __init__(self, watches: dict[Path, WatchConfig]) -> None:
-        #: the folders watched now (replaced whole on reload: the scanner reads it)
-        self.watches = watches
+    def __init__(self, folders: Folders) -> None:
+        #: the folders' settings (a reload replaces them; the scanner thread reads them)
+        self.folders = folders
         self.log = get_logger()
         self.notes = PathNotes()
         self.settler = Settler()
@@ -54,7 +54,7 @@ class Intake:
 
     def start(self) -> None:
         """Start an observer per folder, then the scanner (start-up scan, rescans)."""
-        for watch in self.watches.values():
+        for watch in self.folders.watched():
             self.start_watcher(watch)
         self.scanner = threading.Thread(target=self._scan_loop, name="sfwatch-scan", daemon=True)
         self.scanner.start()
@@ -81,7 +81,7 @@ class Intake:
                 self.log.error("sfwatch.watch_died", path=str(path))
             watcher.stop()
             try:
-                self.start_watcher(self.watches[path])
+                self.start_watcher(self.folders.for_root(path))
             except OSError as exc:
                 # Unhealthy until it works again: systemd's watchdog will restart us.
                 self.broken[path] = now + WATCH_RETRY
@@ -96,20 +96,22 @@ class Intake:
             return False
         return self.scanner is None or self.scanner.is_alive()
 
-    def replace(self, fresh: dict[Path, WatchConfig]) -> list[WatchConfig]:
-        """A reload: stop removed folders' observers, (re)start new and changed ones.
+    def apply(self, change: FolderChange) -> list[WatchConfig]:
+        """A reload (``Folders.replace``): stop removed folders' observers, (re)start the rest.
 
-        Returns the folders that are new (their left-over claims need recovering).
+        Returns the new folders whose observer started (their left-over claims need
+        recovering).
         """
-        old = self.watches
-        for path in old.keys() - fresh.keys():
-            self.watchers.pop(path).stop()
-            self.broken.pop(path, None)
-            self.log.info("sfwatch.watch_stopped", path=str(path))
-        self.watches = fresh  # one assignment: the scanner thread reads this dict
+        for watch in change.removed:
+            self.watchers.pop(watch.path).stop()
+            self.broken.pop(watch.path, None)
+            self.log.info("sfwatch.watch_stopped", path=str(watch.path))
         added: list[WatchConfig] = []
-        for path, watch in fresh.items():
-            if path in old and watch == old[path]:
+        new = {w.path for w in change.added}
+        restart = new | {w.path for w in change.changed}
+        for watch in self.folders.watched():  # in config order, as at start-up
+            path = watch.path
+            if path not in restart:
                 continue
             if path in self.watchers:
                 self.watchers.pop(path).stop()
@@ -119,7 +121,7 @@ class Intake:
                 self.broken[path] = time.monotonic() + WATCH_RETRY
                 self.log.error("sfwatch.watch_restart_failed", path=str(path), error=str(exc))
                 continue
-            if path not in old:
+            if path in new:
                 added.append(watch)
         self.notes.rescan_requested.set()
         return added
@@ -136,7 +138,7 @@ class Intake:
         self.scan_done.set()
         self.notes.wakeup.set()
         while not self.stop_scanner.is_set():
-            interval = min((w.rescan_seconds for w in self.watches.values()), default=60.0)
+            interval = min((w.rescan_seconds for w in self.folders.watched()), default=60.0)
             self.notes.rescan_requested.wait(interval)
             if self.stop_scanner.is_set():
                 return
@@ -144,7 +146,7 @@ class Intake:
             self._scan_all()
 
     def _scan_all(self) -> None:
-        for watch in list(self.watches.values()):
+        for watch in self.folders.watched():
             started = time.monotonic()
             found = scan(watch, self.notes.note, self.stop_scanner)
             self.log.debug(
@@ -174,13 +176,14 @@ class Intake:
                     reason = "no_access" if isinstance(exc, PermissionError) else "os_error"
                     self._skip(path, watch, reason)
 
-    def settled(self, settle_seconds: Callable[[Path], float]) -> list[SettledFile]:
+    def settled(self) -> list[SettledFile]:
         """Files that stayed unchanged for their folder's ``settle_seconds``."""
-        return self.settler.due(settle_seconds)
+        # A file settling in a folder a reload removed keeps its (retired) settings.
+        return self.settler.due(lambda root: self.folders.for_root(root).settle_seconds)
 
     def _watch_for(self, path: Path) -> WatchConfig | None:
-        for root, watch in self.watches.items():
-            if root in path.parents:
+        for watch in self.folders.watched():
+            if watch.path in path.parents:
                 return watch
         return None
 

@@ -9,7 +9,7 @@ the sibling renames each of the dead instance's job folders into its own work
 area (atomic, so two siblings cannot both adopt one) and resumes them.
 
 A daemon that restarts under its own instance name recovers its claims itself,
-at once, without waiting for any lease (``Daemon._reconcile``).
+at once, without waiting for any lease (``reconcile.Reconciler``).
 
 **Fencing** (docs/design.md §6): a daemon that was frozen (SIGSTOP, a hung NFS
 call) may wake up after a sibling adopted its claims. Before each visible step
@@ -32,6 +32,7 @@ from pathlib import Path, PurePosixPath
 from sfwatch.claim import adopted_by, claimed_files, instance_dir
 from sfwatch.config import WatchConfig
 from sfwatch.errors import Fenced
+from sfwatch.folders import Folders
 from sfwatch.job import FileSignature, Job
 from sfwatch.ledger import JobRow
 from sfwatch.logs import get_logger
@@ -54,12 +55,13 @@ class LeaseKeeper:
     def __init__(
         self,
         instance: str,
-        work_dirs: list[Path],
+        folders: Folders,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.instance = instance
-        self.work_dirs = work_dirs
+        #: leases are kept in the folders watched now (a reload changes them)
+        self.folders = folders
         self.lease_seconds = lease_seconds
         self.clock = clock
         self.log = get_logger()
@@ -71,7 +73,7 @@ class LeaseKeeper:
     def beat(self) -> None:
         """Renew this instance's lease in every watched folder."""
         renewed = True
-        for work_dir in self.work_dirs:
+        for work_dir in self.folders.work_dirs():
             try:
                 with work_area(work_dir.parent).folder(["work", self.instance]) as mine:
                     flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -103,7 +105,7 @@ class LeaseKeeper:
             return []
         self._next_check = now + max(0.2, self.lease_seconds / 8)
         adopted: list[Job] = []
-        for work_dir in self.work_dirs:
+        for work_dir in self.folders.work_dirs():
             try:
                 with work_area(work_dir.parent).folder(["work"]) as work:
                     for other in sorted(os.listdir(work)):  # noqa: PTH208 - a handle

@@ -87,6 +87,8 @@ class Scheduler:
         self.pacer = pacer
         self.ledger = ledger
         self.worker = worker
+        #: the folders' settings: the worker's registry, so both see a reload alike
+        self.folders = worker.folders
         self.log = get_logger()
         #: jobs that need an upload wait for the pacer; local ones (a move to failed/,
         #: finishing a paid transcript) never do, so they have a heap of their own
@@ -138,7 +140,7 @@ class Scheduler:
         job = job.evolve(claimed_at=now, window_start=now)
         row = self.ledger.job(job.job_id)
         if row is None:
-            row = self.ledger.claimed(job, instance, watch_dirs(self.worker.watches[job.root]))
+            row = self.ledger.claimed(job, instance, watch_dirs(self.folders.for_root(job.root)))
             if job.text is not None:  # an adopted job whose text a sibling paid for
                 self.ledger.transcribed(job, self.worker.model_for(job), None)
         elif row.running:
@@ -210,7 +212,7 @@ class Scheduler:
 
     def record_claim(self, job: Job, instance: str) -> bool:
         """Write a new claim's row; False (the job is resumed later instead) if that failed."""
-        dirs = watch_dirs(self.worker.watches[job.root])
+        dirs = watch_dirs(self.worker.folders.for_root(job.root))
         try:
             self.ledger.claimed(job, instance, dirs)
         except HOST_ERRORS:
@@ -314,7 +316,7 @@ class Scheduler:
             last_success=self.pacer.last_success,
             max_attempts=self.config.api.max_attempts,
             backoff_base=self.pacer.base,
-            settle_seconds=self.worker.watches[job.root].settle_seconds,
+            settle_seconds=self.folders.for_root(job.root).settle_seconds,
             crash_limit=CRASH_LIMIT,
             bytes_sent=outcome.bytes_sent,
             judged=job.verdict is not None,

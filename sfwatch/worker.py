@@ -27,6 +27,7 @@ from sfwatch.claim import reading, release, write_sidecar
 from sfwatch.config import Config, WatchConfig
 from sfwatch.errors import Fenced, PrepareError, TranscribeError
 from sfwatch.finish import Placed, finish_done, finish_failed
+from sfwatch.folders import Folders
 from sfwatch.fsutil import same_content
 from sfwatch.job import Job, Plan, Verdict
 from sfwatch.ledger import Ledger
@@ -93,20 +94,22 @@ class Worker:
         ledger: Ledger,
         instance: str = "local",
         fence: Callable[[Job], None] = _no_fence,
+        *,
+        folders: Folders | None = None,
     ) -> None:
         self.config = config
         self.instance = instance
         self.transcriber = transcriber
         self.ledger = ledger
-        #: settings per watched folder, also of folders that left the config but
-        #: still have claims to finish (the daemon keeps this up to date)
-        self.watches = {w.path: w for w in config.watch}
+        #: settings per folder, also of folders that left the config but still have
+        #: claims to finish (the daemon's registry, which a reload updates)
+        self.folders = folders if folders is not None else Folders(config.watch)
         self.fence = fence
         self.log = get_logger()
 
     def model_for(self, job: Job) -> str:
         """The model a job's folder uses."""
-        return self.watches[job.root].model or self.config.api.model
+        return self.folders.for_root(job.root).model or self.config.api.model
 
     def process(self, job: Job) -> Outcome:
         """One attempt. Host errors become ``finish_error``; our bugs propagate."""
@@ -122,7 +125,7 @@ class Worker:
         return outcome
 
     def _attempt(self, job: Job) -> Outcome:
-        watch = self.watches[job.root]
+        watch = self.folders.for_root(job.root)
         progress = [job]
         try:
             if job.plan is None:
