@@ -141,6 +141,10 @@ class JobRow:
     device: int | None = None
 
 
+#: the ledger's file name in ``state_dir``
+LEDGER_NAME = "ledger.sqlite3"
+
+
 class Ledger:
     """One SQLite file shared by the daemon's threads (serialised by a lock)."""
 
@@ -163,7 +167,7 @@ class Ledger:
     @classmethod
     def in_state_dir(cls, state_dir: Path) -> Ledger:
         """The ledger file of a ``state_dir``."""
-        return cls(state_dir / "ledger.sqlite3")
+        return cls(state_dir / LEDGER_NAME)
 
     def close(self) -> None:
         """Close the database."""
