@@ -10,20 +10,25 @@ it is still finishing is never moved from under it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
+import pwd
+import stat
 import time
-import unicodedata
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from sfwatch import nofollow
 from sfwatch.config import Config, WatchConfig
+from sfwatch.errors import SfwatchError
 from sfwatch.finish import ERROR_SUFFIX
-from sfwatch.fsutil import free_stems, fsync_dir, move_no_replace, numbered
-from sfwatch.ledger import JobRow, Ledger
+from sfwatch.fsutil import numbered
+from sfwatch.ledger import LEDGER_NAME, JobRow, Ledger
+from sfwatch.text import printable
 
 #: a daemon that has not published for this long is reported as not running
 STALE_AFTER = 75.0  # the daemon rewrites an unchanged status every 30 s
@@ -101,19 +106,9 @@ def format_status(report: dict[str, Any]) -> str:
             lines.append(
                 f"  {f['time']}  {f['file']}  {f['reason']}{status}: {f['message']}{trace}"
             )
-    return "\n".join(lines)
-
-
-#: Unicode categories a file name may hold but a terminal line must not: control
-#: characters, lone surrogates (undecodable bytes), line and paragraph separators
-_UNPRINTABLE = frozenset({"Cc", "Cs", "Zl", "Zp"})
-
-
-def printable(text: object) -> str:
-    """``text`` with control characters (and undecodable bytes) escaped as ``repr`` does."""
-    return "".join(
-        repr(c)[1:-1] if unicodedata.category(c) in _UNPRINTABLE else c for c in str(text)
-    )
+    # Names, messages, reasons and trace ids come from the share and the API: one
+    # escaped line each, so none can forge a line or drive the terminal.
+    return "\n".join(printable(line) for line in lines)
 
 
 @dataclass
@@ -121,48 +116,115 @@ class RetryReport:
     """What ``retry`` did: files moved back, files skipped and why, FILEs it could not take."""
 
     moved: list[tuple[Path, Path]] = field(default_factory=list)
-    #: not retried, for a stated reason (not failed in this ledger, gone): warnings
+    #: not retried, for a stated reason (not failed in this ledger, gone, a symlink on
+    #: the way): warnings
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     #: a named FILE that is no failed file, or a move that failed: exit status 1
     errors: list[tuple[Path, str]] = field(default_factory=list)
 
 
+class RetryRefused(SfwatchError):
+    """``retry`` will not run here (as root for a daemon that is not root; no ledger)."""
+
+
+def check_retry_user(state_dir: Path) -> None:
+    """Refuse to run as root when the daemon does not: RetryRefused naming its user.
+
+    The daemon's user is the owner of its ledger (or of ``state_dir``). Root moving
+    files in folders that user, and the share's writers, control is what a planted
+    link turns into a write anywhere; as the daemon's user a retry can do no more
+    than the daemon itself.
+    """
+    if os.geteuid() != 0:
+        return
+    for path in (state_dir / LEDGER_NAME, state_dir):
+        try:
+            owner = path.stat().st_uid
+        except OSError:
+            continue
+        if owner == 0:
+            return
+        try:
+            user = pwd.getpwuid(owner).pw_name
+        except KeyError:
+            user = str(owner)
+        raise RetryRefused(
+            f"retry: refusing to run as root: the daemon runs as {user!r} (uid {owner}, "
+            f"the owner of {path}); run it as that user, e.g. "
+            f"runuser -u {user} -- sfwatch retry ..."
+        )
+
+
+def _lexical(path: Path) -> Path:
+    """``path`` absolute and normalised without looking at the disk (no link followed)."""
+    return Path(os.path.normpath(path.absolute()))
+
+
 def _located(path: Path) -> Path:
     """``path`` absolute, its folder's symlinks resolved (not the file's own)."""
     path = path.absolute()
-    return path.parent.resolve() / path.name
+    # realpath, not Path.resolve: a planted link loop must not raise (RuntimeError)
+    return Path(os.path.realpath(path.parent)) / path.name
 
 
 def _watch_for_failed(config: Config, path: Path) -> tuple[WatchConfig, Path] | None:
     """The watched folder whose failed/ holds ``path``, and the path relative to it."""
     for watch in config.watch:
-        try:
-            return watch, path.relative_to(watch.failed_dir.resolve())
-        except ValueError:
-            continue
+        if path != watch.failed_dir and path.is_relative_to(watch.failed_dir):
+            return watch, path.relative_to(watch.failed_dir)
     return None
+
+
+def _anchor(config: Config, folder: Path) -> tuple[Path, tuple[str, ...]]:
+    """A configured root above ``folder`` and the components from it down to ``folder``.
+
+    Inside a watched folder the root is that folder: everything below it is the
+    share's, where any component may be a planted link. Below a failed_dir
+    outside every watched folder, the failed_dir is the root (the admin chose it;
+    the folders below it are named after the share's).
+    """
+    for watch in config.watch:
+        if folder.is_relative_to(watch.path):
+            return watch.path, folder.relative_to(watch.path).parts
+    for watch in config.watch:
+        if folder.is_relative_to(watch.failed_dir):
+            return watch.failed_dir, folder.relative_to(watch.failed_dir).parts
+    return folder, ()
+
+
+def _open_folder(config: Config, folder: Path, *, create: bool = False) -> int:
+    """Open a folder from its configured root down without following a link."""
+    root, parts = _anchor(config, folder)
+    return nofollow.open_dir(root, parts, create=create)
 
 
 def retry(config: Config, files: list[Path], everything: bool) -> RetryReport:
     """Move failed originals back into their inbox: only those the ledger shows as failed.
 
     The ledger is the authority. A file in failed/ whose job the ledger does not
-    show as failed (the daemon is still finishing it, or another daemon with its
-    own ledger failed it) is skipped with a reason, as is a failed job whose file
-    is gone; neither stops the others.
+    show as failed (the daemon is still finishing it, another daemon with its
+    own ledger failed it, or it was planted there) is skipped with a reason, as
+    is a failed job whose file is gone; neither stops the others. Paths are
+    walked from the watched folder down without following links (§11): a symlink
+    on the way out of failed/ or back into the inbox skips the file.
     """
+    check_retry_user(config.state_dir)
+    if not (config.state_dir / LEDGER_NAME).is_file():
+        raise RetryRefused(
+            f"retry: no ledger at {config.state_dir / LEDGER_NAME}: no daemon has run with "
+            "this state_dir (run retry with the daemon's config)"
+        )
     report = RetryReport()
     ledger = Ledger.in_state_dir(config.state_dir)
     try:
         rows: dict[Path, JobRow] = {}
         for row in ledger.failed_jobs():  # oldest first: the newest job of a name wins
             if row.final_path:
-                rows[_located(Path(row.final_path))] = row
+                rows[_lexical(Path(row.final_path))] = row
         if everything:
             targets = list(rows.items())
             for watch in config.watch:
-                for path in _unknown_failed(watch, rows):
-                    report.skipped.append((path, _why_not_failed(ledger, path)))
+                report.skipped.extend(_unknown_failed(config, watch, ledger, rows))
         else:
             targets = _named(config, ledger, files, rows, report)
         for failed, row in targets:
@@ -178,38 +240,99 @@ def _named(
     """The named FILEs that are failed jobs; the others go into ``report``."""
     targets: dict[Path, JobRow] = {}
     for name in files:
-        failed = _located(Path(str(name).removesuffix(ERROR_SUFFIX)))
-        if _watch_for_failed(config, failed) is None:
-            report.errors.append((failed, "not in any watched folder's failed_dir"))
-        elif failed in rows:
+        failed = _lexical(Path(str(name).removesuffix(ERROR_SUFFIX)))
+        located = _located(failed)
+        if failed not in rows and (
+            located in rows
+            or (_watch_for_failed(config, failed) is None and _watch_for_failed(config, located))
+        ):
+            # Named through the user's own link (a mount, ~/share). Only to find the
+            # row: the move itself walks down from the watched folder, no link followed.
+            failed = located
+        if failed in rows:
             targets[failed] = rows[failed]
-        elif failed.is_dir():
-            report.errors.append((failed, "a folder, not a failed file"))
-        elif os.path.lexists(failed):
-            report.skipped.append((failed, _why_not_failed(ledger, failed)))
+        elif _watch_for_failed(config, failed) is None:
+            report.errors.append((failed, "not in any watched folder's failed_dir"))
         else:
-            report.errors.append((failed, "no such file, and no failed job for it in the ledger"))
+            _named_unknown(config, ledger, failed, report)
     return list(targets.items())
 
 
-def _unknown_failed(watch: WatchConfig, rows: dict[Path, JobRow]) -> list[Path]:
-    """Files in a failed/ that the ledger shows no failed job for (``--all`` skips them)."""
-    top = watch.failed_dir.resolve()
-    if not top.is_dir():
-        return []
-    return sorted(
-        found
-        for path in top.rglob("*")
-        if not path.name.startswith(".")
-        and not path.name.endswith(ERROR_SUFFIX)
-        and not path.is_dir()
-        and (found := _located(path)) not in rows
-    )
+def _named_unknown(config: Config, ledger: Ledger, failed: Path, report: RetryReport) -> None:
+    """A named FILE in a failed/ that the ledger shows no failed job for: say what it is."""
+    try:
+        folder = _open_folder(config, failed.parent)
+    except nofollow.UnsafePath as exc:
+        report.skipped.append((failed, f"not followed: {exc}"))
+        return
+    except FileNotFoundError:
+        report.errors.append((failed, "no such file, and no failed job for it in the ledger"))
+        return
+    except OSError as exc:
+        report.errors.append((failed, f"cannot look at it: {exc}"))
+        return
+    try:
+        st = nofollow.lstat_at(folder, failed.name)
+        if st is None:
+            report.errors.append((failed, "no such file, and no failed job for it in the ledger"))
+        elif stat.S_ISDIR(st.st_mode):
+            report.errors.append((failed, "a folder, not a failed file"))
+        else:
+            report.skipped.append((failed, _why_not_failed(ledger, folder, failed, st)))
+    finally:
+        os.close(folder)
 
 
-def _why_not_failed(ledger: Ledger, failed: Path) -> str:
+def _unknown_failed(
+    config: Config, watch: WatchConfig, ledger: Ledger, rows: dict[Path, JobRow]
+) -> list[tuple[Path, str]]:
+    """Files in a failed/ that the ledger shows no failed job for (``--all`` skips them).
+
+    The walk opens each folder without following links; a linked folder is
+    reported, not entered.
+    """
+    try:
+        top = _open_folder(config, watch.failed_dir)
+    except nofollow.UnsafePath as exc:
+        return [(watch.failed_dir, f"not followed: {exc}")]
+    except OSError:
+        return []  # no failed/ (yet), or one we may not read: nothing to say about it
+    found: list[tuple[Path, str]] = []
+    # Depth first with an explicit stack (a planted tree may be deep); each folder
+    # is opened again from the top without following links, never by path.
+    stack: list[tuple[str, ...]] = [()]
+    os.close(top)
+    root, parts = _anchor(config, watch.failed_dir)
+    while stack:
+        below = stack.pop()
+        try:
+            folder = nofollow.open_dir(root, (*parts, *below))
+        except (OSError, nofollow.UnsafePath):
+            continue  # replaced by a link meanwhile, or closed to us
+        try:
+            entries = list(nofollow.scan_dir(folder))
+            for entry in entries:
+                if entry.name.startswith(".") or entry.name.endswith(ERROR_SUFFIX):
+                    continue
+                here = watch.failed_dir.joinpath(*below, entry.name)
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append((*below, entry.name))
+                elif here not in rows and (st := nofollow.lstat_at(folder, entry.name)):
+                    found.append((here, _why_not_failed(ledger, folder, here, st)))
+        except OSError:
+            pass  # a folder we may not list: the daemon never put a failed file there
+        finally:
+            os.close(folder)
+    return sorted(found)
+
+
+def _why_not_failed(ledger: Ledger, folder: int, failed: Path, st: os.stat_result) -> str:
     """Why a file in failed/ is not retried: what the ledger says of it."""
-    job_id = _error_file_job(failed.with_name(f"{failed.name}{ERROR_SUFFIX}"))
+    if stat.S_ISLNK(st.st_mode):
+        return "a symlink: never followed or moved"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file: never moved"
+    job_id = _error_file_job(folder, f"{failed.name}{ERROR_SUFFIX}")
     row = ledger.job(job_id) if job_id else None
     if row is not None and row.status == "claimed":
         return f"job {job_id} is still being finished (the ledger shows it as claimed)"
@@ -220,14 +343,15 @@ def _why_not_failed(ledger: Ledger, failed: Path) -> str:
     whose = f"job {job_id}" if job_id else "it"
     return (
         f"this ledger ({ledger.path}) shows no failed job for {whose}: "
-        "another daemon's (retry with its config), or still being finished"
+        "another daemon's (retry with its config), still being finished, or not the "
+        "daemon's at all"
     )
 
 
-def _error_file_job(path: Path) -> str | None:
+def _error_file_job(folder: int, name: str) -> str | None:
     """The ``job_id`` in an error file; None if it is missing or not one of ours."""
     try:
-        record = json.loads(path.read_bytes())
+        record = json.loads(nofollow.read_at(folder, name))
     except (OSError, ValueError):
         return None
     job_id = record.get("job_id") if isinstance(record, dict) else None
@@ -242,82 +366,104 @@ def _retry_one(
     In this order a kill at any point leaves a state the next ``retry`` completes:
     before the move the file is still in failed/ and the job still failed; and an
     error file never outlives its original (it would push the file's next failure
-    to ``a (1).mp3``).
+    to ``a (1).mp3``). Both folders are opened from the watched folder down
+    without following a link, and the moves use their descriptors.
     """
     found = _watch_for_failed(config, failed)
     if found is None:
         report.skipped.append((failed, "not in any watched folder's failed_dir any more"))
         return
     watch, rel = found
-    why = (
+    why_gone = (
         "gone from failed/ (removed by hand, or moved back by an interrupted retry); "
         f"the ledger still shows job {row.job_id} as failed"
     )
-    gone = (failed, why)
-    if not os.path.lexists(failed):
+    gone = (failed, why_gone)
+    source: int | None = None
+    inbox: int | None = None
+    try:
+        source = _open_folder(config, failed.parent)
+        st = nofollow.lstat_at(source, failed.name)
+        if st is None:
+            report.skipped.append(gone)
+            return
+        if not stat.S_ISREG(st.st_mode):
+            what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+            report.skipped.append((failed, f"{what} now: never followed or moved"))
+            return
+        inbox = nofollow.open_dir(watch.path, rel.parent.parts, create=True)
+        _remove_error_files(source, failed.name, row.job_id)
+        back = _move_back(source, failed.name, inbox, rel.name)
+    except nofollow.UnsafePath as exc:
+        report.skipped.append((failed, f"not moved: {exc}"))
+        return
+    except FileNotFoundError:
         report.skipped.append(gone)
         return
-    try:
-        _remove_error_files(failed, row.job_id)
-        back = _move_back(failed, watch.path / rel)
     except OSError as exc:
-        if not os.path.lexists(failed):  # another retry took it meanwhile
-            report.skipped.append(gone)
+        if source is not None and _gone(source, failed.name):
+            report.skipped.append(gone)  # another retry took it meanwhile
         else:
             report.errors.append((failed, f"not moved back: {exc}"))
         return
+    finally:
+        for fd in (source, inbox):
+            if fd is not None:
+                os.close(fd)
     ledger.retried(row.job_id)
-    report.moved.append((failed, back))
+    report.moved.append((failed, watch.path / rel.parent / back))
 
 
-def _remove_error_files(failed: Path, job_id: str) -> None:
+def _gone(folder: int, name: str) -> bool:
+    """Is there no file ``name`` in the folder any more? (False when we cannot tell.)"""
+    try:
+        return nofollow.lstat_at(folder, name) is None
+    except OSError:
+        return False
+
+
+def _remove_error_files(folder: int, name: str, job_id: str) -> None:
     """Remove the error file(s) ``finish_failed`` wrote for this job; leave any other."""
-    candidates = (
-        failed.with_name(f"{failed.name}{ERROR_SUFFIX}"),
-        failed.with_name(numbered(failed.name, 0, f".{job_id}{ERROR_SUFFIX}")),
-    )
+    candidates = (f"{name}{ERROR_SUFFIX}", numbered(name, 0, f".{job_id}{ERROR_SUFFIX}"))
     removed = False
     for error_file in candidates:
-        if _error_file_job(error_file) == job_id:
-            error_file.unlink(missing_ok=True)
+        if _error_file_job(folder, error_file) == job_id:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(error_file, dir_fd=folder)
             removed = True
     if removed:
-        fsync_dir(failed.parent)  # gone for good before the original moves
+        nofollow.fsync_dir_fd(folder)  # gone for good before the original moves
 
 
-def _move_back(failed: Path, target: Path) -> Path:
-    """Move ``failed`` to ``target`` or, if that is taken, ``target`` with `` (n)``."""
-    stem, suffix = target.stem, target.suffix
-    earlier = _linked_earlier(failed, target)
+def _move_back(source: int, name: str, inbox: int, target: str) -> str:
+    """Move ``name`` to ``target`` in the inbox or, if that is taken, ``target`` with `` (n)``."""
+    stem, suffix = Path(target).stem, Path(target).suffix
+    earlier = _linked_earlier(source, name, inbox, stem, suffix)
     if earlier is not None:
         # An interrupted move got as far as the new name: only the old one is left to go.
-        failed.unlink()
-        fsync_dir(failed.parent)
+        os.unlink(name, dir_fd=source)
+        nofollow.fsync_dir_fd(source)
         return earlier
-    for candidate in free_stems(stem, [(target.parent, suffix)]):
-        destination = target.parent / f"{candidate}{suffix}"
+    for n in itertools.count():
+        candidate = numbered(stem, n, suffix)
         try:
-            move_no_replace(failed, destination)
+            nofollow.move_at(source, name, inbox, candidate)
         except FileExistsError:
             continue
-        return destination
+        return candidate
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _linked_earlier(failed: Path, target: Path) -> Path | None:
+def _linked_earlier(source: int, name: str, inbox: int, stem: str, suffix: str) -> str | None:
     """The inbox name (``a.mp3``, ``a (1).mp3``, …) an interrupted move already gave it."""
-    try:
-        if failed.lstat().st_nlink < 2:
-            return None
-    except OSError:
+    st = nofollow.lstat_at(source, name)
+    if st is None or st.st_nlink < 2:
         return None
     for n in itertools.count():
-        candidate = target.parent / numbered(target.stem, n, target.suffix)
-        if not os.path.lexists(candidate):
+        candidate = numbered(stem, n, suffix)
+        there = nofollow.lstat_at(inbox, candidate)
+        if there is None:
             return None
-        try:
-            if failed.samefile(candidate):
-                return candidate
-        except OSError:
-            return None
+        if (there.st_dev, there.st_ino) == (st.st_dev, st.st_ino):
+            return candidate
     return None  # pragma: no cover - count() never ends

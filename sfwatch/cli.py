@@ -17,13 +17,14 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 from sfwatch import __version__
-from sfwatch.admin import format_status, printable, retry, status_report
+from sfwatch.admin import RetryRefused, format_status, retry, status_report
 from sfwatch.backoff import full_jitter
 from sfwatch.config import (
     ApiConfig,
     Config,
     LogConfig,
     Secret,
+    config_warnings,
     default_state_dir,
     find_config_file,
     load_api_key,
@@ -33,9 +34,10 @@ from sfwatch.errors import ConfigError, RateLimited, SfwatchError, TransientErro
 from sfwatch.finish import transcript_bytes
 from sfwatch.fsutil import free_stems, write_new_file
 from sfwatch.job import Job, new_job_id
-from sfwatch.logs import configure
+from sfwatch.logs import configure, get_logger
 from sfwatch.prepare import prepare
 from sfwatch.settle import signature_of
+from sfwatch.text import printable
 from sfwatch.transcribe import Transcriber
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
@@ -91,7 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "retry":
             return cmd_retry(args)
     except ConfigError as exc:
-        print(f"sfwatch: {exc}", file=sys.stderr)
+        # Values and paths in the message are the user's, and may hold anything.
+        print(f"sfwatch: {printable(exc)}", file=sys.stderr)
         return EXIT_CONFIG
     return EXIT_CONFIG  # pragma: no cover - argparse requires a command
 
@@ -107,6 +110,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args)
     key = load_api_key(config)
     configure(config.log.format, config.log.level, secrets=[key.reveal()])
+    for warning in config_warnings(config):
+        get_logger().warning("sfwatch.config_warning", message=warning)
     daemon = Daemon(config, key, burst=args.burst)
     code = daemon.run()
     if daemon.abandoned:
@@ -122,23 +127,31 @@ def cmd_check(args: argparse.Namespace) -> int:
     """``sfwatch check``: validate, and optionally call the API."""
     config = _load(args)
     key = load_api_key(config)
-    print(f"config ok: {config.source}")
+    _warn(config)
+    print(f"config ok: {printable(config.source)}")
     for watch in config.watch:
-        print(f"  watching {watch.path} (settle {watch.settle_seconds:g} s)")
+        print(f"  watching {printable(watch.path)} (settle {watch.settle_seconds:g} s)")
     if not args.online:
         return EXIT_OK
     with Transcriber(config.api.base_url, key, timeout_seconds=30) as client:
         try:
             info = client.check_account()
         except SfwatchError as exc:
-            print(f"sfwatch: online check failed: {_scrub(str(exc), key)}", file=sys.stderr)
+            message = printable(_scrub(str(exc), key))
+            print(f"sfwatch: online check failed: {message}", file=sys.stderr)
             return EXIT_FAILED
     balance = info.get("balance") or info.get("totalBalance")
     print(
-        f"online ok: {config.api.base_url} accepts the key"
-        + (f" (balance {balance})" if balance is not None else "")
+        f"online ok: {printable(config.api.base_url)} accepts the key"
+        + (f" (balance {printable(balance)})" if balance is not None else "")
     )
     return EXIT_OK
+
+
+def _warn(config: Config) -> None:
+    """What the config allows but is probably a mistake, on stderr (not an error)."""
+    for warning in config_warnings(config):
+        print(f"sfwatch: warning: {printable(warning)}", file=sys.stderr)
 
 
 def _scrub(text: str, key: Secret) -> str:
@@ -162,6 +175,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     """``sfwatch transcribe``: one upload per file, a sibling .txt, nothing moved."""
     config = _oneshot_config(args)
     key = load_api_key(config)
+    _warn(config)
     configure(
         "console" if sys.stderr.isatty() else "json",
         "warning",
@@ -175,14 +189,16 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     ) as client:
         for number, audio in enumerate(args.audio, 1):
             if tty:
-                print(f"[{number}/{len(args.audio)}] {audio} …", file=sys.stderr, flush=True)
+                shown = printable(audio)
+                print(f"[{number}/{len(args.audio)}] {shown} …", file=sys.stderr, flush=True)
             try:
                 out = _transcribe_one(client, audio, config)
             except (SfwatchError, OSError) as exc:
                 failed += 1
-                print(f"sfwatch: {audio}: {_scrub(str(exc), key)}", file=sys.stderr)
+                message = _scrub(str(exc), key)
+                print(f"sfwatch: {printable(audio)}: {printable(message)}", file=sys.stderr)
                 continue
-            print(out)
+            print(printable(out))
     return EXIT_FAILED if failed else EXIT_OK
 
 
@@ -234,11 +250,17 @@ def cmd_retry(args: argparse.Namespace) -> int:
     (the ledger does not show it as failed, or it is gone from failed/), which
     does not change the exit status. 1 if a named FILE is no failed file (not in
     a failed_dir, no such file) or a move failed; the other files are retried.
+    2 when it refuses to start: run as root for a daemon that is not root, or no
+    ledger in state_dir.
     """
     if not args.all and not args.files:
         print("sfwatch: retry: name FILEs or give --all", file=sys.stderr)
         return EXIT_CONFIG
-    report = retry(_load(args), args.files, everything=args.all)
+    try:
+        report = retry(_load(args), args.files, everything=args.all)
+    except RetryRefused as exc:
+        print(f"sfwatch: {printable(exc)}", file=sys.stderr)
+        return EXIT_CONFIG
     for source, target in report.moved:
         print(f"{printable(source)} -> {printable(target)}")
     for path, why in report.skipped:

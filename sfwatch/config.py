@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import hmac
+import ipaddress
 import math
 import os
 from collections.abc import Mapping
@@ -374,14 +375,50 @@ def parse_config(
     if not isinstance(data, dict):
         raise ConfigError("", f"the config must be a mapping of keys to values, got {_show(data)}")
     top = _Section(data, "", ("api", "state_dir", "log", "prepare", "watch"))
+    api = _parse_api(top.data.get("api"), base_dir)
+    state_dir = top.optional_path("state_dir", base_dir)
+    explicit_state = state_dir is not None
+    state_dir = state_dir or default_state_dir(env)
+    log = _parse_log(top.data.get("log"))
+    watches = _parse_watches(top.data.get("watch"), base_dir)
+    _check_state_dir(state_dir, watches, explicit=explicit_state)
     return Config(
-        api=_parse_api(top.data.get("api"), base_dir),
-        state_dir=top.optional_path("state_dir", base_dir) or default_state_dir(env),
-        log=_parse_log(top.data.get("log")),
-        watch=_parse_watches(top.data.get("watch"), base_dir),
+        api=api,
+        state_dir=state_dir,
+        log=log,
+        watch=watches,
         source=source,
         prepare=_parse_prepare(top.data.get("prepare")),
     )
+
+
+def config_warnings(config: Config) -> list[str]:
+    """What is allowed but probably a mistake, each as ``key.path: why``.
+
+    ``check`` prints these on stderr and ``run`` logs them; neither refuses to go on.
+    """
+    warnings: list[str] = []
+    parts = urlsplit(config.api.base_url)
+    if parts.scheme == "http" and not _is_loopback(parts.hostname or ""):
+        warnings.append(
+            f"api.base_url: plain http:// to {parts.hostname}, which is not this machine: "
+            "the API key and every recording cross the network unencrypted; use https://"
+        )
+    return warnings
+
+
+def _is_loopback(host: str) -> bool:
+    """localhost, 127.0.0.0/8 or ::1 (also as an IPv4-mapped IPv6 address)."""
+    host = host.rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
 
 
 def default_state_dir(env: Mapping[str, str]) -> Path:
@@ -451,7 +488,106 @@ def _parse_watches(data: object, base_dir: Path) -> tuple[WatchConfig, ...]:
             if earlier.path.is_relative_to(watch.path):
                 raise ConfigError(f"{where}.path", f"contains {other} ({earlier.path})")
         watches.append(watch)
+    _check_folders(watches)
     return tuple(watches)
+
+
+def _check_folders(watches: list[WatchConfig]) -> None:
+    """Where originals and transcripts go must not feed a watch or hide one (§9).
+
+    Rules, for every watch W and every watch V (W itself included):
+    W's done_dir and failed_dir neither are nor contain V's path (a file moved
+    there would be taken again, or every file of V would count as done and be
+    ignored), and lie inside V's path only where V never looks (V's own done/,
+    failed/, an ``exclude``d or ignored folder name, or V not recursive); no
+    folder lies in V's work area (``.sfwatch/``); transcript_dir is not V's path;
+    failed_dirs do not overlap each other or any done_dir (``retry`` must know
+    which inbox a failed file goes back to). done_dirs may be shared.
+    """
+    for index, watch in enumerate(watches):
+        where = f"watch[{index}]"
+        for name in ("done_dir", "failed_dir", "transcript_dir"):
+            folder: Path | None = getattr(watch, name)
+            if folder is not None:
+                _check_one_folder(f"{where}.{name}", folder, index, watches)
+        if watch.failed_dir.is_relative_to(watch.done_dir):
+            raise ConfigError(
+                f"{where}.failed_dir", f"must not be inside done_dir ({watch.done_dir})"
+            )
+        if watch.done_dir.is_relative_to(watch.failed_dir):
+            raise ConfigError(
+                f"{where}.done_dir", f"must not be inside failed_dir ({watch.failed_dir})"
+            )
+    # Pairs within one watch were checked by _parse_watch, with their own messages.
+    moved = [
+        (index, f"watch[{index}].{name}", getattr(watch, name))
+        for index, watch in enumerate(watches)
+        for name in ("done_dir", "failed_dir")
+    ]
+    for later, (index, key, folder) in enumerate(moved):
+        for other_index, other_key, other in moved[:later]:
+            if other_index == index or not (
+                key.endswith(".failed_dir") or other_key.endswith(".failed_dir")
+            ):
+                continue  # done_dirs may be shared
+            if folder == other:
+                raise ConfigError(key, f"same folder as {other_key} ({other})")
+            if folder.is_relative_to(other):
+                raise ConfigError(key, f"is inside {other_key} ({other})")
+            if other.is_relative_to(folder):
+                raise ConfigError(key, f"contains {other_key} ({other})")
+
+
+def _check_one_folder(key: str, folder: Path, index: int, watches: list[WatchConfig]) -> None:
+    """One watch's done_dir, failed_dir or transcript_dir against every watched path."""
+    from sfwatch.watch import never_looks_into  # noqa: PLC0415 - watch imports this module
+
+    moved_here = not key.endswith(".transcript_dir")
+    for other_index, other in enumerate(watches):
+        path_key = f"watch[{other_index}].path"
+        if folder == other.path:
+            if other_index == index:
+                raise ConfigError(key, "must not be the watched folder itself")
+            raise ConfigError(key, f"must not be a watched folder: {path_key} ({other.path})")
+        if folder.is_relative_to(other.work_dir):
+            raise ConfigError(
+                key, f"must not be inside the daemon's work area {other.work_dir} ({path_key})"
+            )
+        if not moved_here:
+            continue  # transcripts (*.txt) are not audio: beside or under an inbox is fine
+        if other.path.is_relative_to(folder):
+            why = (
+                "the daemon never looks into it, so every file there would be ignored"
+                if other_index == index
+                else "files moved here could land in it and be taken again"
+            )
+            raise ConfigError(
+                key, f"must not contain a watched folder: {path_key} ({other.path}); {why}"
+            )
+        if (
+            other_index != index
+            and folder.is_relative_to(other.path)
+            and not never_looks_into(folder, other)
+        ):
+            raise ConfigError(
+                key,
+                f"is inside {path_key} ({other.path}), which would take every file moved "
+                f"here as a new one; move it out, or add {folder.name!r} to "
+                f"watch[{other_index}].exclude",
+            )
+
+
+def _check_state_dir(state_dir: Path, watches: tuple[WatchConfig, ...], *, explicit: bool) -> None:
+    """The ledger is the daemon's alone: never inside a folder others write to."""
+    for index, watch in enumerate(watches):
+        if state_dir == watch.path or state_dir.is_relative_to(watch.path):
+            origin = "" if explicit else " (the default; set state_dir)"
+            raise ConfigError(
+                "state_dir",
+                f"{state_dir}{origin} must not be inside a watched folder: "
+                f"watch[{index}].path ({watch.path}); whoever may write there could "
+                "reach the ledger",
+            )
 
 
 def _parse_watch(watch: _Section, base_dir: Path) -> WatchConfig:

@@ -18,10 +18,10 @@ from sfwatch.config import WatchConfig
 from sfwatch.folders import FolderChange, Folders
 from sfwatch.logs import get_logger
 from sfwatch.settle import SettledFile, Settler
+from sfwatch.text import printable
 from sfwatch.watch import (
     PathNotes,
     Watcher,
-    printable,
     scan,
     under_link,
     utf8_name,

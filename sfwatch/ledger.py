@@ -144,6 +144,10 @@ class JobRow:
     device: int | None = None
 
 
+#: the ledger's file name in ``state_dir``
+LEDGER_NAME = "ledger.sqlite3"
+
+
 def make_private(path: Path) -> None:
     """The state folder 0700 and the ledger 0600: every transcript is in it.
 
@@ -188,7 +192,7 @@ class Ledger:
     @classmethod
     def in_state_dir(cls, state_dir: Path) -> Ledger:
         """The ledger file of a ``state_dir``."""
-        return cls(state_dir / "ledger.sqlite3")
+        return cls(state_dir / LEDGER_NAME)
 
     def close(self) -> None:
         """Close the database."""

@@ -185,6 +185,20 @@ def excluded_dirs(watch: WatchConfig) -> tuple[Path, ...]:
     return tuple(dict.fromkeys((watch.done_dir, watch.failed_dir, watch.work_dir, *defaults)))
 
 
+def never_looks_into(folder: Path, watch: WatchConfig) -> bool:
+    """Would this watch never take a file below ``folder``, a subfolder of its path?
+
+    True when ``folder`` is (or is under) one of its excluded folders, when a
+    folder name on the way matches an ignored or ``exclude`` pattern, or when
+    the watch is not recursive (it takes only the files directly in its path).
+    """
+    if any(folder == d or folder.is_relative_to(d) for d in excluded_dirs(watch)):
+        return True
+    if not watch.recursive:
+        return True
+    return any(is_ignored_name(part, watch) for part in folder.relative_to(watch.path).parts)
+
+
 @functools.lru_cache(maxsize=64)
 def _matcher(patterns: tuple[str, ...]) -> re.Pattern[str]:
     """One compiled regex for a set of case-insensitive shell patterns.
@@ -273,11 +287,6 @@ def utf8_name(path: Path, root: Path) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def printable(path: Path) -> str:
-    """``path`` for a log line: bytes that are not UTF-8 shown as ``\\xe9``."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def under_link(path: Path, root: Path) -> bool:

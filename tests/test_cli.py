@@ -18,7 +18,7 @@ from tests.conftest import (
     wait_until,
     write_config,
 )
-from tests.fakeapi import R400_DATA_STRING, FakeAPI, stall
+from tests.fakeapi import R400_DATA_STRING, FakeAPI, Reply, stall
 
 
 def test_version() -> None:
@@ -97,6 +97,53 @@ def test_check_online_wrong_base_url(tmp_path: Path, fake_api: FakeAPI) -> None:
     result = run_cli("check", "--online", "-c", str(config))
     assert result.returncode == 1
     assert "404" in result.stderr
+
+
+def test_check_warns_about_plain_http_to_another_host(tmp_path: Path) -> None:
+    """check: http:// to a host that is not loopback passes, with one warning on stderr."""
+    remote = run_cli("check", "-c", str(write_config(tmp_path, "http://192.0.2.7:8000/v1")))
+    assert remote.returncode == 0, remote.stderr
+    assert remote.stdout.startswith("config ok: ")
+    assert remote.stderr.splitlines() == [
+        (
+            "sfwatch: warning: api.base_url: plain http:// to 192.0.2.7, which is not this "
+            "machine: the API key and every recording cross the network unencrypted; use https://"
+        )
+    ]
+    local = run_cli("check", "-c", str(write_config(tmp_path, "http://127.0.0.1:8000/v1")))
+    assert (local.returncode, local.stderr) == (0, "")
+
+
+def test_config_errors_are_printed_escaped(tmp_path: Path) -> None:
+    """A path with ESC and a newline in a config error prints escaped, on one line."""
+    (tmp_path / "in\x1b[2J\nx").write_text("a file, not a folder")
+    config = tmp_path / "bad.yaml"
+    config.write_text('watch:\n  - path: "in\\e[2J\\nx"\n')
+    result = run_cli("check", "-c", str(config))
+    assert result.returncode == 2
+    assert (
+        result.stderr == f"sfwatch: watch[0].path: {tmp_path}/in\\x1b[2J\\nx is not a directory\n"
+    )
+
+
+def test_transcribe_output_is_escaped(tmp_path: Path, fake_api: FakeAPI) -> None:
+    """transcribe prints names and the server's message escaped: no ESC, BEL or CR gets out."""
+    evil = "\x1b[2J\x1b[31mrejected\x07\r\nsfwatch: ok"
+    fake_api.responder = lambda u: Reply(400, {"message": evil}) if u.filename == "b.wav" else None
+    config = write_config(tmp_path, fake_api.url)
+    good = tmp_path / "a\x1b]0;t\x07\n.wav"
+    bad = tmp_path / "b.wav"
+    good.write_bytes(wav_bytes(800))
+    bad.write_bytes(wav_bytes(900))
+    result = run_cli("transcribe", "-c", str(config), str(good), str(bad))
+    assert result.returncode == 1
+    assert result.stdout == f"{tmp_path}/a\\x1b]0;t\\x07\\n.txt\n"
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"sfwatch: {bad}: ")
+    assert "\\x1b[2J\\x1b[31mrejected\\x07\\r\\nsfwatch: ok" in line
+    assert "\x1b" not in result.stderr
+    assert "\r" not in result.stderr
+    assert (tmp_path / "a\x1b]0;t\x07\n.txt").exists()
 
 
 def test_transcribe_one_shot(tmp_path: Path, fake_api: FakeAPI) -> None:

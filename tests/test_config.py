@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import traceback
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -17,6 +18,7 @@ from sfwatch.config import (
     LogConfig,
     Secret,
     WatchConfig,
+    config_warnings,
     default_config_dict,
     find_config_file,
     load_api_key,
@@ -399,6 +401,219 @@ def test_watch_paths_compare_after_resolving_symlinks(tmp: Path) -> None:
     (tmp / "link").symlink_to(tmp / "real")
     message = load_error(tmp, "watch: [{path: real}, {path: link}]\n")
     assert message == f"watch[1].path: same folder as watch[0].path ({tmp / 'real'})"
+
+
+# --- folders that would feed a watch, hide one, or expose the ledger (§9) -----------------
+
+A, B = "  - path: a\n", "  - path: b\n"  # two separate watched folders
+IGNORE_ALL = "the daemon never looks into it, so every file there would be ignored"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # a folder the originals go to is a watched folder, or holds one
+        (
+            "watch: [{path: ., done_dir: .}]\n",
+            "watch[0].done_dir: must not be the watched folder itself",
+        ),
+        (
+            "watch: [{path: in, done_dir: .}]\n",
+            (
+                "watch[0].done_dir: must not contain a watched folder: "
+                f"watch[0].path ({{tmp}}/in); {IGNORE_ALL}"
+            ),
+        ),
+        (
+            "watch: [{path: in/x, failed_dir: in}]\n",
+            (
+                f"watch[0].failed_dir: must not contain a watched folder: watch[0].path "
+                f"({{tmp}}/in/x); {IGNORE_ALL}"
+            ),
+        ),
+        (
+            "watch:\n  - {path: a, done_dir: b}\n" + B,
+            "watch[0].done_dir: must not be a watched folder: watch[1].path ({tmp}/b)",
+        ),
+        (
+            "watch:\n" + A + "  - {path: b, failed_dir: a}\n",
+            "watch[1].failed_dir: must not be a watched folder: watch[0].path ({tmp}/a)",
+        ),
+        (
+            "watch:\n  - {path: a/in, done_dir: a/done}\n  - {path: b, done_dir: a}\n",
+            (
+                "watch[1].done_dir: must not contain a watched folder: watch[0].path ({tmp}/a/in); "
+                "files moved here could land in it and be taken again"
+            ),
+        ),
+        # inside another watch, where it looks: every file moved there comes back
+        (
+            "watch:\n  - {path: a, done_dir: b/done-a}\n  - {path: b, done_dir: a/done-b}\n",
+            (
+                "watch[0].done_dir: is inside watch[1].path ({tmp}/b), which would take every file "
+                "moved here as a new one; move it out, or add 'done-a' to watch[1].exclude"
+            ),
+        ),
+        (
+            "watch:\n  - {path: a, failed_dir: b/bad}\n" + B,
+            (
+                "watch[0].failed_dir: is inside watch[1].path ({tmp}/b), which would take every "
+                "file moved here as a new one; move it out, or add 'bad' to watch[1].exclude"
+            ),
+        ),
+        (
+            "watch:\n" + A + "  - {path: b, done_dir: a/sub/done}\n",
+            (
+                "watch[1].done_dir: is inside watch[0].path ({tmp}/a), which would take every file "
+                "moved here as a new one; move it out, or add 'done' to watch[0].exclude"
+            ),
+        ),
+        # the daemon's work area
+        (
+            "watch: [{path: in, done_dir: in/.sfwatch/done}]\n",
+            (
+                "watch[0].done_dir: must not be inside the daemon's work area {tmp}/in/.sfwatch "
+                "(watch[0].path)"
+            ),
+        ),
+        (
+            "watch:\n" + A + "  - {path: b, transcript_dir: a/.sfwatch}\n",
+            (
+                "watch[1].transcript_dir: must not be inside the daemon's work area "
+                "{tmp}/a/.sfwatch (watch[0].path)"
+            ),
+        ),
+        # transcripts
+        (
+            "watch: [{path: in, transcript_dir: ./in}]\n",
+            "watch[0].transcript_dir: must not be the watched folder itself",
+        ),
+        (
+            "watch:\n  - {path: a, transcript_dir: b}\n" + B,
+            "watch[0].transcript_dir: must not be a watched folder: watch[1].path ({tmp}/b)",
+        ),
+        # done and failed of one watch
+        (
+            "watch: [{path: in, done_dir: x, failed_dir: x}]\n",
+            "watch[0].failed_dir: must differ from done_dir",
+        ),
+        (
+            "watch: [{path: in, done_dir: out, failed_dir: out/failed}]\n",
+            "watch[0].failed_dir: must not be inside done_dir ({tmp}/out)",
+        ),
+        (
+            "watch: [{path: in, done_dir: out/done, failed_dir: out}]\n",
+            "watch[0].done_dir: must not be inside failed_dir ({tmp}/out)",
+        ),
+        # failed_dirs of several watches: retry must know which inbox a file goes back to
+        (
+            "watch:\n  - {path: a, failed_dir: f}\n  - {path: b, failed_dir: f}\n",
+            "watch[1].failed_dir: same folder as watch[0].failed_dir ({tmp}/f)",
+        ),
+        (
+            "watch:\n  - {path: a, failed_dir: f}\n  - {path: b, failed_dir: f/b}\n",
+            "watch[1].failed_dir: is inside watch[0].failed_dir ({tmp}/f)",
+        ),
+        (
+            "watch:\n  - {path: a, failed_dir: b/failed/a}\n" + B,
+            "watch[1].failed_dir: contains watch[0].failed_dir ({tmp}/b/failed/a)",
+        ),
+        (
+            "watch:\n  - {path: a, done_dir: x}\n  - {path: b, failed_dir: x}\n",
+            "watch[1].failed_dir: same folder as watch[0].done_dir ({tmp}/x)",
+        ),
+        (
+            "watch:\n  - {path: a, failed_dir: x}\n  - {path: b, done_dir: x/done}\n",
+            "watch[1].done_dir: is inside watch[0].failed_dir ({tmp}/x)",
+        ),
+        # the ledger
+        (
+            "state_dir: in/.state\n" + W,
+            (
+                "state_dir: {tmp}/in/.state must not be inside a watched folder: watch[0].path "
+                "({tmp}/in); whoever may write there could reach the ledger"
+            ),
+        ),
+        (
+            "state_dir: .\nwatch: [{path: .}]\n",
+            (
+                "state_dir: {tmp} must not be inside a watched folder: watch[0].path ({tmp}); "
+                "whoever may write there could reach the ledger"
+            ),
+        ),
+    ],
+)
+def test_overlapping_folders_are_refused(tmp: Path, text: str, message: str) -> None:
+    """Each dangerous overlap is an error naming its key path (and the other one's)."""
+    assert load_error(tmp, text) == message.format(tmp=tmp)
+
+
+def test_default_state_dir_inside_a_watched_folder_is_refused(tmp: Path) -> None:
+    """The default state_dir ($HOME/.local/state/sfwatch) inside a watch: say to set it."""
+    with pytest.raises(ConfigError) as info:
+        load(tmp, "watch: [{path: home}]\n", {"HOME": str(tmp / "home")})
+    assert info.value.key == "state_dir"
+    assert info.value.message.startswith(
+        f"{tmp}/home/.local/state/sfwatch (the default; set state_dir) must not be inside "
+        f"a watched folder: watch[0].path ({tmp}/home)"
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # one archive outside every inbox, shared
+        "watch:\n  - {path: a, done_dir: archive}\n  - {path: b, done_dir: archive}\n",
+        # inside another watch, where that watch never looks
+        "watch:\n  - {path: a, done_dir: b/archive}\n  - {path: b, exclude: [archive]}\n",
+        "watch:\n  - {path: a, done_dir: b/done/a}\n" + B,
+        "watch:\n  - {path: a, done_dir: b/x/done}\n  - {path: b, recursive: false}\n",
+        "watch:\n  - {path: a, done_dir: b/.archive}\n" + B,
+        (
+            "watch:\n  - {path: a, done_dir: d}\n  - {path: b, done_dir: b/incoming, "
+            "exclude: [incoming]}\n"
+        ),
+        # transcripts beside the originals, or into another inbox (text is not audio)
+        "watch: [{path: a, done_dir: out, transcript_dir: out}]\n",
+        "watch:\n  - {path: a, transcript_dir: b/texts}\n" + B,
+        # the ledger beside the inbox
+        "state_dir: ./.state\n" + W,
+        "state_dir: a-state\nwatch: [{path: a}]\n",
+    ],
+)
+def test_overlaps_that_are_fine(tmp: Path, text: str) -> None:
+    """Overlaps that cannot feed a file back in or hide an inbox are accepted."""
+    assert load(tmp, text).watch
+
+
+@pytest.mark.parametrize(
+    ("base_url", "warned"),
+    [
+        ("https://api.siliconflow.cn/v1", False),
+        ("https://10.0.0.5/v1", False),
+        ("http://127.0.0.1:8080/v1", False),
+        ("http://127.5.6.7/v1", False),
+        ("http://localhost:8000/v1", False),
+        ("http://LocalHost./v1", False),
+        ("http://[::1]:9000/v1", False),
+        ("http://[::ffff:127.0.0.1]/v1", False),
+        ("http://api.example.com/v1", True),
+        ("http://10.0.0.5:8000/v1", True),
+        ("http://127.0.0.1.example.com/v1", True),
+        ("http://[2001:db8::1]/v1", True),
+    ],
+)
+def test_plain_http_to_another_host_is_a_warning(tmp: Path, base_url: str, warned: bool) -> None:
+    """http:// to a host that is not loopback loads, with a warning naming api.base_url."""
+    config = load(tmp, f"api: {{base_url: '{base_url}'}}\n" + W)
+    warnings = config_warnings(config)
+    if not warned:
+        assert warnings == []
+        return
+    (warning,) = warnings
+    host = urlsplit(base_url).hostname
+    assert warning.startswith(f"api.base_url: plain http:// to {host}, which is not this machine")
+    assert "use https://" in warning
 
 
 # --- the file itself ------------------------------------------------------------------------
