@@ -29,6 +29,7 @@ from sfwatch.config import (
     find_config_file,
     load_api_key,
     load_config,
+    shown_url,
 )
 from sfwatch.errors import ConfigError, RateLimited, SfwatchError, TransientError
 from sfwatch.finish import transcript_bytes
@@ -142,8 +143,12 @@ def cmd_check(args: argparse.Namespace) -> int:
             return EXIT_FAILED
     balance = info.get("balance") or info.get("totalBalance")
     print(
-        f"online ok: {printable(config.api.base_url)} accepts the key"
-        + (f" (balance {printable(balance)})" if balance is not None else "")
+        f"online ok: {printable(shown_url(config.api.base_url))} accepts the key"
+        + (
+            f" (balance {printable(_scrub(str(balance), key))[:100]})"
+            if balance is not None
+            else ""
+        )
     )
     return EXIT_OK
 

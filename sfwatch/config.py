@@ -433,12 +433,22 @@ def default_state_dir(env: Mapping[str, str]) -> Path:
     return home / ".local" / "state" / "sfwatch"
 
 
+def shown_url(url: str) -> str:
+    """``url`` fit to print: without the ``user:password@`` it may carry."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
 def _parse_api(data: object, base_dir: Path) -> ApiConfig:
     api = _Section(data, "api", _API_KEYS)
     base_url = api.string("base_url", DEFAULT_BASE_URL).rstrip("/")
     parts = urlsplit(base_url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigError(api.key("base_url"), f"must be an http(s) URL, got {base_url!r}")
+        raise ConfigError(
+            api.key("base_url"), f"must be an http(s) URL, got {shown_url(base_url)!r}"
+        )
     return ApiConfig(
         base_url=base_url,
         model=api.string("model", DEFAULT_MODEL),

@@ -62,6 +62,11 @@ class AccountProbe:
                     http_status=getattr(exc, "http_status", None),
                     retry_in=round(wait, 1),
                 )
+            except Exception:  # a bug: still a failed probe, so the pause goes on and ends
+                wait = self.pacer.account_failed(self.pacer.account_fault or "probe_failed")
+                self.log.exception(
+                    "sfwatch.account_probe_failed", reason="probe_crashed", retry_in=round(wait, 1)
+                )
             else:
                 self.pacer.account_ok()
                 self.log.info("sfwatch.uploads_resumed")

@@ -11,13 +11,31 @@ httpx's default 5 s timeout would abort every real transcription (the service
 answers only when it is done), so reads wait ``timeout_seconds``; and since
 httpx's timeouts bound each read, not the request, sending the file and reading
 the answer are each held to ``timeout_seconds`` as a whole, too.
+
+Nothing a server sends may leak the key, wedge the daemon or crash a worker
+(docs/design.md §8, "Bounds"). Every answer, the account probe's included, is
+read within a whole-request deadline, at most ``MAX_RESPONSE`` bytes on the
+wire *and* after decompression (Content-Encoding is undone here, a bounded step
+at a time, so a gzip bomb stops at the cap), and parsed only when its JSON nests
+at most ``MAX_JSON_DEPTH`` deep. A 200 that breaks a bound is an
+``UnusableResponse``; every other surprise becomes an error of ``errors.py``.
+Every string the server supplies (body, headers, httpx's messages about them)
+has the key replaced by ``REDACTED`` before it leaves this module, the
+transcript's text included: a real transcript never holds a 30-character random
+key, and one that does must not carry it into a file the share can read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mimetypes
+import re
+import socket
+import threading
 import time
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -38,8 +56,25 @@ from sfwatch.errors import (
 
 TRACE_HEADER = "x-siliconcloud-trace-id"
 CONNECT_TIMEOUT = 10.0
-#: the most of a response body we read (a day of transcript is well under this)
-MAX_RESPONSE = 16 * 1024 * 1024
+#: The most of a 200 answer read, counted on the wire and again after decompression.
+#: A transcript is text: an hour of speech (``api.max_audio_seconds``) is ~60 KB,
+#: under 1 MB even as verbose JSON with timestamps, so 8 MiB leaves over 8x room for
+#: the largest while one upload thread never holds more than about twice this.
+MAX_RESPONSE = 8 * 1024 * 1024
+#: The most of an error answer, or of ``GET /user/info``, read: a message, not a document.
+MAX_SMALL_RESPONSE = 64 * 1024
+#: JSON nested deeper than this is refused unparsed (the API's answers nest 1 to 4
+#: deep; Python's parser would recurse into a 100,000-deep one until RecursionError).
+MAX_JSON_DEPTH = 32
+#: The account probe's whole-request deadline: ``GET /user/info`` answers in well
+#: under a second, and a probe that hangs holds every upload paused.
+PROBE_TIMEOUT = 15.0
+#: What the API key is replaced by in anything a server sent.
+REDACTED = "[REDACTED]"
+#: Trace IDs are 35 characters; a longer header is cut to this.
+MAX_TRACE_ID = 128
+#: The encodings undone here (bounded): the only ones asked for in Accept-Encoding.
+ACCEPT_ENCODING = "gzip, deflate"
 #: MIME types for the file part; the API wants a real audio type, not octet-stream
 AUDIO_TYPES = {
     ".mp3": "audio/mpeg",
@@ -60,6 +95,11 @@ AUDIO_TYPES = {
 _FILE_FAULT = {400, 413, 415, 422}
 _ACCOUNT = {401, 402, 403, 404, 405}
 _TRANSIENT = {408, 409, 425, 429, 500, 502, 503, 504}
+#: one JSON string (closed, or running to the end), or a run of brackets
+_JSON_TOKENS = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"?|[\[{]++|[\]}]++', re.DOTALL)
+_SURROGATES = re.compile(r"[\ud800-\udfff]")
+#: C0 and C1 controls but tab and newline: a server's message must not drive a terminal
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True)
@@ -79,11 +119,42 @@ def audio_mime(name: str) -> str:
     return AUDIO_TYPES.get(suffix) or mimetypes.guess_type(name)[0] or "application/octet-stream"
 
 
+class JSONTooDeep(ValueError):
+    """A body whose JSON nests deeper than ``MAX_JSON_DEPTH``; it is not parsed."""
+
+
+def too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether ``body``'s brackets (outside strings) nest deeper than ``limit``.
+
+    One regular-expression pass; nothing is parsed, so no depth can exhaust the stack.
+    """
+    depth = 0
+    for match in _JSON_TOKENS.finditer(body):
+        token = match.group()
+        if token[0] in b"[{":
+            depth += len(token)
+            if depth > limit:
+                return True
+        elif token[0] in b"]}":
+            depth -= len(token)
+    return False
+
+
+def parse_json(body: bytes) -> Any:
+    """``body`` as JSON; ``ValueError`` when it is not, ``JSONTooDeep`` when it nests too deep."""
+    if too_deep(body):
+        raise JSONTooDeep(f"JSON nested deeper than {MAX_JSON_DEPTH}")
+    try:
+        return json.loads(body)
+    except RecursionError as exc:  # not reached below the limit; kept as a second guard
+        raise JSONTooDeep("JSON nested too deep") from exc
+
+
 def api_message(body: bytes) -> str:
     """The service's message from an error body: a JSON object, a JSON string, or text."""
     text = body.decode("utf-8", errors="replace").strip()
     try:
-        parsed: Any = json.loads(text)
+        parsed: Any = parse_json(body)
     except ValueError:
         return text[:500]
     if isinstance(parsed, str):
@@ -98,7 +169,7 @@ def api_message(body: bytes) -> str:
 
 def _api_code(body: bytes) -> int | None:
     try:
-        parsed = json.loads(body)
+        parsed = parse_json(body)
     except ValueError:
         return None
     code = parsed.get("code") if isinstance(parsed, dict) else None
@@ -141,6 +212,10 @@ class _DeadlineExceeded(Exception):
     """The attempt's whole-request deadline passed (raised inside httpx's body loop)."""
 
 
+class _Undecodable(Exception):
+    """The body is not what its Content-Encoding says, or stacks several encodings."""
+
+
 class _DeadlineFile:
     """The upload's file, refusing to be read past the attempt's deadline.
 
@@ -163,38 +238,178 @@ class _DeadlineFile:
         return getattr(self._file, name)  # fileno, seek, tell: httpx sizes the part with them
 
 
-def _read_body(response: httpx.Response, deadline: float) -> bytes:
-    """The response body, read within the deadline and at most MAX_RESPONSE bytes."""
-    chunks: list[bytes] = []
+class _Decoder:
+    """Undoes a Content-Encoding a bounded step at a time (httpx would inflate whole chunks).
+
+    gzip and deflate are undone with zlib's ``max_length``, so no step makes more
+    than the room left under the cap. An encoding we did not ask for (``br``, …) is
+    passed through, as httpx does: it will not parse. Stacked encodings are refused.
+    """
+
+    def __init__(self, header: str) -> None:
+        codings = [c.strip().lower() for c in header.split(",")]
+        codings = [c for c in codings if c not in ("", "identity")]
+        if len(codings) > 1:
+            raise _Undecodable("more than one Content-Encoding")
+        coding = codings[0] if codings else "identity"
+        self._zlib: Any = None
+        self._first = coding == "deflate"  # deflate may come with or without zlib's header
+        if coding in ("gzip", "x-gzip"):
+            self._zlib = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif coding == "deflate":
+            self._zlib = zlib.decompressobj()
+
+    def feed(self, data: bytes, out: bytearray, room: int) -> None:
+        """Append what ``data`` decodes to ``out``, stopping after ``room`` bytes (``room > 0``)."""
+        if self._zlib is None:
+            out += data
+            return
+        pending = data
+        while pending and room > 0:
+            try:
+                piece = self._zlib.decompress(pending, room)
+            except zlib.error as exc:
+                if not self._first:
+                    raise _Undecodable(f"{type(exc).__name__}: {exc}") from exc
+                self._first = False  # raw deflate, without zlib's header (as httpx tries)
+                self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
+                continue
+            self._first = False
+            out += piece
+            room -= len(piece)
+            pending = self._zlib.unconsumed_tail
+
+
+def _read_body(response: httpx.Response, deadline: float, limit: int) -> tuple[bytes, bool]:
+    """The decoded body, read within the deadline; and whether it fit in ``limit`` bytes.
+
+    Both the bytes on the wire and the decoded bytes are counted: a gzip bomb stops
+    at ``limit`` decoded bytes, a body that never ends at ``limit`` received ones.
+    An answer over the limit is cut there (its connection is then closed, not drained).
+    """
+    decoder = _Decoder(response.headers.get("content-encoding", ""))
+    body = bytearray()
     received = 0
-    for chunk in response.iter_bytes():
+    for chunk in response.iter_raw():
         received += len(chunk)
         if time.monotonic() > deadline:
             raise _DeadlineExceeded
-        if received > MAX_RESPONSE:
-            break  # a transcript is text; anything this large is not one
-        chunks.append(chunk)
-    return b"".join(chunks)
+        decoder.feed(chunk, body, limit + 1 - len(body))
+        if received > limit or len(body) > limit:
+            del body[limit:]
+            return bytes(body), False
+    return bytes(body), True
+
+
+class _Cutoff:
+    """Ends a request at its deadline, whatever it is waiting for, by shutting its socket.
+
+    httpx's timeouts bound each read, and the body loops check the deadline, but a
+    server that trickles header bytes, or sends ``100 Continue`` for ever, is never
+    cut by either. The request's socket is learnt from httpcore's ``trace``
+    extension when its connection is opened, so the request needs a connection of
+    its own (the account probe opens one per call).
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.fired = False
+        self._armed = True
+        self._socket: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def trace(self, event: str, info: dict[str, Any]) -> None:
+        """httpcore's trace hook: remember the socket of the connection just opened."""
+        if event not in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+            return
+        stream = info.get("return_value")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        if isinstance(sock, socket.socket):
+            with self._lock:
+                self._socket = sock
+                if self.fired:
+                    self._shut()
+
+    def _fire(self) -> None:
+        with self._lock:
+            if self._armed:
+                self.fired = True
+                self._shut()
+
+    def _shut(self) -> None:
+        if self._socket is not None and self._armed:
+            # socket.socket's own shutdown, also for a TLS socket: the reader then sees
+            # an end of file, and the TLS object is left for its thread to tear down.
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(self._socket, socket.SHUT_RDWR)
+
+    def disarm(self) -> None:
+        """The request is over: never touch its socket (soon closed, its number reused)."""
+        with self._lock:
+            self._armed = False
+        self._timer.cancel()
+
+
+@contextlib.contextmanager
+def _translated(late: str, cutoff: _Cutoff | None = None) -> Iterator[None]:
+    """Turn every failure of one request into an error of ``errors.py``; ``late``: the
+    message for a request that ran past its deadline."""
+    try:
+        yield
+    except _DeadlineExceeded as exc:
+        raise TransientError(late, reason="timeout") from exc
+    except _Undecodable as exc:
+        raise TransientError(f"bad response: {exc}", reason="bad_response") from exc
+    except httpx.HTTPError as exc:
+        if cutoff is not None and cutoff.fired:
+            raise TransientError(late, reason="timeout") from exc
+        if isinstance(exc, httpx.TimeoutException):
+            raise TransientError(f"timed out: {type(exc).__name__}", reason="timeout") from exc
+        if isinstance(exc, httpx.TransportError):
+            raise TransientError(
+                f"connection failed: {type(exc).__name__}: {exc}", reason="connection"
+            ) from exc
+        # e.g. a redirect loop or a stream error: the answer, not the file, is at fault
+        raise TransientError(
+            f"bad response: {type(exc).__name__}: {exc}", reason="bad_response"
+        ) from exc
 
 
 class Transcriber:
     """An HTTP client for the transcription endpoint, shared by all workers."""
 
     def __init__(
-        self, base_url: str, api_key: Secret, *, timeout_seconds: float = 600, concurrency: int = 4
+        self,
+        base_url: str,
+        api_key: Secret,
+        *,
+        timeout_seconds: float = 600,
+        concurrency: int = 4,
+        probe_timeout: float = PROBE_TIMEOUT,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout_seconds = timeout_seconds
-        self._client = httpx.Client(
-            base_url=self.base_url,
-            headers={
-                "Authorization": f"Bearer {api_key.reveal()}",
-                "User-Agent": f"sfwatch/{__version__}",
-            },
-            timeout=httpx.Timeout(timeout_seconds, connect=CONNECT_TIMEOUT),
-            limits=httpx.Limits(
+        self.probe_timeout = probe_timeout
+        self._key = api_key
+        self._client = self._new_client(
+            httpx.Timeout(timeout_seconds, connect=CONNECT_TIMEOUT),
+            httpx.Limits(
                 max_connections=concurrency + 2, max_keepalive_connections=concurrency + 2
             ),
+        )
+
+    def _new_client(self, timeout: httpx.Timeout, limits: httpx.Limits) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.base_url,
+            headers={
+                "Authorization": f"Bearer {self._key.reveal()}",
+                "User-Agent": f"sfwatch/{__version__}",
+                "Accept-Encoding": ACCEPT_ENCODING,
+            },
+            timeout=timeout,
+            limits=limits,
             follow_redirects=False,
         )
 
@@ -208,89 +423,166 @@ class Transcriber:
     def __exit__(self, *_: object) -> None:
         self.close()
 
+    # -- the key never leaves in what a server sent ----------------------------------------
+
+    def _scrub_body(self, body: bytes) -> bytes:
+        """``body`` with the key replaced, before anything is taken from it."""
+        key = self._key.reveal().encode("utf-8", "surrogateescape")
+        return body.replace(key, REDACTED.encode()) if key else body
+
+    def _scrub(self, text: str) -> str:
+        key = self._key.reveal()
+        return text.replace(key, REDACTED) if key else text
+
+    def _clean(self, text: str | None, limit: int | None = None) -> str | None:
+        """A server-supplied string fit for a file, a log line and a terminal.
+
+        The key replaced, lone surrogates (which no UTF-8 file, SQLite or log line
+        takes) and control characters made U+FFFD, and only then cut to ``limit``,
+        so that a cut never leaves a piece of the key behind.
+        """
+        if text is None:
+            return None
+        text = _CONTROLS.sub("\ufffd", _SURROGATES.sub("\ufffd", self._scrub(text)))
+        return text[:limit] if limit is not None else text
+
+    def _redact(self, exc: TranscribeError) -> None:
+        """Clean every field of an error on its way out (the one place errors leave)."""
+        exc.message = self._clean(exc.message) or ""
+        exc.args = (exc.message,)
+        exc.api_message = self._clean(exc.api_message)
+        exc.trace_id = self._clean(exc.trace_id, MAX_TRACE_ID)
+
+    # -- the upload ------------------------------------------------------------------------
+
     def transcribe(self, path: Path, upload_name: str, model: str) -> Transcript:
         """Upload ``path`` (as ``upload_name``) once; return its transcript or raise."""
+        try:
+            return self._transcribe(path, upload_name, model)
+        except TranscribeError as exc:
+            self._redact(exc)
+            raise
+
+    def _transcribe(self, path: Path, upload_name: str, model: str) -> Transcript:
         started = time.monotonic()
         deadline = started + self.timeout_seconds
-        try:
-            with path.open("rb") as raw:
-                size = path.stat().st_size
-                audio = cast("BinaryIO", _DeadlineFile(raw, deadline))
-                with self._client.stream(
-                    "POST",
-                    "/audio/transcriptions",
-                    data={"model": model},
-                    files={"file": (upload_name, audio, audio_mime(upload_name))},
-                ) as response:
-                    body = _read_body(response, deadline)
-        except _DeadlineExceeded as exc:
-            raise TransientError(
-                f"no answer within timeout_seconds ({self.timeout_seconds:g} s)", reason="timeout"
-            ) from exc
-        except httpx.TimeoutException as exc:
-            raise TransientError(f"timed out: {type(exc).__name__}", reason="timeout") from exc
-        except httpx.TransportError as exc:
-            raise TransientError(
-                f"connection failed: {type(exc).__name__}: {exc}", reason="connection"
-            ) from exc
-        except httpx.RequestError as exc:  # e.g. a body that does not match its Content-Encoding
-            raise TransientError(
-                f"bad response: {type(exc).__name__}: {exc}", reason="bad_response"
-            ) from exc
-        trace_id = response.headers.get(TRACE_HEADER)
-        if response.status_code != 200:
-            raise classify(response.status_code, response.headers, body)
-        text = _transcript_text(body)
+        with (
+            _translated(f"no answer within timeout_seconds ({self.timeout_seconds:g} s)"),
+            path.open("rb") as raw,
+        ):
+            size = path.stat().st_size
+            audio = cast("BinaryIO", _DeadlineFile(raw, deadline))
+            with self._client.stream(
+                "POST",
+                "/audio/transcriptions",
+                data={"model": model},
+                files={"file": (upload_name, audio, audio_mime(upload_name))},
+            ) as response:
+                status, headers = response.status_code, response.headers
+                limit = MAX_RESPONSE if status == 200 else MAX_SMALL_RESPONSE
+                body, complete = _read_body(response, deadline, limit)
+        body = self._scrub_body(body)
+        trace_id = headers.get(TRACE_HEADER)
+        if status != 200:
+            raise classify(status, headers, body)  # a cut error body still has its status
+        text, why_not = _transcript_text(body, complete=complete)
         if text is None:
             raise UnusableResponse(
-                "HTTP 200 without a usable text field",
+                f"HTTP 200 without a usable text field: {why_not}",
                 http_status=200,
                 trace_id=trace_id,
-                api_message=api_message(body),
+                api_message=api_message(body[:MAX_SMALL_RESPONSE]),
             )
         return Transcript(
-            text=text,
-            trace_id=trace_id,
+            text=self._scrub(text),  # also a key the JSON spelt with escapes
+            trace_id=self._clean(trace_id, MAX_TRACE_ID),
             http_status=200,
             seconds=time.monotonic() - started,
             bytes_sent=size,
         )
 
+    # -- the account probe -----------------------------------------------------------------
+
     def check_account(self) -> dict[str, Any]:
-        """``GET /user/info``: the cheapest proof that the key and the endpoint work."""
+        """``GET /user/info``: the cheapest proof that the key and the endpoint work.
+
+        Held to ``probe_timeout`` as a whole, on a connection of its own (so that
+        ``_Cutoff`` can end it in any phase), and read up to ``MAX_SMALL_RESPONSE``.
+        Whatever the server sends, this returns the account data or raises an error
+        of ``errors.py``.
+        """
         try:
-            response = self._client.get("/user/info", timeout=httpx.Timeout(30, connect=10))
-        except httpx.TimeoutException as exc:
-            raise TransientError("timed out checking the account", reason="timeout") from exc
-        except httpx.TransportError as exc:
-            raise TransientError(
-                f"connection failed: {type(exc).__name__}: {exc}", reason="connection"
-            ) from exc
-        except httpx.RequestError as exc:
-            raise TransientError(
-                f"bad response: {type(exc).__name__}: {exc}", reason="bad_response"
-            ) from exc
+            return self._check_account()
+        except TranscribeError as exc:
+            self._redact(exc)
+            raise
+
+    def _check_account(self) -> dict[str, Any]:
+        seconds = self.probe_timeout
+        deadline = time.monotonic() + seconds
+        cutoff = _Cutoff(seconds)
+        timeout = httpx.Timeout(seconds, connect=min(CONNECT_TIMEOUT, seconds))
+        try:
+            with (
+                _translated(f"no answer from user/info within {seconds:g} s", cutoff),
+                self._new_client(timeout, httpx.Limits(max_connections=1)) as client,
+                client.stream("GET", "/user/info", extensions={"trace": cutoff.trace}) as response,
+            ):
+                try:
+                    body, complete = _read_body(response, deadline, MAX_SMALL_RESPONSE)
+                finally:
+                    cutoff.disarm()
+        finally:
+            cutoff.disarm()
+        body = self._scrub_body(body)
+        trace_id = response.headers.get(TRACE_HEADER)
         if response.status_code != 200:
-            raise classify(response.status_code, response.headers, response.content)
-        try:
-            info = response.json()
-        except ValueError:
-            info = None
+            raise classify(response.status_code, response.headers, body)
+        problem = None if complete else f"it is larger than {_size(MAX_SMALL_RESPONSE)}"
+        info: Any = None
+        if problem is None:
+            try:
+                info = parse_json(body)
+            except JSONTooDeep as exc:
+                problem = str(exc)
+            except ValueError:
+                info = None
+        if problem is not None:  # an answer, but none to use; not a wrong URL: try again
+            raise TransientError(
+                f"user/info answered unusably: {problem}",
+                http_status=200,
+                reason="bad_response",
+                trace_id=trace_id,
+            )
         if not isinstance(info, dict):
             raise AccountError(
                 "user/info did not answer JSON: is base_url right?",
                 http_status=200,
                 reason="not_found",
-                trace_id=response.headers.get(TRACE_HEADER),
+                trace_id=trace_id,
             )
         data = info.get("data")
-        return data if isinstance(data, dict) else info
+        found = data if isinstance(data, dict) else info
+        return {k: self._clean(v, 500) if isinstance(v, str) else v for k, v in found.items()}
 
 
-def _transcript_text(body: bytes) -> str | None:
+def _size(limit: int) -> str:
+    return f"{limit // 1048576} MiB" if limit >= 1048576 else f"{limit // 1024} KiB"
+
+
+def _transcript_text(body: bytes, *, complete: bool) -> tuple[str | None, str]:
+    """The ``text`` of a 200's JSON, or None and why there is none to use."""
+    if not complete:
+        return None, f"it is larger than {_size(MAX_RESPONSE)}"
     try:
-        parsed = json.loads(body)
-    except ValueError:
-        return None
+        parsed = parse_json(body)
+    except JSONTooDeep as exc:
+        return None, str(exc)
+    except ValueError as exc:
+        return None, f"not JSON ({type(exc).__name__})"
     text = parsed.get("text") if isinstance(parsed, dict) else None
-    return text if isinstance(text, str) else None
+    if not isinstance(text, str):
+        return None, "no text"
+    if _SURROGATES.search(text):
+        return None, "the text holds a lone surrogate (it is not Unicode)"
+    return text, ""

@@ -16,8 +16,11 @@ part -> 400; the `rate_limit` -> 429; the `responder` hook; the `set_default` re
 `Reply` bodies: ``None`` is the transcript JSON for a 200 (the reason phrase otherwise);
 ``bytes`` are sent as-is; a ``str`` is plain text unless ``json_body=True``, which sends it
 JSON-encoded (``"Invalid token"`` -> ``"\\"Invalid token\\""``, application/json); any
-other object is JSON-encoded. ``content_type`` overrides the Content-Type.
-The module has a canned `Reply` for every row of api-reference.md (``R429``, ``DROP``, ...).
+other object is JSON-encoded; a callable is given the request's headers and returns one of
+these (to echo a header). ``content_type`` overrides the Content-Type. ``stream`` sends
+the chunks an iterator yields as a chunked body instead, until it ends or the client goes.
+The module has a canned `Reply` for every row of api-reference.md (``R429``, ``DROP``, ...);
+tests/hostile.py builds the answers of a hostile server.
 
 ``python -m tests.fakeapi --latency 0.25 --key sk-x`` serves until SIGTERM/SIGINT, printing
 the base URL on its first stdout line and a JSON summary line when it exits.
@@ -40,7 +43,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -89,10 +92,16 @@ class Reply:
     stall: float = 0.0  # answer nothing for this long (or until the client hangs up), close
     json_body: bool = False  # send a str body as a JSON string
     content_type: str | None = None
+    stream: Callable[[], Iterable[bytes]] | None = None  # a chunked body, from a fresh iterator
 
-    def encode(self, text: str = "") -> tuple[bytes, str]:
-        """The body bytes and Content-Type; `text` is the transcript for a default 200."""
+    def encode(self, text: str = "", request: Mapping[str, str] | None = None) -> tuple[bytes, str]:
+        """The body bytes and Content-Type; `text` is the transcript for a default 200.
+
+        `request`: the request's headers, for a callable body.
+        """
         body = self.body
+        if callable(body):
+            body = body(request or {})
         if body is None and self.status != 200:
             try:
                 body = HTTPStatus(self.status).phrase
@@ -426,6 +435,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._drain()
         if route == ("GET", "/v1/user/info"):
+            with self._api._cond:
+                self._api.info_requests += 1
             self._answer(
                 self._api.info_reply or (Reply(200, _USER_INFO) if self._authorized() else R401)
             )
@@ -554,7 +565,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(reply, text)
 
     def _send(self, reply: Reply, text: str = "") -> None:
-        body, ctype = reply.encode(text)
+        if reply.stream is not None:
+            self._send_stream(reply, reply.stream())
+            return
+        body, ctype = reply.encode(text, dict(self.headers.items()))
         self.send_response(reply.status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -563,6 +577,25 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+    def _send_stream(self, reply: Reply, chunks: Iterable[bytes]) -> None:
+        """A chunked body from `chunks`; ends with them, on stop(), or when the client goes."""
+        self.close_connection = True
+        self.send_response(reply.status)
+        self.send_header("Content-Type", reply.content_type or "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        for name, value in reply.headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        try:
+            for chunk in chunks:
+                if self._api._stopping.is_set():
+                    return
+                if chunk:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:  # the client hung up: what a cut-off answer looks like from here
+            return
 
     def _wait_for_hangup(self, seconds: float) -> None:
         """Wait up to `seconds`; return early on stop() or when the client hangs up."""
@@ -596,6 +629,7 @@ class FakeAPI:
         self.latency = latency  # seconds to wait before every transcription answer
         self.responder: Callable[[Upload], Reply | None] | None = None  # gets status=0 Upload
         self.info_reply: Reply | None = None  # answers every /user/info when set
+        self.info_requests = 0  # GET /user/info requests received
         self.url = ""  # "http://127.0.0.1:PORT/v1" once started
         self.in_flight = 0  # transcription requests in progress
         self.max_concurrent = 0

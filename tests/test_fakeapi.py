@@ -25,6 +25,7 @@ from tests.fakeapi import (
     Upload,
     stall,
 )
+from tests.hostile import echo_authorization, endless, gzip_bomb
 
 KEY = "sk-test-key"
 MODEL = "FunAudioLLM/SenseVoiceSmall"
@@ -256,3 +257,31 @@ def test_user_info_and_models(api: FakeAPI) -> None:
         assert (resp.status_code, resp.json()) == (401, "Invalid token")
         assert resp.headers[TRACE]
     assert api.uploads == []
+
+
+def test_hostile_replies(api: FakeAPI) -> None:
+    """tests/hostile.py: an echo of the header, a correct gzip bomb, a stream the client can cut."""
+    api.script(echo_authorization(), gzip_bomb(64 << 20))
+    with client_for(api) as client:
+        echoed = transcribe(client, b"x")
+        assert (echoed.status_code, echoed.json()["data"]) == (400, f"Bearer {KEY}")
+        bomb = transcribe(client, b"x")
+        assert bomb.headers["content-encoding"] == "gzip"
+        assert len(bomb.content) == 64 << 20  # httpx inflates it whole: what sfwatch must not do
+        assert not bomb.content.strip(b"\0")
+        api.info_reply = endless(seconds=5)
+        started = time.monotonic()
+        with client.stream("GET", "/user/info") as response:
+            received = 0
+            for chunk in response.iter_raw():
+                received += len(chunk)
+                if received > 1 << 20:
+                    break
+        assert response.headers["transfer-encoding"] == "chunked"
+    assert api.info_requests == 1
+    deadline = time.monotonic() + 5  # the hung-up stream's handler ends by itself
+    while api._conns and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not api._conns
+    assert time.monotonic() - started < 5
+    assert api.errors == []
