@@ -22,7 +22,7 @@ from typing import Any
 
 from sfwatch.config import Config, WatchConfig
 from sfwatch.finish import ERROR_SUFFIX
-from sfwatch.fsutil import free_stems, fsync_dir, move_no_replace, numbered
+from sfwatch.fsutil import files_below, free_stems, fsync_dir, move_no_replace, numbered
 from sfwatch.ledger import JobRow, Ledger
 
 #: a daemon that has not published for this long is reported as not running
@@ -199,7 +199,7 @@ def _unknown_failed(watch: WatchConfig, rows: dict[Path, JobRow]) -> list[Path]:
         return []
     return sorted(
         found
-        for path in top.rglob("*")
+        for path in files_below(top)  # not rglob: it recurses, and failed/ may be deep
         if not path.name.startswith(".")
         and not path.name.endswith(ERROR_SUFFIX)
         and not path.is_dir()

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from sfwatch.fsutil import fsync_dir, make_dirs, remove_empty_dirs
+from sfwatch.fsutil import files_below, fsync_dir, make_dirs, remove_empty_dirs
 from sfwatch.job import FileSignature, Job, Plan, new_job_id
 from sfwatch.settle import SettledFile, signature_of
 
@@ -84,12 +84,7 @@ def claimed_files(work_dir: Path, instance: str, root: Path) -> Iterator[Job]:
         if not folder.is_dir() or folder.is_symlink() or folder.name.startswith("."):
             continue
         sidecar = read_sidecar(folder)
-        files = [
-            Path(d) / f
-            for d, _, names in os.walk(folder)
-            for f in names
-            if not (Path(d) == folder and f == SIDECAR)
-        ]
+        files = [path for path in files_below(folder) if path != folder / SIDECAR]
         if not files and sidecar is None:
             shutil.rmtree(folder, ignore_errors=True)  # a claim that never happened
             continue
