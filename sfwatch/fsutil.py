@@ -65,6 +65,11 @@ def make_dirs(path: Path) -> None:
 
     A new folder is an entry in its parent; without the parent's fsync a power
     loss can drop the folder, and with it a file just made durable inside it.
+
+    A name on the way held by something that is not a folder (someone made a
+    file named ``done``; a dangling link) raises NotADirectoryError, never
+    FileExistsError: callers answer FileExistsError with the next free name,
+    and no name under a file is ever taken, so they would try names forever.
     """
     missing: list[Path] = []
     current = path
@@ -77,10 +82,36 @@ def make_dirs(path: Path) -> None:
         try:
             created.mkdir()
         except FileExistsError:
-            if not created.is_dir():
-                raise
-            continue  # made by another thread or daemon meanwhile
+            if created.is_dir():
+                continue  # made by another thread or daemon meanwhile
+            raise NotADirectoryError(
+                errno.ENOTDIR, "not a folder, but a folder is needed here", str(created)
+            ) from None
         fsync_dir(created.parent)
+
+
+def files_below(top: Path) -> Iterator[Path]:
+    """Every entry below ``top`` that is not a folder, at any depth, without recursion.
+
+    Links are not followed (a link to a folder is yielded, not entered); folders
+    that cannot be listed are passed over. A stack, not ``os.walk``: on Python
+    3.11 that recurses once per level, and a deep tree would end it with a
+    RecursionError.
+    """
+    stack = [top]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as entries:
+                listed = list(entries)
+        except OSError:
+            continue
+        for entry in listed:
+            path = folder / entry.name
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(path)
+            else:
+                yield path
 
 
 # -- the steps, on folder handles (see safefs.py) -----------------------------------------

@@ -22,7 +22,9 @@ from sfwatch.text import printable
 from sfwatch.watch import (
     PathNotes,
     Watcher,
+    is_ignored_name,
     scan,
+    too_deep,
     under_link,
     utf8_name,
     walk_dir,
@@ -78,11 +80,11 @@ class Intake:
             if watcher.alive() or now < self.broken.get(path, 0.0):
                 continue
             if path not in self.broken:
-                self.log.error("sfwatch.watch_died", path=str(path))
+                self.log.error("sfwatch.watch_died", path=str(path), error=watcher.failure())
             watcher.stop()
             try:
                 self.start_watcher(self.folders.for_root(path))
-            except OSError as exc:
+            except (OSError, RecursionError) as exc:
                 # Unhealthy until it works again: systemd's watchdog will restart us.
                 self.broken[path] = now + WATCH_RETRY
                 self.log.error("sfwatch.watch_restart_failed", path=str(path), error=str(exc))
@@ -117,7 +119,7 @@ class Intake:
                 self.watchers.pop(path).stop()
             try:
                 self.start_watcher(watch)
-            except OSError as exc:
+            except (OSError, RecursionError) as exc:
                 self.broken[path] = time.monotonic() + WATCH_RETRY
                 self.log.error("sfwatch.watch_restart_failed", path=str(path), error=str(exc))
                 continue
@@ -188,10 +190,15 @@ class Intake:
         return None
 
     def _take_note(self, path: Path, watch: WatchConfig) -> None:
+        if (cut := too_deep(path, watch.path)) is not None:
+            self._too_deep(cut, watch)  # below a folder the scan does not enter either
+            return
         if under_link(path, watch.path):
             return  # a path through a symlinked folder: links are not followed
         if path.is_dir() and not path.is_symlink():
-            if not os.access(path, os.R_OK | os.X_OK):
+            if (cut := too_deep(path, watch.path, folder=True)) is not None:
+                self._too_deep(cut, watch)
+            elif not os.access(path, os.R_OK | os.X_OK):
                 self._skip(path, watch, "no_access")
             elif wants_dir(path, watch):  # a folder moved in: its files have no events
                 for inner in walk_dir(path, watch):
@@ -204,8 +211,23 @@ class Intake:
         elif not self.settler.note(path, watch.path, watch.settle_seconds):
             self._skip(path, watch)
 
+    def _too_deep(self, folder: Path, watch: WatchConfig) -> None:
+        """Say once that ``folder`` is too deep to look into, if a scan would reach it.
+
+        One line per such folder, however many paths below it are noted: not for
+        folders under an ignored name, done/, failed/, the work area or a link.
+        """
+        if folder in self.skipped:
+            return
+        rel = folder.relative_to(watch.path).parts
+        if any(is_ignored_name(part, watch) for part in rel) or not wants_dir(folder, watch):
+            return
+        if under_link(folder, watch.path) or not folder.is_dir():
+            return
+        self._skip(folder, watch, "too_deep")
+
     def _skip(self, path: Path, watch: WatchConfig, reason: str | None = None) -> None:
-        """Log once why a path is not taken (a symlink, a FIFO, a non-UTF-8 name, no access)."""
+        """Log once why a path is not taken (a link, a FIFO, a non-UTF-8 name, no access, depth)."""
         if path in self.skipped:
             return
         if reason is None:

@@ -98,6 +98,9 @@ class Scheduler:
         self.counts: Counter[str] = Counter()
         #: steps the host failed, to try again: (due, step, job, action)
         self.deferred: list[tuple[float, str, Job, Callable[[], None]]] = []
+        #: the local-step errors already logged per job: a step that fails the same way
+        #: at every retry (a file squatting done/, a full disk) is an error once, then debug
+        self.finish_problems: dict[str, set[str]] = {}
 
     @property
     def waiting(self) -> list[tuple[float, int, Job]]:
@@ -277,12 +280,17 @@ class Scheduler:
                 )
                 self.wait(with_state(job, state), delay)
             case Retry(delay, state):  # finish_error, crash: a step on our side failed
-                self.log.error(
+                problem = str(outcome.error)
+                seen = self.finish_problems.setdefault(job.job_id, set())
+                log = self.log.debug if problem in seen else self.log.error
+                seen.add(problem)
+                log(
                     "sfwatch.finish_failed",
                     job_id=job.job_id,
                     file=str(job.source),
-                    error=str(outcome.error),
+                    error=problem,
                     retry_in=round(delay, 1),
+                    failures=state.failures,
                 )
                 self.wait(with_state(job, state), delay)
             case Fail(reason, state):
@@ -296,6 +304,7 @@ class Scheduler:
 
     def vanished(self, job: Job) -> None:
         """The claimed file is gone: a sibling adopted the job, or a person removed it."""
+        self.finish_problems.pop(job.job_id, None)
         sibling = adopted_by(job)
         if sibling is not None:
             self.log.warning(
@@ -353,6 +362,7 @@ class Scheduler:
     def finished(self, outcome: Outcome, reason: str | None = None) -> None:
         """Count the job and write its one canonical log line."""
         job = outcome.job
+        self.finish_problems.pop(job.job_id, None)
         self.counts[outcome.kind] += 1
         fields: dict[str, Any] = {
             "job_id": job.job_id,

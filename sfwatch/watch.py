@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import re
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -80,6 +81,14 @@ _EVENTS: list[type[FileSystemEvent]] = [
 ]
 #: the message watchdog logs when the kernel drops inotify events
 _OVERFLOW_LOGGER = "watchdog.observers.inotify_c"
+#: folder levels below a watched path that are looked into: ``inbox/1/…/64/a.mp3`` is
+#: taken, anything deeper is not (``sfwatch.file_skipped`` reason ``too_deep``, naming
+#: the first folder not looked into). No walk, watch or path of ours grows with a tree
+#: someone made a thousand levels deep.
+MAX_DEPTH = 64
+#: deepest walk watchdog can make: its walks join whole paths, and a path longer than
+#: PATH_MAX (4096 bytes) cannot be opened, so each level costs at least 2 bytes
+_WATCHDOG_MAX_LEVELS = 4096 // 2
 
 
 class PathNotes:
@@ -224,6 +233,8 @@ def wants(path: Path, watch: WatchConfig) -> bool:
     parts = text[len(root) + 1 :].split(os.sep)  # noqa: PTH206 - str ops: called per file
     if not watch.recursive and len(parts) > 1:
         return False
+    if len(parts) - 1 > MAX_DEPTH:
+        return False
     for folder in excluded_dirs(watch):
         excluded = str(folder)
         if text == excluded or text.startswith(excluded + os.sep):
@@ -233,29 +244,65 @@ def wants(path: Path, watch: WatchConfig) -> bool:
     return _matcher(watch.include).match(parts[-1].lower()) is not None
 
 
+def too_deep(path: Path, root: Path, *, folder: bool = False) -> Path | None:
+    """The first folder not looked into on the way to ``path``, if ``path`` is too deep.
+
+    Files may sit up to ``MAX_DEPTH`` folders below ``root``; a folder at level
+    ``MAX_DEPTH + 1`` is not entered, and nothing below it is taken. ``folder``:
+    ``path`` is itself a folder (so its own level counts).
+    """
+    parts = path.relative_to(root).parts
+    levels = len(parts) if folder else len(parts) - 1
+    if levels <= MAX_DEPTH:
+        return None
+    return root.joinpath(*parts[: MAX_DEPTH + 1])
+
+
 def scan(
     watch: WatchConfig, on_file: Callable[[str], None], stop: threading.Event | None = None
 ) -> int:
     """Walk the watched folder and call ``on_file`` for each wanted file; return the count.
 
-    A folder that cannot be listed (no permission) is passed to ``on_file`` too,
-    so that the daemon can say why its files are not taken.
+    A folder that cannot be listed (no permission), or is too deep to look into
+    (``MAX_DEPTH``), is passed to ``on_file`` too, so that the daemon can say
+    why its files are not taken.
 
     Symlinks are not followed (a link may point anywhere on the system), and the
     done, failed and work folders are pruned.
     """
+    return _walk(watch, watch.path, on_file, stop)
+
+
+def walk_dir(path: Path, watch: WatchConfig) -> list[str]:
+    """What ``scan`` would find below ``path`` (a folder moved into a watched tree)."""
+    found: list[str] = []
+    _walk(watch, path, found.append)
+    return found
+
+
+def _walk(
+    watch: WatchConfig,
+    start: Path,
+    on_path: Callable[[str], None],
+    stop: threading.Event | None = None,
+) -> int:
+    """``scan`` from ``start`` (the watched folder or one below it), with a stack.
+
+    Never recursion: a tree can be deeper than Python's recursion limit. Nor does
+    it go below ``MAX_DEPTH``, so its cost does not grow with a tree's depth.
+    """
     pruned = {str(d) for d in excluded_dirs(watch)}
     count = 0
-    stack = [str(watch.path)]
+    stack = [(str(start), len(start.relative_to(watch.path).parts))]
     while stack:
         if stop is not None and stop.is_set():
             break
-        top = stack.pop()
+        top, level = stack.pop()
         try:
             entries = list(os.scandir(top))
         except OSError:
-            if top != str(watch.path):
-                on_file(top)  # a folder we may not enter: the daemon logs it
+            if top != str(start):
+                on_path(top)  # a folder we may not enter: the daemon logs it
             continue
         for entry in entries:
             if entry.is_dir(follow_symlinks=False):
@@ -264,20 +311,14 @@ def scan(
                     and entry.path not in pruned
                     and not is_ignored_name(entry.name, watch)
                 ):
-                    stack.append(entry.path)
+                    if level + 1 > MAX_DEPTH:
+                        on_path(entry.path)  # too deep to look into: the daemon logs it
+                    else:
+                        stack.append((entry.path, level + 1))
             elif wants(Path(entry.path), watch):
-                on_file(entry.path)
+                on_path(entry.path)
                 count += 1
     return count
-
-
-def walk_dir(path: Path, watch: WatchConfig) -> Iterator[str]:
-    """Every wanted file below ``path`` (a folder moved into a watched tree)."""
-    for dirpath, dirnames, filenames in os.walk(path):
-        dirnames[:] = [d for d in dirnames if wants_dir(Path(dirpath) / d, watch)]
-        for name in filenames:
-            if wants(Path(dirpath) / name, watch):
-                yield str(Path(dirpath) / name)
 
 
 def utf8_name(path: Path, root: Path) -> bool:
@@ -308,6 +349,39 @@ def wants_dir(path: Path, watch: WatchConfig) -> bool:
     return not is_ignored_name(path.name, watch)
 
 
+def listdir_to_depth(root: Path) -> Callable[[str | None], Iterator[os.DirEntry[str]]]:
+    """``os.scandir`` that lists nothing in folders below ``MAX_DEPTH`` under ``root``.
+
+    The polling observer's snapshot recurses once per folder level; given this,
+    it stops where the scan stops, however deep the tree is.
+    """
+    prefix = f"{root}{os.sep}"
+
+    def listdir(path: str | None) -> Iterator[os.DirEntry[str]]:
+        if path is None:
+            return os.scandir()
+        if path.startswith(prefix) and path.count(os.sep, len(prefix)) + 1 > MAX_DEPTH:
+            return iter(())
+        return os.scandir(path)
+
+    return listdir
+
+
+def _allow_watchdog_walks() -> None:
+    """Let watchdog's inotify walks reach any depth a path can have.
+
+    On Python 3.11 ``os.walk`` recurses once per folder level, and watchdog walks
+    every folder moved in to add its watches, on its reader thread: a tree deeper
+    than the recursion limit (1,000) ends that thread, and the events with it.
+    Its walks join whole paths, so they cannot go deeper than ``PATH_MAX`` allows
+    (``_WATCHDOG_MAX_LEVELS``); a limit above that keeps the thread alive. Each
+    level takes under 0.5 KiB of C stack: 2,048 levels fit in 1 MiB of the 8 MiB
+    a thread has. (Python 3.12's ``os.walk`` uses a stack; there is nothing to do.)
+    """
+    if sys.version_info < (3, 12):
+        sys.setrecursionlimit(max(sys.getrecursionlimit(), _WATCHDOG_MAX_LEVELS + 1000))
+
+
 class Watcher:
     """The observer for one watched folder."""
 
@@ -317,7 +391,7 @@ class Watcher:
         self.polling = needs_polling(watch)
         # Polling with lstat: watchdog's default (stat) would walk into symlinked folders.
         self.observer: BaseObserver = (
-            PollingObserverVFS(os.lstat, os.scandir, polling_interval=2)
+            PollingObserverVFS(os.lstat, listdir_to_depth(watch.path), polling_interval=2)
             if self.polling
             else Observer()
         )
@@ -325,6 +399,7 @@ class Watcher:
 
     def start(self) -> None:
         """Create the folder if needed and start observing it."""
+        _allow_watchdog_walks()
         self.watch.path.mkdir(parents=True, exist_ok=True)
         self.observer.schedule(
             _NoteHandler(self.notes, excluded_dirs(self.watch)),
@@ -336,12 +411,29 @@ class Watcher:
         self.observer.start()
 
     def alive(self) -> bool:
-        """Are the observer thread and its emitter (the inotify or polling reader) running?
+        """Are the observer thread, its emitters and its inotify reader all running?
 
-        watchdog's emitter ends by itself when the watched folder is deleted, while
-        the observer thread lives on; both must run for events to arrive.
+        Each can end while the others live on, and events stop with any of them:
+        the emitter ends by itself when the watched folder is deleted; the inotify
+        reader (one thread per observer, which also adds the watches of folders
+        moved in) ends on any exception, such as a RecursionError in a walk.
         """
-        return self.observer.is_alive() and all(e.is_alive() for e in self.observer.emitters)
+        threads = [self.observer, *self.observer.emitters, *self._readers()]
+        return all(thread.is_alive() for thread in threads)
+
+    def failure(self) -> str | None:
+        """What ended the inotify reader, if an exception did (for the log line)."""
+        for reader in self._readers():
+            error = getattr(reader, "_dispatch_error", None)
+            if error is not None:
+                return f"{type(error).__name__}: {error}"
+        return None
+
+    def _readers(self) -> list[threading.Thread]:
+        # watchdog >= 7.1 gives each inotify observer its own reader thread
+        # (``InotifyFD``); it has no public name, and polling observers have none.
+        reader = getattr(self.observer, "_inotify_fd", None)
+        return [reader] if isinstance(reader, threading.Thread) else []
 
     def stop(self) -> None:
         """Stop observing (returns once the observer thread has ended)."""

@@ -385,3 +385,31 @@ def _stop_before_move() -> Callable[[], None]:
             raise _Stop
 
     return guard
+
+
+# --- a file where a folder must be ------------------------------------------------------
+
+
+@pytest.mark.parametrize("squat", ["done", "done/sub", "dangling-done"])
+def test_done_under_a_squatted_folder_is_an_error_not_a_new_plan(
+    watch: WatchConfig, squat: str
+) -> None:
+    """done/ (or done/sub) is a file or a dangling link: one plan, an OSError, nothing lost."""
+    if squat == "dangling-done":
+        (watch.path / "done").symlink_to(watch.path / "nowhere")
+    else:
+        put(watch.path / squat, b"not a folder")
+    job = claimed(watch, "sub/a.mp3")
+    plans: list[Plan] = []
+    with pytest.raises(NotADirectoryError):
+        finish_done(job, TEXT, watch, record=plans.append)
+    assert len(plans) == 1, "a squatted folder is not a taken name: no new plans"
+    assert job.path.read_bytes() == AUDIO, "the original waits in the work area"
+    assert (watch.path / "sub/a.txt").read_bytes() == (TEXT + "\n").encode()
+    # The squatter goes: the same plan is carried out, the transcript kept.
+    squatter = watch.path / ("done" if squat == "dangling-done" else squat)
+    squatter.unlink()
+    placed = finish_done(job, TEXT, watch, plan=plans[0], record=plans.append)
+    assert len(plans) == 1
+    assert placed.original.read_bytes() == AUDIO
+    assert files_under(watch.path / "sub") == ["a.txt"]

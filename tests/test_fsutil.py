@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from sfwatch.fsutil import (
+    files_below,
     free_stems,
+    make_dirs,
     move_no_replace,
     remove_empty_dirs,
     temp_name,
@@ -288,3 +290,50 @@ def test_remove_empty_dirs_ignores_folders_outside_stop(tmp_path: Path) -> None:
     remove_empty_dirs(stop, stop)
     assert elsewhere.is_dir()
     assert stop.is_dir()
+
+
+# --- a file where a folder must be ----------------------------------------------------
+
+
+@pytest.mark.parametrize("squatter", ["file", "dangling-link"])
+def test_make_dirs_under_a_non_folder_is_not_a_taken_name(tmp_path: Path, squatter: str) -> None:
+    """A file (or dangling link) named like a needed folder: ENOTDIR, never FileExistsError."""
+    done = tmp_path / "done"
+    if squatter == "file":
+        done.write_text("not a folder")
+    else:
+        done.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(NotADirectoryError) as caught:
+        make_dirs(done / "sub")
+    assert not isinstance(caught.value, FileExistsError)
+    assert caught.value.errno == errno.ENOTDIR
+    source = tmp_path / "a.mp3"
+    source.write_bytes(b"audio")
+    with pytest.raises(NotADirectoryError):
+        move_no_replace(source, done / "sub" / "a.mp3")
+    with pytest.raises(NotADirectoryError):
+        write_new_file(done / "a.txt", b"text")
+    assert source.read_bytes() == b"audio"
+    assert done.is_symlink() or done.read_text() == "not a folder"
+
+
+def test_files_below_any_depth_without_recursion(tmp_path: Path) -> None:
+    """1,100 levels (past the recursion limit): every file found, links not entered."""
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        for _ in range(1100):
+            os.mkdir("d", dir_fd=fd)
+            inner = os.open("d", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        os.close(os.open("deep.mp3", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+    (tmp_path / "top.mp3").write_bytes(b"x")
+    (tmp_path / "link").symlink_to(tmp_path, target_is_directory=True)
+    try:
+        found = {p.relative_to(tmp_path).parts[-1]: len(p.parts) for p in files_below(tmp_path)}
+        assert set(found) == {"deep.mp3", "top.mp3", "link"}
+        assert found["deep.mp3"] == len(tmp_path.parts) + 1101
+    finally:
+        subprocess.run(["rm", "-rf", str(tmp_path / "d")], check=True)

@@ -12,12 +12,16 @@ import pytest
 
 from sfwatch.config import WatchConfig
 from sfwatch.watch import (
+    MAX_DEPTH,
     PathNotes,
     Watcher,
     is_ignored_name,
+    listdir_to_depth,
     mount_fstype,
     needs_polling,
     scan,
+    too_deep,
+    walk_dir,
     wants,
 )
 from tests.conftest import wait_until
@@ -207,6 +211,53 @@ def test_scan_does_not_follow_symlinked_dirs(tmp_path: Path) -> None:
 def test_scan_of_missing_folder_finds_nothing(tmp_path: Path) -> None:
     """A watched folder that does not exist (yet) scans as empty."""
     assert scanned(WatchConfig(path=tmp_path / "absent")) == []
+
+
+# --- depth ----------------------------------------------------------------------------
+
+
+def test_wants_files_down_to_max_depth(watch: WatchConfig) -> None:
+    """A file MAX_DEPTH folders down is wanted; one level deeper it is not."""
+    assert wants(INBOX.joinpath(*["d"] * MAX_DEPTH, "a.mp3"), watch)
+    assert not wants(INBOX.joinpath(*["d"] * (MAX_DEPTH + 1), "a.mp3"), watch)
+
+
+def test_too_deep_names_the_first_folder_not_looked_into() -> None:
+    """Below level MAX_DEPTH + 1 the answer is that folder; a folder there is itself the cut."""
+    levels = [f"l{i}" for i in range(1, 200)]
+    cut = INBOX.joinpath(*levels[: MAX_DEPTH + 1])
+    assert too_deep(INBOX.joinpath(*levels[:MAX_DEPTH], "a.mp3"), INBOX) is None
+    assert too_deep(INBOX.joinpath(*levels[: MAX_DEPTH + 1], "a.mp3"), INBOX) == cut
+    assert too_deep(INBOX.joinpath(*levels, "a.mp3"), INBOX) == cut
+    assert too_deep(cut, INBOX) is None, "as a file it would be shallow enough"
+    assert too_deep(cut, INBOX, folder=True) == cut
+    assert too_deep(cut.parent, INBOX, folder=True) is None
+
+
+def test_scan_stops_at_max_depth_and_reports_the_folder(tmp_path: Path) -> None:
+    """A scan takes files MAX_DEPTH folders down, reports the next folder, goes no deeper."""
+    inbox = tmp_path / "inbox"
+    levels = "/".join(["d"] * MAX_DEPTH)
+    make_tree(inbox, [f"{levels}/ok.mp3", f"{levels}/x/deep.mp3", f"{levels}/x/y/deeper.mp3"])
+    watch = WatchConfig(path=inbox)
+    found: list[str] = []
+    assert scan(watch, found.append) == 1
+    rel = sorted(Path(p).relative_to(inbox).as_posix() for p in found)
+    assert rel == [f"{levels}/ok.mp3", f"{levels}/x"]
+    moved_in = inbox / "d" / "d"  # a folder moved in is walked the same way
+    assert sorted(walk_dir(moved_in, watch)) == sorted(found)
+
+
+def test_polling_lists_nothing_below_max_depth(tmp_path: Path) -> None:
+    """The polling observer's listdir stops where the scan stops."""
+    inbox = tmp_path / "inbox"
+    levels = "/".join(["d"] * MAX_DEPTH)
+    make_tree(inbox, [f"{levels}/ok.mp3", f"{levels}/x/deep.mp3"])
+    listdir = listdir_to_depth(inbox)
+    last = inbox / levels
+    assert sorted(e.name for e in listdir(str(last))) == ["ok.mp3", "x"]
+    assert list(listdir(str(last / "x"))) == []
+    assert [e.name for e in listdir(str(inbox))] == ["d"]
 
 
 # --- mount table ------------------------------------------------------------------------
