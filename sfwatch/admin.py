@@ -22,11 +22,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sfwatch import nofollow
+from sfwatch import safefs
 from sfwatch.config import Config, WatchConfig
 from sfwatch.errors import SfwatchError
 from sfwatch.finish import ERROR_SUFFIX
-from sfwatch.fsutil import numbered
+from sfwatch.fsutil import move_no_replace_at, numbered
 from sfwatch.ledger import LEDGER_NAME, JobRow, Ledger
 from sfwatch.text import printable
 
@@ -195,7 +195,7 @@ def _anchor(config: Config, folder: Path) -> tuple[Path, tuple[str, ...]]:
 def _open_folder(config: Config, folder: Path, *, create: bool = False) -> int:
     """Open a folder from its configured root down without following a link."""
     root, parts = _anchor(config, folder)
-    return nofollow.open_dir(root, parts, create=create)
+    return safefs.open_below(root, parts, create=create)
 
 
 def retry(config: Config, files: list[Path], everything: bool) -> RetryReport:
@@ -262,7 +262,7 @@ def _named_unknown(config: Config, ledger: Ledger, failed: Path, report: RetryRe
     """A named FILE in a failed/ that the ledger shows no failed job for: say what it is."""
     try:
         folder = _open_folder(config, failed.parent)
-    except nofollow.UnsafePath as exc:
+    except safefs.UnsafeFolder as exc:
         report.skipped.append((failed, f"not followed: {exc}"))
         return
     except FileNotFoundError:
@@ -272,7 +272,7 @@ def _named_unknown(config: Config, ledger: Ledger, failed: Path, report: RetryRe
         report.errors.append((failed, f"cannot look at it: {exc}"))
         return
     try:
-        st = nofollow.lstat_at(folder, failed.name)
+        st = safefs.lstat_at(folder, failed.name)
         if st is None:
             report.errors.append((failed, "no such file, and no failed job for it in the ledger"))
         elif stat.S_ISDIR(st.st_mode):
@@ -293,7 +293,7 @@ def _unknown_failed(
     """
     try:
         top = _open_folder(config, watch.failed_dir)
-    except nofollow.UnsafePath as exc:
+    except safefs.UnsafeFolder as exc:
         return [(watch.failed_dir, f"not followed: {exc}")]
     except OSError:
         return []  # no failed/ (yet), or one we may not read: nothing to say about it
@@ -306,18 +306,18 @@ def _unknown_failed(
     while stack:
         below = stack.pop()
         try:
-            folder = nofollow.open_dir(root, (*parts, *below))
-        except (OSError, nofollow.UnsafePath):
+            folder = safefs.open_below(root, (*parts, *below))
+        except (OSError, safefs.UnsafeFolder):
             continue  # replaced by a link meanwhile, or closed to us
         try:
-            entries = list(nofollow.scan_dir(folder))
+            entries = list(safefs.scan_dir(folder))
             for entry in entries:
                 if entry.name.startswith(".") or entry.name.endswith(ERROR_SUFFIX):
                     continue
                 here = watch.failed_dir.joinpath(*below, entry.name)
                 if entry.is_dir(follow_symlinks=False):
                     stack.append((*below, entry.name))
-                elif here not in rows and (st := nofollow.lstat_at(folder, entry.name)):
+                elif here not in rows and (st := safefs.lstat_at(folder, entry.name)):
                     found.append((here, _why_not_failed(ledger, folder, here, st)))
         except OSError:
             pass  # a folder we may not list: the daemon never put a failed file there
@@ -351,7 +351,7 @@ def _why_not_failed(ledger: Ledger, folder: int, failed: Path, st: os.stat_resul
 def _error_file_job(folder: int, name: str) -> str | None:
     """The ``job_id`` in an error file; None if it is missing or not one of ours."""
     try:
-        record = json.loads(nofollow.read_at(folder, name))
+        record = json.loads(safefs.read_at(folder, name))
     except (OSError, ValueError):
         return None
     job_id = record.get("job_id") if isinstance(record, dict) else None
@@ -383,7 +383,7 @@ def _retry_one(
     inbox: int | None = None
     try:
         source = _open_folder(config, failed.parent)
-        st = nofollow.lstat_at(source, failed.name)
+        st = safefs.lstat_at(source, failed.name)
         if st is None:
             report.skipped.append(gone)
             return
@@ -391,10 +391,10 @@ def _retry_one(
             what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file"
             report.skipped.append((failed, f"{what} now: never followed or moved"))
             return
-        inbox = nofollow.open_dir(watch.path, rel.parent.parts, create=True)
+        inbox = safefs.open_below(watch.path, rel.parent.parts, create=True)
         _remove_error_files(source, failed.name, row.job_id)
         back = _move_back(source, failed.name, inbox, rel.name)
-    except nofollow.UnsafePath as exc:
+    except safefs.UnsafeFolder as exc:
         report.skipped.append((failed, f"not moved: {exc}"))
         return
     except FileNotFoundError:
@@ -417,7 +417,7 @@ def _retry_one(
 def _gone(folder: int, name: str) -> bool:
     """Is there no file ``name`` in the folder any more? (False when we cannot tell.)"""
     try:
-        return nofollow.lstat_at(folder, name) is None
+        return safefs.lstat_at(folder, name) is None
     except OSError:
         return False
 
@@ -432,7 +432,7 @@ def _remove_error_files(folder: int, name: str, job_id: str) -> None:
                 os.unlink(error_file, dir_fd=folder)
             removed = True
     if removed:
-        nofollow.fsync_dir_fd(folder)  # gone for good before the original moves
+        safefs.fsync_fd(folder)  # gone for good before the original moves
 
 
 def _move_back(source: int, name: str, inbox: int, target: str) -> str:
@@ -442,12 +442,12 @@ def _move_back(source: int, name: str, inbox: int, target: str) -> str:
     if earlier is not None:
         # An interrupted move got as far as the new name: only the old one is left to go.
         os.unlink(name, dir_fd=source)
-        nofollow.fsync_dir_fd(source)
+        safefs.fsync_fd(source)
         return earlier
     for n in itertools.count():
         candidate = numbered(stem, n, suffix)
         try:
-            nofollow.move_at(source, name, inbox, candidate)
+            move_no_replace_at(source, name, inbox, candidate)
         except FileExistsError:
             continue
         return candidate
@@ -456,12 +456,12 @@ def _move_back(source: int, name: str, inbox: int, target: str) -> str:
 
 def _linked_earlier(source: int, name: str, inbox: int, stem: str, suffix: str) -> str | None:
     """The inbox name (``a.mp3``, ``a (1).mp3``, …) an interrupted move already gave it."""
-    st = nofollow.lstat_at(source, name)
+    st = safefs.lstat_at(source, name)
     if st is None or st.st_nlink < 2:
         return None
     for n in itertools.count():
         candidate = numbered(stem, n, suffix)
-        there = nofollow.lstat_at(inbox, candidate)
+        there = safefs.lstat_at(inbox, candidate)
         if there is None:
             return None
         if (there.st_dev, there.st_ino) == (st.st_dev, st.st_ino):

@@ -173,6 +173,8 @@ def move_no_replace_at(sfd: int, sname: str, dfd: int, dname: str, tag: str | No
     would look for a source that is no longer there). ``tag`` names the
     temporary copy made across file systems, so a killed copy can be found.
     """
+    if not stat.S_ISREG(os.stat(sname, dir_fd=sfd, follow_symlinks=False).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file", sname)  # never a link or a FIFO
     try:
         link_or_rename_at(sfd, sname, dfd, dname)
     except OSError as exc:

@@ -112,7 +112,10 @@ def boot_id() -> str:
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
-        return ""
+        # ProcSubset=pid (the unit's hardening) hides /proc/sys: the boot's wall-clock
+        # time, to the minute (so that NTP steps of a few seconds do not change it).
+        booted = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+        return f"booted-{round(booted / 60)}"
 
 
 @dataclass(frozen=True)

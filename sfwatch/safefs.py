@@ -45,8 +45,8 @@ class UnsafeFolder(OSError):
 
 
 def _check_part(part: str) -> None:
-    if part in ("", ".", "..") or "/" in part:
-        raise UnsafeFolder(errno.EINVAL, f"not a plain folder name: {part!r}")
+    if part in ("", ".", "..") or "/" in part or "\0" in part:
+        raise UnsafeFolder(errno.EINVAL, f"{part!r} is not a plain folder name")
 
 
 def open_below(
@@ -59,24 +59,73 @@ def open_below(
     made durable in their parents. The caller closes the returned handle.
     """
     fd = os.dup(root) if isinstance(root, int) else os.open(root, ROOT_FLAGS)
+    here = Path(f"<fd {root}>") if isinstance(root, int) else root
     try:
         for part in parts:
             _check_part(part)
+            here = here / part
             try:
-                child = os.open(part, DIR_FLAGS, dir_fd=fd)
+                child = _open_child(fd, part, here)
             except FileNotFoundError:
                 if not create:
                     raise
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(part, mode, dir_fd=fd)
                     fsync_fd(fd)
-                child = os.open(part, DIR_FLAGS, dir_fd=fd)
+                child = _open_child(fd, part, here)
             os.close(fd)
             fd = child
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def _open_child(dfd: int, name: str, shown: Path) -> int:
+    """Open folder ``name`` in an open folder, never through a link (UnsafeFolder says why)."""
+    try:
+        return os.open(name, DIR_FLAGS, dir_fd=dfd)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        st = lstat_at(dfd, name)
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            raise UnsafeFolder(
+                errno.ELOOP, f"{shown} is a symlink (links in a watched tree are never followed)"
+            ) from None
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            raise UnsafeFolder(errno.ENOTDIR, f"{shown} is not a folder") from None
+        raise exc from None
+
+
+def lstat_at(dfd: int, name: str) -> os.stat_result | None:
+    """``lstat`` of ``name`` in a folder; None if there is no such name."""
+    try:
+        return os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def read_at(dfd: int, name: str, limit: int = 1 << 20) -> bytes:
+    """Up to ``limit`` bytes of a regular file in a folder; never a link, FIFO or device."""
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", name)
+        chunks: list[bytes] = []
+        left = limit
+        while left > 0 and (chunk := os.read(fd, min(1 << 16, left))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def scan_dir(dfd: int) -> Iterator[os.DirEntry[str]]:
+    """The entries of an open folder (``scandir`` on the handle)."""
+    with os.scandir(dfd) as entries:
+        yield from entries
 
 
 @contextmanager

@@ -1,4 +1,4 @@
-"""sfwatch.nofollow: folders opened and files moved below a root, never through a link."""
+"""sfwatch.safefs and the *_at steps of fsutil: below a root, never through a link."""
 
 from __future__ import annotations
 
@@ -9,50 +9,51 @@ from pathlib import Path
 
 import pytest
 
-from sfwatch import nofollow
+from sfwatch import safefs
+from sfwatch.fsutil import move_no_replace_at
 
 
 @contextmanager
 def opened(root: Path, *parts: str, create: bool = False) -> Iterator[int]:
-    """``nofollow.open_dir`` as a context manager that closes the descriptor."""
-    fd = nofollow.open_dir(root, parts, create=create)
+    """``safefs.open_below`` as a context manager that closes the descriptor."""
+    fd = safefs.open_below(root, parts, create=create)
     try:
         yield fd
     finally:
         os.close(fd)
 
 
-def test_open_dir_walks_real_folders_and_creates_missing_ones(tmp_path: Path) -> None:
+def test_open_below_walks_real_folders_and_creates_missing_ones(tmp_path: Path) -> None:
     """Real folders open; with create, missing ones are made (and then open)."""
     (tmp_path / "a" / "b").mkdir(parents=True)
     with opened(tmp_path, "a", "b") as fd:
         assert os.path.samestat(os.fstat(fd), (tmp_path / "a" / "b").stat())
     with pytest.raises(FileNotFoundError):
-        nofollow.open_dir(tmp_path, ("a", "new"))
+        safefs.open_below(tmp_path, ("a", "new"))
     with opened(tmp_path, "a", "new", "deeper", create=True) as fd:
         assert os.path.samestat(os.fstat(fd), (tmp_path / "a" / "new" / "deeper").stat())
 
 
 @pytest.mark.parametrize("create", [False, True])
-def test_open_dir_refuses_a_link_or_a_file_on_the_way(tmp_path: Path, create: bool) -> None:
-    """A symlinked folder (even to a real folder) or a file on the way is UnsafePath."""
+def test_open_below_refuses_a_link_or_a_file_on_the_way(tmp_path: Path, create: bool) -> None:
+    """A symlinked folder (even to a real folder) or a file on the way is UnsafeFolder."""
     elsewhere = tmp_path / "elsewhere"
     (elsewhere / "inner").mkdir(parents=True)
     root = tmp_path / "root"
     root.mkdir()
     (root / "link").symlink_to(elsewhere)
     (root / "file").write_text("x")
-    with pytest.raises(nofollow.UnsafePath, match="link is a symlink"):
-        nofollow.open_dir(root, ("link", "inner"), create=create)
-    with pytest.raises(nofollow.UnsafePath, match="file is not a folder"):
-        nofollow.open_dir(root, ("file",), create=create)
+    with pytest.raises(safefs.UnsafeFolder, match="link is a symlink"):
+        safefs.open_below(root, ("link", "inner"), create=create)
+    with pytest.raises(safefs.UnsafeFolder, match="file is not a folder"):
+        safefs.open_below(root, ("file",), create=create)
     for bad in ("..", ".", "", "a/b"):
-        with pytest.raises(nofollow.UnsafePath):
-            nofollow.open_dir(root, (bad,), create=create)
+        with pytest.raises(safefs.UnsafeFolder):
+            safefs.open_below(root, (bad,), create=create)
     assert sorted(p.name for p in elsewhere.iterdir()) == ["inner"], "nothing made through it"
 
 
-def test_move_at_never_replaces_and_moves_only_regular_files(tmp_path: Path) -> None:
+def test_move_no_replace_at_never_replaces_and_moves_only_regular_files(tmp_path: Path) -> None:
     """A taken name is FileExistsError (both files kept); a link is never moved."""
     (tmp_path / "src").mkdir()
     (tmp_path / "dst").mkdir()
@@ -61,17 +62,19 @@ def test_move_at_never_replaces_and_moves_only_regular_files(tmp_path: Path) -> 
     (tmp_path / "src" / "link").symlink_to(tmp_path / "src" / "a")
     with opened(tmp_path, "src") as src, opened(tmp_path, "dst") as dst:
         with pytest.raises(FileExistsError):
-            nofollow.move_at(src, "a", dst, "a")
+            move_no_replace_at(src, "a", dst, "a")
         with pytest.raises(OSError, match="not a regular file"):
-            nofollow.move_at(src, "link", dst, "b")
-        nofollow.move_at(src, "a", dst, "a (1)")
+            move_no_replace_at(src, "link", dst, "b")
+        move_no_replace_at(src, "a", dst, "a (1)")
     assert (tmp_path / "dst" / "a").read_bytes() == b"old"
     assert (tmp_path / "dst" / "a (1)").read_bytes() == b"new"
     assert sorted(p.name for p in (tmp_path / "src").iterdir()) == ["link"]
     assert not (tmp_path / "dst" / "b").exists()
 
 
-def test_move_at_across_file_systems_copies_and_verifies(tmp_path: Path, shm_dir: Path) -> None:
+def test_move_no_replace_at_across_file_systems_copies_and_verifies(
+    tmp_path: Path, shm_dir: Path
+) -> None:
     """Across file systems: a verified copy with the mode and mtime; no temp file left."""
     source = tmp_path / "a.mp3"
     source.write_bytes(os.urandom(200_000))
@@ -79,7 +82,7 @@ def test_move_at_across_file_systems_copies_and_verifies(tmp_path: Path, shm_dir
     os.utime(source, ns=(1_000_000_000, 2_000_000_000))
     data = source.read_bytes()
     with opened(tmp_path) as src, opened(shm_dir) as dst:
-        nofollow.move_at(src, "a.mp3", dst, "b.mp3")
+        move_no_replace_at(src, "a.mp3", dst, "b.mp3")
     moved = shm_dir / "b.mp3"
     assert moved.read_bytes() == data
     assert moved.stat().st_mode & 0o777 == 0o640
@@ -94,9 +97,9 @@ def test_read_at_reads_regular_files_only(tmp_path: Path) -> None:
     (tmp_path / "link").symlink_to(tmp_path / "f")
     os.mkfifo(tmp_path / "fifo")
     with opened(tmp_path) as fd:
-        assert nofollow.read_at(fd, "f") == b"data"
-        assert nofollow.read_at(fd, "f", limit=2) == b"da"
+        assert safefs.read_at(fd, "f") == b"data"
+        assert safefs.read_at(fd, "f", limit=2) == b"da"
         with pytest.raises(OSError):  # ELOOP
-            nofollow.read_at(fd, "link")
+            safefs.read_at(fd, "link")
         with pytest.raises(OSError, match="not a regular file"):
-            nofollow.read_at(fd, "fifo")
+            safefs.read_at(fd, "fifo")
