@@ -358,14 +358,14 @@ def test_a_crashing_probe_is_cleared_and_retried(
     crashes = [RecursionError("maximum recursion depth exceeded"), MemoryError()]
 
     with capture_logs() as logs, running_daemon(config, **FAST) as daemon:
-        real = daemon.daemon.transcriber.check_account
+        real = daemon.daemon.probe.check
 
         def check_account() -> dict[str, object]:
             if crashes:
                 raise crashes.pop(0)
             return real()
 
-        monkeypatch.setattr(daemon.daemon.transcriber, "check_account", check_account)
+        monkeypatch.setattr(daemon.daemon.probe, "check", check_account)
         (daemon.inbox / "a.wav").write_bytes(wav_bytes(1000))
         wait_until((daemon.inbox / "done" / "a.wav").exists, 30, "a.wav done after two crashes")
         assert daemon.daemon.healthy()
