@@ -133,6 +133,7 @@ def test_retry_into_a_squatted_subfolder_fails_at_once(tmp_path: Path, fake_api:
     (setup.inbox / "sub").write_text("not a folder")
     started = time.monotonic()
     status, out, err = setup.retry("--all")
+    assert out == ["nothing retried"]
     assert time.monotonic() - started < 30
     assert status == 0, "skipped with its reason, like any file it may not move"
     assert "sub is not a folder" in err
