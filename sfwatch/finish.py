@@ -43,7 +43,7 @@ from sfwatch.fsutil import (
     write_new_at,
 )
 from sfwatch.job import Job, Plan
-from sfwatch.safefs import anchored, folder, fsync_fd, work_area
+from sfwatch.safefs import anchored, folder, fsync_fd, read_at, work_area
 
 #: a longer "suffix" is part of the stem, so that derived names can be cut to fit
 MAX_SUFFIX_BYTES = 32
@@ -314,16 +314,9 @@ def _holds(data: bytes) -> Callable[[int, str], bool]:
 
     def check(dfd: int, name: str) -> bool:
         try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            return read_at(dfd, name, len(data) + 1) == data
         except OSError:
             return False
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_size != len(data):
-                return False
-            return os.pread(fd, len(data) + 1, 0) == data
-        finally:
-            os.close(fd)
 
     return check
 
@@ -333,17 +326,9 @@ def _ours(job_id: str) -> Callable[[int, str], bool]:
 
     def check(dfd: int, name: str) -> bool:
         try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-        except OSError:
-            return False
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return False
-            return bool(json.loads(os.pread(fd, 1 << 20, 0)).get("job_id") == job_id)
+            return bool(json.loads(read_at(dfd, name)).get("job_id") == job_id)
         except (OSError, ValueError, AttributeError):
             return False
-        finally:
-            os.close(fd)
 
     return check
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -401,8 +402,9 @@ def test_done_under_a_squatted_folder_is_an_error_not_a_new_plan(
         put(watch.path / squat, b"not a folder")
     job = claimed(watch, "sub/a.mp3")
     plans: list[Plan] = []
-    with pytest.raises(NotADirectoryError):
+    with pytest.raises(OSError) as raised:
         finish_done(job, TEXT, watch, record=plans.append)
+    assert raised.value.errno in (errno.ENOTDIR, errno.ELOOP)
     assert len(plans) == 1, "a squatted folder is not a taken name: no new plans"
     assert job.path.read_bytes() == AUDIO, "the original waits in the work area"
     assert (watch.path / "sub/a.txt").read_bytes() == (TEXT + "\n").encode()
