@@ -1,6 +1,6 @@
 """Kill-point and I/O-error sweep: a SIGKILL or an EIO at any syscall of a job converges.
 
-DESIGN.md promises 1, 4 and 8, proven on the real daemon: ``sfwatch run`` in a
+docs/design.md promises P1, P4 and P8, proven on the real daemon: ``sfwatch run`` in a
 subprocess, the fake API on 127.0.0.1, tiny real WAVs, ``api.concurrency: 1``.
 strace injects the fault into one syscall of the job; one judge (`judge`) then
 checks the end state of every case.
@@ -442,7 +442,11 @@ def judge(case: Case, uploads: list[Upload], *, status: bool = True) -> Verdict:
     by_digest: dict[str, list[Path]] = {}
     for path in files:
         if not path.is_symlink():
-            by_digest.setdefault(sha(path.read_bytes()), []).append(path)
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                continue  # removed by the running daemon while we looked (the error sweep)
+            by_digest.setdefault(sha(data), []).append(path)
     accounted: set[Path] = set()
     placed: dict[Path, Original] = {}
     for original in case.originals:
