@@ -67,7 +67,7 @@ def _retries_without_spinning(logs: Logs) -> Logs:
     failures = _events(logs, "sfwatch.finish_failed")
     assert [e["failures"] for e in failures] == list(range(1, len(failures) + 1)), "backoff"
     assert [e["log_level"] for e in failures].count("error") == 1, "one error line per problem"
-    assert "Not a directory" in failures[0]["error"]
+    assert "is not a folder" in failures[0]["error"]
     return failures
 
 
