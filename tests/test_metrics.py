@@ -350,7 +350,7 @@ def test_slow_clients_do_not_stall_it(
         wait_until((daemon.inbox / "done" / "a.wav").exists, 10, "work goes on")
         assert daemon.daemon.healthy()
         for sock in [*idle, trickler]:
-            assert sock.recv(100) == b"", "closed without an answer"
+            assert cut(sock), "closed without an answer"
         cut_after = time.monotonic() - started
         assert cut_after < 6.0, cut_after  # each batch of WORKERS is cut after 1 s
         stop.set()
@@ -358,6 +358,14 @@ def test_slow_clients_do_not_stall_it(
         assert probe(port, "/healthz") == (200, {"status": "ok"})
         for sock in [*idle, trickler]:
             sock.close()
+
+
+def cut(sock: socket.socket) -> bool:
+    """The listener closed ``sock`` without answering (a RST if our bytes were left unread)."""
+    try:
+        return sock.recv(100) == b""
+    except ConnectionResetError:
+        return True
 
 
 def test_non_loopback_listen_warns(tmp_path: Path, fake_api: FakeAPI) -> None:
