@@ -133,6 +133,14 @@ class WatchConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """The optional HTTP listener for ``/metrics``, ``/healthz`` and ``/readyz``."""
+
+    #: (IP address, port) to listen on; None: no listener (the default)
+    listen: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated config file."""
 
@@ -142,6 +150,7 @@ class Config:
     watch: tuple[WatchConfig, ...]
     source: Path | None = None
     prepare: PrepareConfig = PrepareConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
 
 # The YAML keys are the dataclasses' field names, so a new field is a new key.
@@ -159,6 +168,7 @@ def default_config_dict() -> dict[str, Any]:
         "state_dir": None,
         "log": asdict(LogConfig()),
         "prepare": asdict(PrepareConfig()),
+        "metrics": asdict(MetricsConfig()),
         "watch": [watch],
     }
 
@@ -374,7 +384,7 @@ def parse_config(
         raise ConfigError("", "config file is empty")
     if not isinstance(data, dict):
         raise ConfigError("", f"the config must be a mapping of keys to values, got {_show(data)}")
-    top = _Section(data, "", ("api", "state_dir", "log", "prepare", "watch"))
+    top = _Section(data, "", ("api", "state_dir", "log", "prepare", "metrics", "watch"))
     api = _parse_api(top.data.get("api"), base_dir)
     state_dir = top.optional_path("state_dir", base_dir)
     explicit_state = state_dir is not None
@@ -389,6 +399,7 @@ def parse_config(
         watch=watches,
         source=source,
         prepare=_parse_prepare(top.data.get("prepare")),
+        metrics=_parse_metrics(top.data.get("metrics")),
     )
 
 
@@ -404,7 +415,19 @@ def config_warnings(config: Config) -> list[str]:
             f"api.base_url: plain http:// to {parts.hostname}, which is not this machine: "
             "the API key and every recording cross the network unencrypted; use https://"
         )
+    if config.metrics.listen is not None and not _is_loopback(config.metrics.listen[0]):
+        shown = listen_address(*config.metrics.listen)
+        warnings.append(
+            f"metrics.listen: {shown} is not a loopback address: anyone who can reach this "
+            "host on that port can read the metrics and health (counts and states, never "
+            "file names or the key); firewall it, or listen on 127.0.0.1"
+        )
     return warnings
+
+
+def listen_address(host: str, port: int) -> str:
+    """``host:port`` as written in the config (an IPv6 address in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _is_loopback(host: str) -> bool:
@@ -465,6 +488,54 @@ def _parse_api(data: object, base_dir: Path) -> ApiConfig:
 def _parse_prepare(data: object) -> PrepareConfig:
     prepare = _Section(data, "prepare", ("transcode",))
     return PrepareConfig(transcode=prepare.choice("transcode", "auto", TRANSCODE_MODES))
+
+
+def _parse_metrics(data: object) -> MetricsConfig:
+    metrics = _Section(data, "metrics", ("listen",))
+    value = metrics.data.get("listen")
+    if value is None:
+        return MetricsConfig()
+    return MetricsConfig(listen=parse_listen(value, metrics.key("listen")))
+
+
+_LISTEN_EXAMPLE = (
+    "HOST:PORT with HOST an IP address or localhost, e.g. 127.0.0.1:9790 or [::1]:9790"
+)
+
+
+def parse_listen(value: object, key: str) -> tuple[str, int]:
+    """``"127.0.0.1:9790"``, ``"[::1]:9790"`` or ``"localhost:9790"`` as (address, port).
+
+    The host must be an IP address (``localhost`` is 127.0.0.1): a name would
+    depend on DNS when the daemon starts. Port 0 takes any free port (the one
+    taken is logged).
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(key, f"must be {_LISTEN_EXAMPLE}; got {_show(value)}")
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise ConfigError(key, f"must be [IPv6]:PORT, e.g. [::1]:9790; got {text!r}")
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise ConfigError(key, f"must be {_LISTEN_EXAMPLE}; got {text!r}")
+        if ":" in host:
+            raise ConfigError(
+                key, f"an IPv6 address goes in brackets, e.g. [::1]:9790; got {text!r}"
+            )
+    if host.lower() == "localhost":
+        host = "127.0.0.1"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(
+            key, f"{host!r} is not an IP address; must be {_LISTEN_EXAMPLE}"
+        ) from None
+    if not port_text.isascii() or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(key, f"the port must be a number from 0 to 65535; got {port_text!r}")
+    return str(address), int(port_text)
 
 
 def _parse_log(data: object) -> LogConfig:

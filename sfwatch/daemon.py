@@ -25,6 +25,7 @@ is a cold stop (leave now; claimed files are resumed at the next start).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
@@ -33,17 +34,22 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from sfwatch import __version__
-from sfwatch.config import Config, Secret, load_config
+from sfwatch.config import Config, Secret, listen_address, load_config
+from sfwatch.endpoint import Endpoint, Response, json_response
 from sfwatch.errors import ConfigError
+from sfwatch.events import Events
 from sfwatch.folders import Folders
 from sfwatch.intake import Intake
 from sfwatch.ledger import Ledger
 from sfwatch.logs import get_logger
+from sfwatch.metrics import Metrics
 from sfwatch.notify import Notifier
 from sfwatch.pacing import Pacer
 from sfwatch.probe import AccountProbe
@@ -53,7 +59,7 @@ from sfwatch.recovery import DEFAULT_LEASE_SECONDS, LeaseKeeper
 from sfwatch.scheduler import Scheduler
 from sfwatch.slots import UploadSlots
 from sfwatch.transcribe import Transcriber
-from sfwatch.worker import Worker
+from sfwatch.worker import HOST_ERRORS, Worker
 
 #: how long a warm stop waits for uploads in flight
 DEFAULT_GRACE_SECONDS = 60.0
@@ -93,6 +99,27 @@ def lock_state_dir(state_dir: Path) -> int:
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     return fd
+
+
+@dataclass(frozen=True)
+class Health:
+    """The daemon's health, for systemd's watchdog and ``/healthz`` alike.
+
+    ``reason`` is None when healthy, else one of ``loop_frozen``, ``observer_down``,
+    ``scanner_down``, ``upload_stuck``, ``state_dir`` (readiness adds ``starting``,
+    ``scanning``, ``stopping``); ``detail`` says more, for a person.
+    """
+
+    reason: str | None = None
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """No problem."""
+        return self.reason is None
+
+
+HEALTHY = Health()
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -144,6 +171,8 @@ class Daemon:
         self.leases = LeaseKeeper(
             self.instance, self.folders, lease_seconds=lease_seconds or DEFAULT_LEASE_SECONDS
         )
+        #: what the pipeline tells besides the log (the metrics listen here)
+        self.events = Events()
         self.worker = Worker(
             config,
             self.transcriber,
@@ -151,8 +180,9 @@ class Daemon:
             self.instance,
             fence=self.leases.fence,
             folders=self.folders,
+            events=self.events,
         )
-        self.scheduler = Scheduler(config, self.pacer, self.ledger, self.worker)
+        self.scheduler = Scheduler(config, self.pacer, self.ledger, self.worker, events=self.events)
         self.ready = ReadyQueue(
             self.folders, self.scheduler, self.ledger, self.instance, self.notes
         )
@@ -170,12 +200,28 @@ class Daemon:
         self.notifier = Notifier()
         self.reload_requested = False
         self.signals: list[str] = []  # received, not yet logged
+        #: start-up is over (observers, reconcile, READY sent): the loop runs
+        self.started = False
+        #: the health the loop last found (the watchdog's; /healthz reads it)
+        self.last_health = HEALTHY
+        #: why the last ledger write of the status failed (the state dir's disk), if it did
+        self.state_error: str | None = None
+        stat = self.ledger.path.stat()
+        self._ledger_id = (stat.st_dev, stat.st_ino)
+        #: the status last published (the metrics' gauges read it, from another thread)
+        self.published: dict[str, Any] = self.status()
+        self.metrics: Metrics | None = None
+        self.endpoint: Endpoint | None = None
+        if config.metrics.listen is not None:
+            self.metrics = Metrics(lambda: self.published)
+            self.events.subscribe(self.metrics.on_event)
 
     # -- the loop ------------------------------------------------------------------
 
     def run(self) -> int:
         """Run until stopped (or, in burst mode, until there is nothing left to do)."""
         self._install_signals()
+        self._start_endpoint()
         self.intake.start()
         self.leases.beat()
         self.reconciler.startup()
@@ -188,6 +234,8 @@ class Daemon:
             pid=os.getpid(),
         )
         self.notifier.ready(self.status_line())
+        self.last_tick = time.monotonic()
+        self.started = True
         stop_deadline: float | None = None
         while True:
             try:
@@ -240,7 +288,8 @@ class Daemon:
             self.intake.check_watchers()
         if time.monotonic() - self._published >= PUBLISH_EVERY:
             self._publish()
-        self.notifier.watchdog(self.healthy())
+        self.last_health = self.health()
+        self.notifier.watchdog(self.last_health.ok)
 
     def _idle(self) -> bool:
         return (
@@ -277,6 +326,7 @@ class Daemon:
             "in_flight": len(self.slots),
             "limit": pace.limit,
             "paused": pace.paused,
+            "paused_reason": pace.reason,
             "paused_for": round(max(0.0, pace.paused_until - time.monotonic()), 1)
             if pace.paused_until
             else None,
@@ -289,23 +339,119 @@ class Daemon:
         return format_status(self.status())
 
     def healthy(self) -> bool:
-        """Observers alive, the loop ticking, no upload stuck past its timeout."""
+        """``health()`` is fine."""
+        return self.health().ok
+
+    def health(self) -> Health:
+        """The first problem found, or ``HEALTHY``: what systemd's watchdog and /healthz use.
+
+        The loop ticked within ``FROZEN_AFTER``; every observer and the scanner run
+        (not checked during a stop); no upload runs past its timeouts; the state dir
+        holds our ledger, is writable, and took the last status written to it.
+        """
         now = time.monotonic()
         if now - self.last_tick > FROZEN_AFTER:
-            return False
-        if self.stop_level == 0 and not self.intake.healthy():
-            return False
-        return self.slots.healthy(now)
+            return Health(
+                "loop_frozen", f"the work loop has not run for {now - self.last_tick:.0f} s"
+            )
+        if self.stop_level == 0 and (problem := self.intake.problem()) is not None:
+            return Health(*problem)
+        if (stuck := self.slots.stuck(now)) is not None:
+            return Health(
+                "upload_stuck",
+                f"an attempt has run for {stuck:.0f} s (limit {self.slots.stuck_after:.0f} s)",
+            )
+        if (problem_text := self._state_dir_problem()) is not None:
+            return Health("state_dir", problem_text)
+        return HEALTHY
+
+    def _state_dir_problem(self) -> str | None:
+        try:
+            stat = self.ledger.path.stat()
+        except OSError as exc:
+            return f"the ledger is gone from state_dir ({exc.strerror})"
+        if (stat.st_dev, stat.st_ino) != self._ledger_id:
+            return "the ledger in state_dir is not the one this daemon has open"
+        if not os.access(self.config.state_dir, os.W_OK | os.X_OK):
+            return "state_dir is not writable"
+        if self.state_error is not None:
+            return f"the last write to the ledger failed: {self.state_error}"
+        return None
+
+    def current_health(self) -> Health:
+        """The health for another thread (/healthz): the loop's last finding, unless it froze.
+
+        A frozen loop cannot say so itself; start-up (before the loop runs) is not frozen.
+        """
+        since = time.monotonic() - self.last_tick
+        if self.started and since > FROZEN_AFTER:
+            return Health("loop_frozen", f"the work loop has not run for {since:.0f} s")
+        return self.last_health
+
+    def readiness(self) -> Health:
+        """Ready: start-up over, the start-up scan done, not stopping, and healthy."""
+        if not self.started:
+            return Health("starting", "observers and start-up recovery are not done yet")
+        if not self.intake.scan_done.is_set():
+            return Health("scanning", "the start-up scan of the watched folders is running")
+        if self.stop_level:
+            return Health("stopping", "the daemon is stopping")
+        return self.current_health()
 
     def _publish(self) -> None:
         now = self._published = time.monotonic()
         self.leases.beat()
         status = self.status()
+        self.published = status
         # The ledger write is fsynced: an idle daemon makes one a minute, not one per tick.
         if status != self._last_state or now - self._state_written >= STATE_REFRESH:
-            self.ledger.publish_state(self.instance, os.getpid(), status)
+            try:
+                self.ledger.publish_state(self.instance, os.getpid(), status)
+            except HOST_ERRORS as exc:
+                self.state_error = getattr(exc, "strerror", None) or str(exc)
+                raise
+            self.state_error = None
             self._last_state, self._state_written = status, now
         self.notifier.status(self.status_line())
+
+    # -- the metrics and health listener --------------------------------------------
+
+    def _start_endpoint(self) -> None:
+        """Listen on ``metrics.listen`` if set; a failure is logged, and work goes on."""
+        listen = self.config.metrics.listen
+        if self.metrics is None or listen is None:
+            return
+        metrics = self.metrics
+        endpoint = Endpoint(
+            *listen,
+            {
+                "/metrics": lambda headers: Response(200, *metrics.render(headers.get("accept"))),
+                "/healthz": lambda _headers: _probe(self.current_health(), "ok"),
+                "/readyz": lambda _headers: _probe(self.readiness(), "ready"),
+            },
+        )
+        try:
+            endpoint.start()
+        except OSError as exc:
+            endpoint.close()
+            hint = (
+                " (under systemd, allow the port: SocketBindAllow=tcp:PORT)"
+                if exc.errno in (errno.EPERM, errno.EACCES)
+                else ""
+            )
+            self.log.error(
+                "sfwatch.metrics_failed",
+                listen=listen_address(*listen),
+                error=f"{exc.strerror or exc}{hint}",
+                note="running without the metrics listener",
+            )
+            return
+        self.endpoint = endpoint
+        self.log.info(
+            "sfwatch.metrics_started",
+            listen=listen_address(endpoint.host, endpoint.port),
+            paths=["/metrics", "/healthz", "/readyz"],
+        )
 
     # -- reload --------------------------------------------------------------------
 
@@ -321,7 +467,7 @@ class Daemon:
             return
         needs_restart = [
             name
-            for name in ("api", "state_dir", "log", "prepare")
+            for name in ("api", "state_dir", "log", "prepare", "metrics")
             if getattr(new, name) != getattr(self.config, name)
         ]
         if needs_restart:
@@ -365,10 +511,24 @@ class Daemon:
         self._publish()
         self.slots.shutdown(wait=not self.abandoned)
         self.probe.shutdown()
+        if self.endpoint is not None:
+            self.endpoint.close()
         if not self.abandoned:
             self.transcriber.close()
             self.ledger.close()
         os.close(self._lock_fd)  # (a cold stop exits the process, which releases it too)
 
 
-__all__ = ["Daemon", "instance_name"]
+def _probe(health: Health, good: str) -> Response:
+    """/healthz and /readyz: 200 ``{"status": good}``, or 503 with the reason."""
+    if health.ok:
+        return json_response(200, {"status": good})
+    payload: Mapping[str, Any] = {
+        "status": "unhealthy" if good == "ok" else "not_ready",
+        "reason": health.reason,
+        "detail": health.detail,
+    }
+    return json_response(503, payload)
+
+
+__all__ = ["HEALTHY", "Daemon", "Health", "instance_name"]

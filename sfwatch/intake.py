@@ -94,9 +94,25 @@ class Intake:
 
     def healthy(self) -> bool:
         """Every observer and the scanner running."""
-        if self.broken or not all(w.alive() for w in self.watchers.values()):
-            return False
-        return self.scanner is None or self.scanner.is_alive()
+        return self.problem() is None
+
+    def problem(self) -> tuple[str, str] | None:
+        """Why intake is not healthy, as (reason, detail), or None.
+
+        ``observer_down``: an observer could not be restarted, or died and is not
+        restarted yet; ``scanner_down``: the scanner thread ended. The detail names
+        the watch by its key (``watch[0]``), not its path.
+        """
+        keys = {w.path: f"watch[{i}]" for i, w in enumerate(self.folders.watched())}
+        if broken := list(self.broken):
+            key = keys.get(broken[0], "a removed watch")
+            return "observer_down", f"{key}: its observer could not be restarted (retrying)"
+        for path, watcher in list(self.watchers.items()):
+            if not watcher.alive():
+                return "observer_down", f"{keys.get(path, 'a removed watch')}: its observer died"
+        if self.scanner is not None and not self.scanner.is_alive():
+            return "scanner_down", "the scanner thread has ended"
+        return None
 
     def apply(self, change: FolderChange) -> list[WatchConfig]:
         """A reload (``Folders.replace``): stop removed folders' observers, (re)start the rest.

@@ -35,6 +35,9 @@ class PaceState:
     limit: int
     paused: str | None  # why nothing may start, or None
     paused_until: float | None  # monotonic
+    #: ``paused`` as a short code: the account fault's reason (``unauthorized``, ...),
+    #: ``rate_limited``, ``retry_after`` (the service asked to wait) or ``outage``
+    reason: str | None = None
 
 
 class Pacer:
@@ -57,6 +60,7 @@ class Pacer:
         self._successes_since_cut = 0
         self._hold_until = 0.0
         self._hold_reason: str | None = None
+        self._hold_code: str | None = None
         self._rate_limited_in_a_row = 0
         self._failures_in_a_row = 0
         self._opens = 0
@@ -102,9 +106,9 @@ class Pacer:
         """A snapshot for status reports."""
         now = self.clock()
         if self.account_fault is not None:
-            return PaceState(self.limit, self.account_fault, self.probe_at)
+            return PaceState(self.limit, self.account_fault, self.probe_at, self.account_fault)
         if now < self._hold_until:
-            return PaceState(self.limit, self._hold_reason, self._hold_until)
+            return PaceState(self.limit, self._hold_reason, self._hold_until, self._hold_code)
         return PaceState(self.limit, None, None)
 
     # -- outcomes ------------------------------------------------------------------
@@ -138,14 +142,14 @@ class Pacer:
             if retry_after is not None
             else (full_jitter(self._rate_limited_in_a_row, cap=60.0) + 1.0) * self.base
         )
-        self._hold(wait, "rate limited (429)")
+        self._hold(wait, "rate limited (429)", "rate_limited")
         return wait
 
     def failed(self, reason: str, retry_after: float | None = None) -> None:
         """A service-side failure (timeout, connection, 5xx)."""
         self._failures_in_a_row += 1
         if retry_after is not None:
-            self._hold(retry_after, f"service asked to wait ({reason})")
+            self._hold(retry_after, f"service asked to wait ({reason})", "retry_after")
         if self._failures_in_a_row >= OPEN_AFTER or self._half_open:
             self._opens += 1
             self._half_open = True
@@ -154,7 +158,7 @@ class Pacer:
                 min(MAX_PAUSE / 2, self.base * 2.0 ** min(self._opens, 10) / 2)
                 + full_jitter(self._opens, base=self.base, cap=MAX_PAUSE / 2),
             )
-            self._hold(wait, f"service unavailable ({reason})")
+            self._hold(wait, f"service unavailable ({reason})", "outage")
 
     def account_failed(self, reason: str) -> float:
         """401/402/403/404: pause every upload until a probe succeeds; return the wait."""
@@ -173,7 +177,7 @@ class Pacer:
         while self._starts and self._starts[0] <= cutoff:
             self._starts.popleft()
 
-    def _hold(self, seconds: float, reason: str) -> None:
+    def _hold(self, seconds: float, reason: str, code: str) -> None:
         until = self.clock() + seconds
         if until > self._hold_until:
-            self._hold_until, self._hold_reason = until, reason
+            self._hold_until, self._hold_reason, self._hold_code = until, reason, code

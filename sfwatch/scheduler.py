@@ -27,6 +27,7 @@ from typing import Any, assert_never
 from sfwatch.claim import adopted_by
 from sfwatch.config import Config, WatchConfig
 from sfwatch.errors import TranscribeError
+from sfwatch.events import Events
 from sfwatch.job import Job, Verdict
 from sfwatch.ledger import JobStatus, Ledger, boot_id
 from sfwatch.lifecycle import (
@@ -81,8 +82,12 @@ class Scheduler:
         ledger: Ledger,
         worker: Worker,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        events: Events | None = None,
     ) -> None:
         self.config = config
+        #: where ``job_finished`` (and a lost job) is told, besides the log
+        self.events = events or Events()
         self.clock = clock
         self.pacer = pacer
         self.ledger = ledger
@@ -312,12 +317,14 @@ class Scheduler:
             )
             self.ledger.lost(job.job_id, f"adopted by {sibling}", JobStatus.ADOPTED)
             self.counts["adopted"] += 1
+            self.events.emit("sfwatch.job_adopted", {"job_id": job.job_id, "by": sibling})
             return
         self.log.error(
             "sfwatch.job_vanished", job_id=job.job_id, file=str(job.source), work_path=str(job.path)
         )
         self.ledger.lost(job.job_id, "the claimed file disappeared from the work area")
         self.counts["vanished"] += 1
+        self.events.emit("sfwatch.job_vanished", {"job_id": job.job_id})
 
     def _context(self, job: Job, outcome: Outcome) -> Context:
         return Context(
@@ -387,6 +394,7 @@ class Scheduler:
             fields["reason"] = reason
         level = "warning" if outcome.kind == "failed" else "info"
         getattr(self.log, level)("sfwatch.job_finished", **fields)
+        self.events.emit("sfwatch.job_finished", fields)
 
 
 def _upload_error(outcome: Outcome) -> TranscribeError:

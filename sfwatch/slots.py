@@ -88,9 +88,10 @@ class UploadSlots:
                 outcome = Outcome(OutcomeKind.CRASH, job, exc)
             yield outcome
 
-    def healthy(self, now: float) -> bool:
-        """No attempt has been running past its timeouts (a stuck worker thread)."""
-        return all(now - started < self.stuck_after for started in self.started_at.values())
+    def stuck(self, now: float) -> float | None:
+        """How long the oldest attempt has run, if past its timeouts (a stuck worker thread)."""
+        oldest = min(self.started_at.values(), default=now)
+        return now - oldest if now - oldest >= self.stuck_after else None
 
     def shutdown(self, *, wait: bool) -> None:
         """Cancel what has not started; wait for the rest unless we are abandoning them."""

@@ -113,6 +113,13 @@ class Transcript:
     bytes_sent: int
 
 
+def status_class(http_status: int | None) -> str:
+    """``2xx``, ``3xx``, ``4xx`` or ``5xx`` for an answer; ``error`` for none (or nonsense)."""
+    if http_status is None or not 100 <= http_status <= 599:
+        return "error"
+    return f"{http_status // 100}xx"
+
+
 def audio_mime(name: str) -> str:
     """The MIME type to send for a file called ``name``."""
     suffix = Path(name).suffix.lower()

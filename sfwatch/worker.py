@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 from sfwatch.claim import reading, release, write_sidecar
 from sfwatch.config import Config, WatchConfig
 from sfwatch.errors import Fenced, PrepareError, TranscribeError
+from sfwatch.events import Events
 from sfwatch.finish import Placed, finish_done, finish_failed
 from sfwatch.folders import Folders
 from sfwatch.fsutil import same_content
@@ -33,9 +35,9 @@ from sfwatch.job import Job, Plan, Verdict
 from sfwatch.ledger import Ledger
 from sfwatch.lifecycle import OutcomeKind
 from sfwatch.logs import get_logger
-from sfwatch.prepare import Prepared, clean_scratch, identify, prepare, scratch_folder
+from sfwatch.prepare import Part, Prepared, clean_scratch, identify, prepare, scratch_folder
 from sfwatch.settle import signature_of
-from sfwatch.transcribe import Transcriber
+from sfwatch.transcribe import Transcriber, Transcript, status_class
 
 #: host errors that make a step wait and try again (never the file's fault)
 HOST_ERRORS = (OSError, sqlite3.Error)
@@ -96,8 +98,11 @@ class Worker:
         fence: Callable[[Job], None] = _no_fence,
         *,
         folders: Folders | None = None,
+        events: Events | None = None,
     ) -> None:
         self.config = config
+        #: where each HTTP attempt (``upload_finished``) is told, besides the log
+        self.events = events or Events()
         self.instance = instance
         self.transcriber = transcriber
         self.ledger = ledger
@@ -240,7 +245,7 @@ class Worker:
         trace_id: str | None = None
         try:
             for part in prepared.parts[len(texts) :]:
-                result = self.transcriber.transcribe(part.path, part.upload_name, model)
+                result = self._send(job, part, model, len(texts) + 1)
                 trace_id = result.trace_id
                 job = job.evolve(trace_ids=(*job.trace_ids, result.trace_id or ""))
                 texts.append(result.text)
@@ -263,6 +268,40 @@ class Worker:
         with contextlib.suppress(OSError):  # only a sibling's convenience
             write_sidecar(job)
         return None
+
+    def _send(self, job: Job, part: Part, model: str, number: int) -> Transcript:
+        """One HTTP attempt for one part; tell how it went (``sfwatch.upload_finished``)."""
+        started = time.monotonic()
+        try:
+            result = self.transcriber.transcribe(part.path, part.upload_name, model)
+        except TranscribeError as exc:
+            sent = 0
+            if exc.http_status is not None:  # answered: the request went out whole
+                with contextlib.suppress(OSError):
+                    sent = part.path.stat().st_size
+            answer = {"http_status": exc.http_status, "bytes_sent": sent, "reason": exc.reason}
+            self._sent(job, number, started, exc.trace_id, answer)
+            raise
+        answer = {"http_status": result.http_status, "bytes_sent": result.bytes_sent}
+        self._sent(job, number, started, result.trace_id, answer)
+        return result
+
+    def _sent(
+        self, job: Job, part: int, started: float, trace_id: str | None, answer: dict[str, Any]
+    ) -> None:
+        """Log and tell one attempt (``answer``: http_status, bytes_sent, reason if it failed)."""
+        fields: dict[str, Any] = {
+            "job_id": job.job_id,
+            "file": str(job.source),
+            "attempt": job.attempts + 1,
+            "part": part,
+            "status_class": status_class(answer["http_status"]),
+            "seconds": round(time.monotonic() - started, 3),
+            "trace_id": trace_id,
+            **answer,
+        }
+        self.log.debug("sfwatch.upload_finished", **fields)
+        self.events.emit("sfwatch.upload_finished", fields)
 
     def _finish(self, job: Job, watch: WatchConfig, progress: list[Job]) -> Placed:
         self.ledger.set_stage(job.job_id, "finish")
