@@ -313,7 +313,13 @@ def adopted_by(job: Job) -> str | None:
 def release(job: Job) -> None:
     """Remove a finished job's sidecar and (now empty) folders from the work area."""
     instance = job_dir(job).parent.name
-    with work_area(job.root).folder(["work", instance], create=False) as mine:
+    try:
+        mine = work_area(job.root).open(["work", instance], create=False)
+    except FileNotFoundError:
+        return  # nothing left to remove
+    try:
         with contextlib.suppress(FileNotFoundError), folder(mine, [job.job_id]) as jfd:
             os.unlink(SIDECAR, dir_fd=jfd)
         _remove_empty(mine, job.job_id)
+    finally:
+        os.close(mine)

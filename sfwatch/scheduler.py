@@ -24,12 +24,12 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any, assert_never
 
-from sfwatch.claim import adopted_by
+from sfwatch.claim import adopted_by, release
 from sfwatch.config import Config, WatchConfig
 from sfwatch.errors import TranscribeError
 from sfwatch.events import Events
 from sfwatch.job import Job, Verdict
-from sfwatch.ledger import JobStatus, Ledger, boot_id
+from sfwatch.ledger import TERMINAL, JobStatus, Ledger, boot_id
 from sfwatch.lifecycle import (
     CRASH_LIMIT,
     Context,
@@ -147,6 +147,10 @@ class Scheduler:
         now = self.clock()
         job = job.evolve(claimed_at=now, window_start=now)
         row = self.ledger.job(job.job_id)
+        if row is not None and row.status in TERMINAL:
+            # Its files are in place; only its folder in the work area was left behind.
+            self.guarded("release", job, lambda: release(job))
+            return
         if row is None:
             row = self.ledger.claimed(job, instance, watch_dirs(self.folders.for_root(job.root)))
             if job.text is not None:  # an adopted job whose text a sibling paid for
@@ -369,6 +373,8 @@ class Scheduler:
     def finished(self, outcome: Outcome, reason: str | None = None) -> None:
         """Count the job and write its one canonical log line."""
         job = outcome.job
+        if outcome.unreleased:
+            self.guarded("release", job, lambda: release(job))
         self.finish_problems.pop(job.job_id, None)
         self.counts[outcome.kind] += 1
         fields: dict[str, Any] = {

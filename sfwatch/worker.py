@@ -16,6 +16,7 @@ again after a backoff, never uploaded again.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sqlite3
 import time
@@ -53,6 +54,8 @@ class Outcome:
     placed: Placed | None = None
     bytes_sent: int = 0
     audio_seconds: float | None = None
+    #: the job is over but its folder in the work area could not be removed yet
+    unreleased: bool = False
 
 
 def error_fields(exc: BaseException) -> dict[str, Any]:
@@ -122,8 +125,11 @@ class Worker:
         if outcome.kind in ("done", "dedup", "failed", "vanished"):
             clean_scratch(job, self.instance)  # the parts are not needed any more
         if outcome.kind in ("done", "dedup", "failed"):
-            with contextlib.suppress(OSError):
+            try:
                 release(outcome.job)
+            except OSError:
+                # Not the file's business (it is in place): the scheduler tries again.
+                outcome = dataclasses.replace(outcome, unreleased=True)
         elif outcome.kind != "vanished":
             with contextlib.suppress(*HOST_ERRORS):
                 self.ledger.set_stage(job.job_id, None)
