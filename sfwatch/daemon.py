@@ -33,6 +33,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -43,8 +44,9 @@ from sfwatch.errors import ConfigError
 from sfwatch.folders import Folders
 from sfwatch.intake import Intake
 from sfwatch.ledger import Ledger
-from sfwatch.logs import get_logger
+from sfwatch.logs import Redactor, get_logger
 from sfwatch.notify import Notifier
+from sfwatch.outbox import Outbox
 from sfwatch.pacing import Pacer
 from sfwatch.probe import AccountProbe
 from sfwatch.ready import ReadyQueue
@@ -65,6 +67,8 @@ PUBLISH_EVERY = 2.0
 STATE_REFRESH = 30.0
 #: a loop that has not ticked for this long is frozen (it ticks every TICK seconds)
 FROZEN_AFTER = 30.0
+#: how long a stop waits for hooks and webhooks in flight (the rest run at the next start)
+OUTBOX_GRACE = 5.0
 
 
 def instance_name(state_dir: Path) -> str:
@@ -132,6 +136,15 @@ class Daemon:
         self.settler = self.intake.settler
         self.watchers = self.intake.watchers
         self.ledger = Ledger.in_state_dir(config.state_dir)
+        # Hooks, webhooks, notifications (docs/design.md §12). The key is given only
+        # to scrub it from what they send, which should never hold it anyway.
+        self.outbox = Outbox(
+            config,
+            self.ledger,
+            instance=self.instance,
+            backoff_base=backoff_base,
+            scrub=_scrubber(api_key),
+        )
         self.transcriber = Transcriber(
             config.api.base_url,
             api_key,
@@ -151,13 +164,21 @@ class Daemon:
             self.instance,
             fence=self.leases.fence,
             folders=self.folders,
+            events=self.outbox.routes.for_job,
         )
-        self.scheduler = Scheduler(config, self.pacer, self.ledger, self.worker)
+        self.scheduler = Scheduler(
+            config, self.pacer, self.ledger, self.worker, announce=self.outbox.account_event
+        )
         self.ready = ReadyQueue(
             self.folders, self.scheduler, self.ledger, self.instance, self.notes
         )
         self.slots = UploadSlots(self.worker, self.pacer, config.api, self.notes.wakeup)
-        self.probe = AccountProbe(self.pacer, self.transcriber.check_account, self.notes.wakeup)
+        self.probe = AccountProbe(
+            self.pacer,
+            self.transcriber.check_account,
+            self.notes.wakeup,
+            announce=self.outbox.account_event,
+        )
         self.reconciler = Reconciler(
             self.folders, self.ledger, self.scheduler, self.slots, self.instance
         )
@@ -179,6 +200,7 @@ class Daemon:
         self.intake.start()
         self.leases.beat()
         self.reconciler.startup()
+        self.outbox.start()  # after reconcile: the rows it finished are in the outbox too
         self.log.info(
             "sfwatch.daemon_started",
             version=__version__,
@@ -249,6 +271,7 @@ class Daemon:
             and not self.ready
             and not len(self.scheduler)
             and not self.probe.running
+            and self.outbox.idle()  # deliveries due now; retries wait for the next start
         )
 
     def _sleep_time(self) -> float:
@@ -321,7 +344,7 @@ class Daemon:
             return
         needs_restart = [
             name
-            for name in ("api", "state_dir", "log", "prepare")
+            for name in ("api", "state_dir", "log", "prepare", "hooks", "webhooks", "notify")
             if getattr(new, name) != getattr(self.config, name)
         ]
         if needs_restart:
@@ -365,10 +388,20 @@ class Daemon:
         self._publish()
         self.slots.shutdown(wait=not self.abandoned)
         self.probe.shutdown()
+        self.outbox.stop(0.0 if self.abandoned else OUTBOX_GRACE)
         if not self.abandoned:
             self.transcriber.close()
             self.ledger.close()
         os.close(self._lock_fd)  # (a cold stop exits the process, which releases it too)
+
+
+def _scrubber(api_key: Secret) -> Callable[[str], str]:
+    redact = Redactor([api_key.reveal()])
+
+    def scrub(text: str) -> str:
+        return str(redact.scrub(text))
+
+    return scrub
 
 
 __all__ = ["Daemon", "instance_name"]

@@ -81,8 +81,12 @@ class Scheduler:
         ledger: Ledger,
         worker: Worker,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        announce: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
         self.config = config
+        #: account events (``paused``) for the outbox (docs/design.md §12)
+        self.announce = announce
         self.clock = clock
         self.pacer = pacer
         self.ledger = ledger
@@ -251,8 +255,10 @@ class Scheduler:
             case Park(state):
                 exc = _upload_error(outcome)
                 if not paused:
-                    fields = _upload_fields(job, exc)
-                    self.log.error("sfwatch.uploads_paused", **fields, probe_in=round(hold, 1))
+                    fields = {**_upload_fields(job, exc), "probe_in": round(hold, 1)}
+                    self.log.error("sfwatch.uploads_paused", **fields)
+                    if self.announce is not None:
+                        self.announce("paused", fields)
                 self._record_wait(with_state(job, state), exc, 0.0)
             case Retry(delay, state) if kind is OutcomeKind.ERROR:
                 exc = _upload_error(outcome)
@@ -364,6 +370,10 @@ class Scheduler:
         job = outcome.job
         self.finish_problems.pop(job.job_id, None)
         self.counts[outcome.kind] += 1
+        level = "warning" if outcome.kind == "failed" else "info"
+        if outcome.fields is not None:  # the worker's: the same fields its events carry
+            getattr(self.log, level)("sfwatch.job_finished", **outcome.fields)
+            return
         fields: dict[str, Any] = {
             "job_id": job.job_id,
             "file": str(job.source),
@@ -385,7 +395,6 @@ class Scheduler:
                     fields[key] = value
         if reason is not None:
             fields["reason"] = reason
-        level = "warning" if outcome.kind == "failed" else "info"
         getattr(self.log, level)("sfwatch.job_finished", **fields)
 
 

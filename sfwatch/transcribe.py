@@ -566,6 +566,72 @@ class Transcriber:
         return {k: self._clean(v, 500) if isinstance(v, str) else v for k, v in found.items()}
 
 
+# -- webhooks (docs/design.md §12) ------------------------------------------------------
+#
+# Webhook POSTs live here, not in the outbox with the standard library, because this
+# module is where every HTTP request of sfwatch is bounded and audited: the same
+# whole-request cutoff (a receiver trickling headers is cut), answers read at most
+# WEBHOOK_ANSWER bytes, TLS verified as for the API. They never carry the key: the
+# poster has no Transcriber, and each request gets a client of its own with only
+# the headers given here (so nothing of the API's client, its Authorization above
+# all, can ride along).
+
+#: the most of a receiver's answer read: only its status matters, the rest is for a log line
+WEBHOOK_ANSWER = 4096
+
+
+@dataclass(frozen=True)
+class Posted:
+    """A receiver's answer to one webhook POST."""
+
+    status: int
+    retry_after: float | None
+    #: the start of its body, cleaned for a log line
+    message: str
+
+
+class WebhookPoster:
+    """POSTs JSON to webhook receivers; each call bounded as a whole by its timeout."""
+
+    def __init__(self) -> None:
+        # One TLS context for every request: building one reads the CA bundle.
+        self._tls = httpx.create_ssl_context()
+
+    def post(self, url: str, body: bytes, headers: dict[str, str], timeout: float) -> Posted:
+        """POST ``body`` to ``url`` once; ``TransientError`` when no answer came."""
+        cutoff = _Cutoff(timeout)
+        deadline = time.monotonic() + timeout
+        try:
+            with (
+                _translated(f"no answer within {timeout:g} s", cutoff),
+                httpx.Client(
+                    timeout=httpx.Timeout(timeout, connect=min(CONNECT_TIMEOUT, timeout)),
+                    limits=httpx.Limits(max_connections=1),
+                    verify=self._tls,
+                    follow_redirects=False,
+                ) as client,
+                client.stream(
+                    "POST",
+                    url,
+                    content=body,
+                    headers={"Accept-Encoding": "identity", **headers},
+                    extensions={"trace": cutoff.trace},
+                ) as response,
+            ):
+                try:
+                    answer, _ = _read_body(response, deadline, WEBHOOK_ANSWER)
+                finally:
+                    cutoff.disarm()
+        finally:
+            cutoff.disarm()
+        text = _CONTROLS.sub("\ufffd", answer.decode("utf-8", errors="replace")).strip()
+        return Posted(
+            status=response.status_code,
+            retry_after=parse_retry_after(dict(response.headers)),
+            message=text[:200],
+        )
+
+
 def _size(limit: int) -> str:
     return f"{limit // 1048576} MiB" if limit >= 1048576 else f"{limit // 1024} KiB"
 

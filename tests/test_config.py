@@ -75,6 +75,7 @@ def test_example_config_loads_with_every_default() -> None:
 def test_example_config_shows_every_key() -> None:
     """Every key the parser accepts appears in the example with its default value."""
     example = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
+    example["notify"]["on"] = example["notify"].pop(True)  # YAML 1.1 reads `on:` as true
     defaults = default_config_dict()
     assert example.pop("state_dir") == "./.state"
     defaults.pop("state_dir")
