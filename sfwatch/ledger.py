@@ -94,6 +94,8 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS outbox_once ON outbox (job_id, event, sink);
 CREATE INDEX IF NOT EXISTS outbox_queue ON outbox (status, sink, ordering, id);
+CREATE INDEX IF NOT EXISTS outbox_order ON outbox (status, id);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (status, next_attempt);
 CREATE TABLE IF NOT EXISTS daemon (
     instance TEXT PRIMARY KEY,
     pid      INTEGER,

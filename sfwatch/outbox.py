@@ -72,6 +72,8 @@ HOOK_EXIT_GRACE = 1.0
 DISPATCH_BATCH = 64
 #: the dispatcher looks at the ledger at least this often, even with nothing due
 IDLE_WAIT = 60.0
+#: ... and at most this often: wake-ups closer together are served by one look
+MIN_PASS = 0.01
 #: delivered and given-up rows are forgotten after this long (seconds)
 KEEP_SECONDS = 30 * 86400.0
 #: a delivery that raised (a bug, the state disk) is looked at again after this long
@@ -454,7 +456,8 @@ def summary(rows: Sequence[OutboxRow], host: str) -> tuple[str, str, str]:
     title_parts: list[str] = []
     body: list[str] = []
     if failed:
-        title_parts.append(_plural(len(failed), "file failed", "files failed"))
+        one = Path(str(failed[0].get("file"))).name
+        title_parts.append(f"{one} failed" if len(failed) == 1 else f"{len(failed)} files failed")
         reasons = Counter(str(p.get("reason") or "unknown") for p in failed)
         body.append(
             f"{_plural(len(failed), 'file', 'files')} failed ("
@@ -468,7 +471,10 @@ def summary(rows: Sequence[OutboxRow], host: str) -> tuple[str, str, str]:
         if len(failed) > SUMMARY_FILES:
             body.append(f"… and {len(failed) - SUMMARY_FILES} more: `sfwatch status` lists them")
     if done:
-        title_parts.append(_plural(len(done), "file transcribed", "files transcribed"))
+        one = Path(str(done[0].get("file"))).name
+        title_parts.append(
+            f"{one} transcribed" if len(done) == 1 else f"{len(done)} files transcribed"
+        )
         body.extend(f"- {p.get('file')} → {p.get('transcript')}" for p in done[:SUMMARY_FILES])
         if len(done) > SUMMARY_FILES:
             body.append(f"… and {len(done) - SUMMARY_FILES} more")
@@ -589,6 +595,8 @@ class Outbox:
         self._stopping = threading.Event()
         self._notify_busy = False
         self._last_notify = float("-inf")  # wall clock of the last message sent
+        #: whether notification rows may exist (configured, or left by an earlier run)
+        self._notify_rows = bool(config.notify.urls)
         self._lanes = {
             "hook": _Lane("hook", config.hooks.concurrency, self._deliver),
             "webhook": _Lane("webhook", WEBHOOK_THREADS, self._deliver),
@@ -647,13 +655,19 @@ class Outbox:
     def _run(self) -> None:
         with contextlib.suppress(Exception):
             self.ledger.outbox_prune(time.time() - KEEP_SECONDS)
+            # Notifications left by an earlier run, whatever the config says now.
+            if self.ledger.outbox_gathered(float("inf")):
+                self._notify_rows = True
         while not self._stopping.is_set():
+            began = time.monotonic()
             try:
                 wait = self._dispatch()
             except Exception:  # a bug, or the state disk: log, wait, go on
                 self.log.exception("sfwatch.outbox_error")
                 wait = COOL_DOWN
             self.wakeup.wait(wait)
+            # A burst of finishes is one look at the ledger, not one per file.
+            self._stopping.wait(max(0.0, began + MIN_PASS - time.monotonic()))
             self.wakeup.clear()
 
     def _dispatch(self) -> float:
@@ -691,6 +705,8 @@ class Outbox:
         or the oldest has waited ``min_interval_seconds``, and never sooner than
         ``min_interval_seconds`` after the previous message.
         """
+        if not self._notify_rows:
+            return None
         gathered = self.ledger.outbox_gathered(now)
         if gathered is None:
             return None

@@ -60,14 +60,17 @@ def needs_upload(job: Job) -> bool:
     return job.text is None and job.verdict is None and job.plan is None
 
 
-def watch_dirs(watch: WatchConfig) -> dict[str, str | None]:
-    """A watch's folders, as the ledger records them at claim (recovery's roots)."""
+def watch_dirs(watch: WatchConfig) -> dict[str, Any]:
+    """A watch's folders, as the ledger records them at claim (recovery's roots); also
+    its own hooks, so a claim finished after its folder left the config runs them."""
     return {
         "path": str(watch.path),
         "done_dir": str(watch.done_dir),
         "failed_dir": str(watch.failed_dir),
         "transcript_dir": str(watch.transcript_dir) if watch.transcript_dir else None,
         "model": watch.model,
+        "on_done": list(watch.on_done) if watch.on_done is not None else None,
+        "on_failed": list(watch.on_failed) if watch.on_failed is not None else None,
     }
 
 

@@ -35,6 +35,7 @@ from tests.conftest import (
     API_KEY,
     daemon_process,
     files_under,
+    run_cli,
     running_daemon,
     wait_until,
     write_config,
@@ -547,3 +548,20 @@ def test_500_failures_and_a_pause_are_one_summary(tmp_path: Path) -> None:
     assert "500 files failed (not_audio: 500)" in body["message"]
     assert "… and 490 more" in body["message"]
     assert "Uploads paused: unauthorized (HTTP 401)" in body["message"]
+
+
+def test_check_names_an_unreadable_secret_and_an_unknown_apprise_url(
+    tmp_path: Path, fake_api: FakeAPI
+) -> None:
+    """`sfwatch check` exits 2 naming the key; an Apprise URL's token is never shown."""
+    hook = {"url": "http://127.0.0.1:9/x", "secret_file": "missing"}
+    config = write_config(tmp_path, fake_api.url, extra={"webhooks": [hook]})
+    result = run_cli("check", "-c", str(config))
+    assert result.returncode == 2
+    assert "webhooks[0].secret_file: cannot read" in result.stderr
+    notify = {"urls": ["nosuchservice://tok3n-s3cret@example.org/x"]}
+    config = write_config(tmp_path, fake_api.url, extra={"notify": notify})
+    result = run_cli("check", "-c", str(config))
+    assert result.returncode == 2
+    assert "notify.urls[0]: Apprise does not understand this nosuchservice:// URL" in result.stderr
+    assert "tok3n" not in result.stdout + result.stderr
