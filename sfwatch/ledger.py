@@ -78,7 +78,7 @@ CREATE TABLE IF NOT EXISTS transcripts (
 );
 CREATE TABLE IF NOT EXISTS outbox (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,  -- the order events happened in
-    event_id     TEXT NOT NULL UNIQUE, -- msg_…: webhook-id, the same on every retry
+    event_id     TEXT NOT NULL,        -- msg_…: webhook-id, the same on every retry
     event        TEXT NOT NULL,        -- done | failed | paused | resumed
     sink         TEXT NOT NULL,        -- hook | webhook:<url> | notify
     ordering     TEXT NOT NULL,        -- delivered in order per (sink, ordering): the file
@@ -94,7 +94,6 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS outbox_once ON outbox (job_id, event, sink);
 CREATE INDEX IF NOT EXISTS outbox_queue ON outbox (status, sink, ordering, id);
-CREATE INDEX IF NOT EXISTS outbox_order ON outbox (status, id);
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (status, next_attempt);
 CREATE TABLE IF NOT EXISTS daemon (
     instance TEXT PRIMARY KEY,

@@ -72,8 +72,9 @@ HOOK_EXIT_GRACE = 1.0
 DISPATCH_BATCH = 64
 #: the dispatcher looks at the ledger at least this often, even with nothing due
 IDLE_WAIT = 60.0
-#: ... and at most this often: wake-ups closer together are served by one look
-MIN_PASS = 0.01
+#: ... and at most this often: wake-ups closer together are served by one look (and
+#: the deliveries that ended meanwhile are marked in one transaction)
+MIN_PASS = 0.05
 #: delivered and given-up rows are forgotten after this long (seconds)
 KEEP_SECONDS = 30 * 86400.0
 #: a delivery that raised (a bug, the state disk) is looked at again after this long
@@ -503,12 +504,17 @@ def summary(rows: Sequence[OutboxRow], host: str) -> tuple[str, str, str]:
 # -- the dispatcher -----------------------------------------------------------------------------
 
 
+#: rows a lane holds per thread (running or queued): enough for one dispatcher pass
+LANE_DEPTH = 8
+
+
 class _Lane:
-    """A few daemon threads doing one kind of delivery; at most ``size`` rows at once."""
+    """A few daemon threads doing one kind of delivery; ``LANE_DEPTH`` rows a thread."""
 
     def __init__(self, name: str, size: int, work: Callable[[Any], None]) -> None:
         self.name = name
         self.size = size
+        self.depth = size * LANE_DEPTH
         self.work = work
         self.items: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.busy = 0
@@ -523,7 +529,7 @@ class _Lane:
 
     def room(self) -> bool:
         with self._lock:
-            return self.busy < self.size
+            return self.busy < self.depth
 
     def put(self, item: Any) -> None:
         with self._lock:
@@ -584,11 +590,13 @@ class Outbox:
                 where = f"webhooks[{index}].secret_file"
                 self._secrets[str(hook.secret_file)] = read_secret(hook.secret_file, where)
         self.apprise = make_apprise(config.notify) if config.notify.urls else None
-        self._poster: Any = None
+        self._posters = threading.local()  # a WebhookPoster per webhook thread
         self.wakeup = threading.Event()
         ledger.on_outbox = self.wakeup.set
         self._lock = threading.Lock()
         self._in_flight: set[int] = set()
+        #: delivered, to be marked so by the dispatcher's next pass (in flight until then)
+        self._delivered: list[int] = []
         self._cooling: dict[int, float] = {}
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
         self._left: set[int] = set()  # hooks killed because the daemon stops: not their fault
@@ -651,6 +659,8 @@ class Outbox:
             lane.stop()
         if self._thread is not None:
             self._thread.join(1.0)
+        with contextlib.suppress(Exception):  # the ledger's disk: they are delivered again
+            self._mark_delivered()
 
     def _run(self) -> None:
         with contextlib.suppress(Exception):
@@ -670,8 +680,28 @@ class Outbox:
             self._stopping.wait(max(0.0, began + MIN_PASS - time.monotonic()))
             self.wakeup.clear()
 
+    def _mark_delivered(self) -> None:
+        """One transaction for the deliveries that ended since the last pass.
+
+        Until then they stay in flight, so none is handed out again; a crash before
+        this commit delivers them again after the restart (at least once).
+        """
+        with self._lock:
+            done, self._delivered = self._delivered, []
+        if not done:
+            return
+        try:
+            self.ledger.outbox_delivered(done)
+        except Exception:
+            with self._lock:
+                self._delivered.extend(done)
+            raise
+        with self._lock:
+            self._in_flight.difference_update(done)
+
     def _dispatch(self) -> float:
         """Hand out what is due; return how long to sleep at most."""
+        self._mark_delivered()
         now = time.time()
         mono = time.monotonic()
         with self._lock:
@@ -734,20 +764,21 @@ class Outbox:
     # -- one delivery (on a lane's thread) ------------------------------------------------------
 
     def _deliver(self, row: OutboxRow) -> None:
+        delivered = False
         try:
             if self._stopping.is_set():
                 return  # pending still: the next start delivers it
-            if row.sink == "hook":
-                self._run_hook(row)
-            else:
-                self._post(row)
+            delivered = self._run_hook(row) if row.sink == "hook" else self._post(row)
         except Exception:
             with self._lock:
                 self._cooling[row.id] = time.monotonic() + COOL_DOWN
             raise
         finally:
             with self._lock:
-                self._in_flight.discard(row.id)
+                if delivered:
+                    self._delivered.append(row.id)  # in flight until marked (_mark_delivered)
+                else:
+                    self._in_flight.discard(row.id)
                 self._procs.pop(row.id, None)
                 self._left.discard(row.id)
             self.wakeup.set()
@@ -787,7 +818,8 @@ class Outbox:
             return ""
         return self.ledger.text_of(row.job_id, str(row.payload.get("model") or "")) or ""
 
-    def _run_hook(self, row: OutboxRow) -> None:
+    def _run_hook(self, row: OutboxRow) -> bool:
+        """Run a hook once; True when it exited 0 (the caller marks it delivered)."""
         target = row.target
         argv = [str(a) for a in target["argv"]]
         data = row.payload
@@ -806,7 +838,7 @@ class Outbox:
         result = run_hook(argv, env, stdin, float(target["timeout_seconds"]), started=started)
         with self._lock:
             if row.id in self._left:
-                return  # killed because the daemon stops: it runs again at the next start
+                return False  # killed because the daemon stops: it runs again at the next start
         fields: dict[str, Any] = {
             "job_id": row.job_id,
             "file": data.get("file"),
@@ -821,9 +853,8 @@ class Outbox:
             "stderr_bytes": result.stderr_bytes,
         }
         if result.ok:
-            self.ledger.outbox_delivered([row.id])
             self.log.info("sfwatch.hook_finished", **fields)
-            return
+            return True
         problem = result.problem()
         wait = self._failed([row], problem, int(target["max_attempts"]))
         self.log.warning(
@@ -833,8 +864,10 @@ class Outbox:
             error=problem,
             retry_in=None if wait is None else round(wait, 1),
         )
+        return False
 
-    def _post(self, row: OutboxRow) -> None:
+    def _post(self, row: OutboxRow) -> bool:
+        """POST a webhook once; True when it answered 2xx (the caller marks it delivered)."""
         target = row.target
         url = str(target["url"])
         data = dict(row.payload)
@@ -876,9 +909,8 @@ class Outbox:
             error = str(exc)
         else:
             if 200 <= posted.status < 300:
-                self.ledger.outbox_delivered([row.id])
                 self.log.info("sfwatch.webhook_delivered", **fields, http_status=posted.status)
-                return
+                return True
             fields["http_status"] = posted.status
             error = f"HTTP {posted.status}" + (f": {posted.message}" if posted.message else "")
             retry_after = posted.retry_after
@@ -889,6 +921,7 @@ class Outbox:
             error=error,
             retry_in=None if wait is None else round(wait, 1),
         )
+        return False
 
     def _secret(self, path: str) -> bytes:
         with self._lock:
@@ -900,11 +933,13 @@ class Outbox:
         return known
 
     def _poster_for(self) -> Any:
-        if self._poster is None:
+        """This thread's poster: it keeps its connection alive for the next POST."""
+        poster = getattr(self._posters, "poster", None)
+        if poster is None:
             from sfwatch.transcribe import WebhookPoster  # noqa: PLC0415 - httpx: only if needed
 
-            self._poster = WebhookPoster()
-        return self._poster
+            poster = self._posters.poster = WebhookPoster()
+        return poster
 
     def _notify(self, rows: list[OutboxRow]) -> None:
         """Send one message for every gathered notification event (a burst is one)."""
