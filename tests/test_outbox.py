@@ -14,8 +14,10 @@ import hmac
 import json
 import os
 import signal
+import socket
 import sys
 import threading
+import time
 import tracemalloc
 from collections.abc import Iterator, MutableMapping, Sequence
 from contextlib import contextmanager
@@ -28,8 +30,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from sfwatch.config import Config, HooksConfig, NotifyConfig, WatchConfig, parse_config
+from sfwatch.errors import TransientError
 from sfwatch.ledger import Ledger
 from sfwatch.outbox import Outbox, Routes, hook_env, retry_delay, run_hook, sign
+from sfwatch.transcribe import WebhookPoster
 from tests.audiogen import wav_bytes
 from tests.conftest import (
     API_KEY,
@@ -154,6 +158,8 @@ class Receiver:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as real receivers do
+
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 outer.handle(self, body)
@@ -173,6 +179,7 @@ class Receiver:
     def handle(self, request: BaseHTTPRequestHandler, body: bytes) -> None:
         """Answer one POST (see the class docstring)."""
         headers = {k.lower(): v for k, v in request.headers.items()}
+        headers["x-port"] = str(request.client_address[1])  # which connection it came on
         with self._lock:
             stall = self._stall
             self._stall = False
@@ -565,3 +572,37 @@ def test_check_names_an_unreadable_secret_and_an_unknown_apprise_url(
     assert result.returncode == 2
     assert "notify.urls[0]: Apprise does not understand this nosuchservice:// URL" in result.stderr
     assert "tok3n" not in result.stdout + result.stderr
+
+
+def test_a_webhook_post_is_bounded_as_a_whole_and_keeps_its_connection() -> None:
+    """A receiver trickling its headers is cut at the timeout; the poster then goes on,
+    and POSTs to a good receiver share one kept-alive connection."""
+    trickler = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def trickle() -> None:
+        conn, _ = trickler.accept()
+        with conn:
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 1000:
+                if stop.wait(0.05):
+                    return
+                with contextlib.suppress(OSError):
+                    conn.sendall(bytes([byte]))
+
+    threading.Thread(target=trickle, daemon=True).start()
+    poster = WebhookPoster()
+    try:
+        began = time.monotonic()
+        with pytest.raises(TransientError) as info:
+            poster.post(f"http://127.0.0.1:{trickler.getsockname()[1]}/", b"{}", {}, 1.0)
+        assert info.value.reason == "timeout"
+        assert time.monotonic() - began < 3
+        with receiver() as sink:
+            for _ in range(3):
+                assert poster.post(sink.url, b"{}", {"X-Test": "1"}, 5.0).status == 200
+            assert len({r.headers["x-port"] for r in sink.requests}) == 1
+    finally:
+        stop.set()
+        trickler.close()
+        poster.close()
