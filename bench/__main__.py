@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller workloads, one run")
     parser.add_argument("--profile", action="store_true", help="py-spy every daemon")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folders")
+    parser.add_argument(
+        "--outbox",
+        action="store_true",
+        help="a: also a hook and a webhook on every file, compared with none (issue 11)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.runs = 1

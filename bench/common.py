@@ -255,8 +255,12 @@ def write_config(
     rescan: float = 60.0,
     level: str = "info",
     timeout: float = 60.0,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
-    """A config watching ``folder/inbox`` with state in ``folder/state``; its path."""
+    """A config watching ``folder/inbox`` with state in ``folder/state``; its path.
+
+    ``extra``: more top-level sections (``hooks``, ``webhooks``, …).
+    """
     watch: dict[str, Any] = {
         "path": str(folder / "inbox"),
         "settle_seconds": settle,
@@ -273,6 +277,7 @@ def write_config(
         "state_dir": str(folder / "state"),
         "log": {"format": "json", "level": level},
         "watch": [watch],
+        **(extra or {}),
     }
     (folder / "inbox").mkdir(parents=True, exist_ok=True)
     path = folder / "sfwatch.yaml"

@@ -9,12 +9,22 @@ rate (between the C-th and the (N-C)-th finished file, free of ramp-up and tail)
 the fake's peak concurrency, the daemon's CPU per file and its peak RSS.
 
 ``backlog_run`` is shared with benchmark d (the same run with 10,000 files, no latency).
+
+``--outbox`` (issue 11: hooks and webhooks must not lower throughput) runs each
+concurrency twice per repetition, alternately without and with a hook (``true``)
+and a webhook (a loopback receiver in this process answering 204) on every file,
+and reports both ratios and their difference; also how long after the last
+finished file the last delivery ended.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +42,35 @@ from bench.common import (
 )
 
 
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as real receivers do
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.server.posts += 1  # type: ignore[attr-defined]
+        self.send_response(204)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def webhook_receiver() -> Iterator[ThreadingHTTPServer]:
+    """A loopback webhook receiver answering 204 to every POST (``.posts`` counts them)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server.posts = 0  # type: ignore[attr-defined]
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def backlog_run(
     root: Path,
     files: int,
@@ -41,13 +80,27 @@ def backlog_run(
     settle: float = 0.5,
     timeout: float = 600.0,
     profile: str | None = None,
+    outbox: bool = False,
 ) -> dict[str, Any]:
-    """One burst run over ``files`` present at start; the measured quantities."""
+    """One burst run over ``files`` present at start; the measured quantities.
+
+    ``outbox``: a hook and a webhook on every file (the run ends once they are delivered).
+    """
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
-    with FakeServer(root, latency) as fake:
-        config = write_config(root, fake.url, concurrency=concurrency, settle=settle)
+    with contextlib.ExitStack() as stack:
+        fake = stack.enter_context(FakeServer(root, latency))
+        extra: dict[str, Any] = {}
+        receiver = None
+        if outbox:
+            receiver = stack.enter_context(webhook_receiver())
+            port = receiver.server_address[1]
+            extra = {
+                "hooks": {"on_done": ["true"]},
+                "webhooks": [{"url": f"http://127.0.0.1:{port}/hook"}],
+            }
+        config = write_config(root, fake.url, concurrency=concurrency, settle=settle, extra=extra)
         make_wavs(root / "inbox", files, seconds=0.1)
         with DaemonRun(config, "--burst", profile=profile) as daemon:
             code = daemon.wait_exit(timeout)
@@ -58,7 +111,14 @@ def backlog_run(
             launched = daemon.launched
             ready = parse_ts(str(daemon.events("sfwatch.daemon_started")[0]["timestamp"]))
             problems = sorted({str(e.get("event")) for e in daemon.errors()})
+            delivered = times_of(
+                [
+                    *daemon.events("sfwatch.hook_finished"),
+                    *daemon.events("sfwatch.webhook_delivered"),
+                ]
+            )
         summary = fake.stop()
+        posts = receiver.posts if receiver is not None else 0  # type: ignore[attr-defined]
     finished = times_of(finished_events)
     outcomes = sorted({str(e.get("outcome")) for e in finished_events})
     n = len(finished)
@@ -90,10 +150,68 @@ def backlog_run(
         "daemon_cpu_ms_per_file": round(cpu / max(n, 1) * 1000, 2),
         "peak_rss_mb": peak,
         "warnings_logged": problems,
+        "outbox": outbox,
+        "deliveries": len(delivered),
+        "webhook_posts": posts,
+        "last_delivery_after_last_finish_s": round(delivered[-1] - finished[-1], 3)
+        if delivered
+        else None,
     }
 
 
+def run_outbox(args: argparse.Namespace) -> list[Figure]:
+    """bench a, each run without and then with a hook and a webhook on every file."""
+    root = scratch("a")
+    files = 300 if args.quick else 1000
+    latency = 0.25
+    figures: list[Figure] = []
+    detail: dict[str, Any] = {"runs": []}
+    for concurrency in (8, 32):
+        ideal = concurrency / latency
+        ratios: dict[bool, list[float]] = {False: [], True: []}
+        for i in range(args.runs):
+            for outbox in (False, True):
+                result = backlog_run(
+                    root / f"c{concurrency}-{i}-{'outbox' if outbox else 'plain'}",
+                    files,
+                    latency,
+                    concurrency,
+                    outbox=outbox,
+                )
+                result["ratio"] = round(result["files_per_s"] / ideal, 3)
+                print(f"  a C={concurrency} run {i + 1} outbox={outbox}: {result}", flush=True)
+                detail["runs"].append(result)
+                ratios[outbox].append(result["ratio"])
+        plain, with_outbox = median(ratios[False]), median(ratios[True])
+        figures.append(
+            Figure(f"a: C={concurrency} ratio, no hooks", plain, "ratio", runs=ratios[False])
+        )
+        figures.append(
+            Figure(
+                f"a: C={concurrency} ratio, hook + webhook per file",
+                with_outbox,
+                "ratio",
+                runs=ratios[True],
+            )
+        )
+        diffs = [b - a for a, b in zip(ratios[False], ratios[True], strict=True)]
+        figures.append(
+            Figure(
+                f"a: C={concurrency} hook + webhook minus none",
+                round(with_outbox - plain, 3),
+                "ratio",
+                "≥ -0.02",
+                with_outbox - plain >= -0.02,
+                [round(d, 3) for d in diffs],
+            )
+        )
+    save("a-outbox", figures, detail)
+    return figures
+
+
 def run(args: argparse.Namespace) -> list[Figure]:
+    if getattr(args, "outbox", False):
+        return run_outbox(args)
     root = scratch("a")
     files = 300 if args.quick else 1000
     latency = 0.25

@@ -59,6 +59,8 @@ def status_report(config: Config) -> dict[str, Any]:
             "daemons": daemons,
             "counts": ledger.counts(),
             "recent_failures": failures,
+            # hooks, webhooks, notifications (docs/design.md §13): pending, delivered, gave_up
+            "deliveries": ledger.outbox_counts(),
         }
     finally:
         ledger.close()
@@ -98,6 +100,11 @@ def format_status(report: dict[str, Any]) -> str:
     lines.append(
         "jobs: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none yet")
     )
+    if deliveries := report.get("deliveries"):
+        lines.append(
+            "deliveries (hooks, webhooks, notifications): "
+            + ", ".join(f"{k} {v}" for k, v in sorted(deliveries.items()))
+        )
     if report["recent_failures"]:
         lines.append("recent failures:")
         for f in report["recent_failures"]:

@@ -107,9 +107,11 @@ def _load(args: argparse.Namespace) -> Config:
 def cmd_run(args: argparse.Namespace) -> int:
     """``sfwatch run``: the daemon."""
     from sfwatch.daemon import Daemon  # noqa: PLC0415 - keeps `check` and `--help` light
+    from sfwatch.outbox import check_integrations  # noqa: PLC0415 - as Daemon above
 
     config = _load(args)
     key = load_api_key(config)
+    check_integrations(config)
     configure(config.log.format, config.log.level, secrets=[key.reveal()])
     for warning in config_warnings(config):
         get_logger().warning("sfwatch.config_warning", message=warning)
@@ -126,8 +128,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """``sfwatch check``: validate, and optionally call the API."""
+    from sfwatch.outbox import check_integrations  # noqa: PLC0415 - imports Apprise if used
+
     config = _load(args)
     key = load_api_key(config)
+    check_integrations(config)
     _warn(config)
     print(f"config ok: {printable(config.source)}")
     for watch in config.watch:

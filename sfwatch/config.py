@@ -17,6 +17,7 @@ import hmac
 import ipaddress
 import math
 import os
+import shutil
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -38,6 +39,10 @@ TRANSCODE_MODES = ("auto", "always", "never")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_CONCURRENCY = 256
 SYSTEM_CONFIG = Path("/etc/sfwatch/config.yaml")
+#: what hooks, webhooks and notifications are told about (docs/design.md §13)
+EVENTS = ("done", "failed", "paused", "resumed")
+#: a hook's PATH: its environment is built from scratch, never inherited (§13)
+HOOK_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 NO_KEY_MESSAGE = (
     "no API key: set $SILICONFLOW_API_KEY, api.api_key_file, or a systemd credential named api_key"
 )
@@ -118,6 +123,9 @@ class WatchConfig:
     include: tuple[str, ...] = DEFAULT_INCLUDE
     exclude: tuple[str, ...] = ()
     rescan_seconds: float = 60.0
+    #: hooks for this folder's files (argv); None: ``hooks.on_done``/``on_failed``; (): none
+    on_done: tuple[str, ...] | None = None
+    on_failed: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         # Lets tests and callers write WatchConfig(path=...) and get docs/design.md §3.
@@ -141,6 +149,46 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class HooksConfig:
+    """Commands run for each finished file (docs/design.md §13); watches may override them."""
+
+    on_done: tuple[str, ...] | None = None
+    on_failed: tuple[str, ...] | None = None
+    timeout_seconds: float = 60.0
+    concurrency: int = 2
+    max_attempts: int = 8
+
+    def for_watch(self, watch: WatchConfig, event: str) -> tuple[str, ...]:
+        """The argv of ``event``'s hook for ``watch``'s files; () when there is none."""
+        own = watch.on_done if event == "done" else watch.on_failed
+        default = self.on_done if event == "done" else self.on_failed
+        chosen = own if own is not None else default
+        return chosen or ()
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    """One receiver of JSON POSTs, signed Standard-Webhooks style when it has a secret."""
+
+    url: str
+    events: tuple[str, ...] = EVENTS
+    secret_file: Path | None = None
+    timeout_seconds: float = 10.0
+    max_attempts: int = 12
+    max_text_bytes: int = 262_144
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    """Messages to people through Apprise (``sfwatch[notify]``), gathered and rate-limited."""
+
+    urls: tuple[str, ...] = ()
+    on: tuple[str, ...] = ("failed", "paused")
+    gather_seconds: float = 10.0
+    min_interval_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated config file."""
 
@@ -151,11 +199,17 @@ class Config:
     source: Path | None = None
     prepare: PrepareConfig = PrepareConfig()
     metrics: MetricsConfig = MetricsConfig()
+    hooks: HooksConfig = HooksConfig()
+    webhooks: tuple[WebhookConfig, ...] = ()
+    notify: NotifyConfig = NotifyConfig()
 
 
 # The YAML keys are the dataclasses' field names, so a new field is a new key.
 _API_KEYS = tuple(f.name for f in fields(ApiConfig))
 _WATCH_KEYS = tuple(f.name for f in fields(WatchConfig))
+_HOOKS_KEYS = tuple(f.name for f in fields(HooksConfig))
+_WEBHOOK_KEYS = tuple(f.name for f in fields(WebhookConfig))
+_NOTIFY_KEYS = tuple(f.name for f in fields(NotifyConfig))
 
 
 def default_config_dict() -> dict[str, Any]:
@@ -163,12 +217,16 @@ def default_config_dict() -> dict[str, Any]:
     watch = asdict(WatchConfig(path=Path("inbox")))
     watch.update(path="./inbox", poll="auto", done_dir=None, failed_dir=None)
     watch.update(include=list(DEFAULT_INCLUDE), exclude=[])
+    notify = NotifyConfig()
     return {
         "api": asdict(ApiConfig()),
         "state_dir": None,
         "log": asdict(LogConfig()),
         "prepare": asdict(PrepareConfig()),
         "metrics": asdict(MetricsConfig()),
+        "hooks": asdict(HooksConfig()),
+        "webhooks": [],
+        "notify": {**asdict(notify), "urls": list(notify.urls), "on": list(notify.on)},
         "watch": [watch],
     }
 
@@ -370,6 +428,65 @@ class _Section:
             raise ConfigError(self.key(name), "must list at least one pattern")
         return tuple(value)
 
+    def argv(self, name: str, base: Path) -> tuple[str, ...] | None:
+        """A command as an argv list (never a shell string); its program must exist.
+
+        A program with a ``/`` is a path (relative to the config's folder), any other
+        is looked up in ``HOOK_PATH``, the PATH hooks run with. The result names the
+        program by its absolute path. ``[]`` is "no command"; None is "not set".
+        """
+        value = self.data.get(name)
+        if value is None:
+            return None
+        key = self.key(name)
+        if isinstance(value, str):
+            raise ConfigError(
+                key,
+                "must be a list of arguments, e.g. [/usr/local/bin/notes-hook, --quiet]; "
+                "nothing runs through a shell unless you write [sh, -c, '...']",
+            )
+        if not isinstance(value, list):
+            raise ConfigError(key, f"must be a list of arguments, got {_show(value)}")
+        for index, item in enumerate(value):
+            if not isinstance(item, str) or (index == 0 and not item.strip()):
+                raise ConfigError(f"{key}[{index}]", f"must be a string, got {_show(item)}")
+            if "\0" in item:
+                raise ConfigError(f"{key}[{index}]", "must not contain a NUL character")
+        if not value:
+            return ()
+        program = value[0].strip()
+        if "/" in program:
+            # Not resolved: a link (/opt/tool/current/hook) is followed at each run.
+            path = Path(os.path.normpath(base / Path(program).expanduser()))
+            if not (path.is_file() and os.access(path, os.X_OK)):
+                raise ConfigError(f"{key}[0]", f"{path} is not an executable file")
+            return (str(path), *value[1:])
+        found = shutil.which(program, path=HOOK_PATH)
+        if found is None:
+            raise ConfigError(
+                f"{key}[0]", f"{program!r} is not found in the hooks' PATH ({HOOK_PATH})"
+            )
+        return (found, *value[1:])
+
+    def events(
+        self, name: str, default: tuple[str, ...], allowed: tuple[str, ...]
+    ) -> tuple[str, ...]:
+        """A list of event names, each one of ``allowed``, at least one, no repeats."""
+        value = self.data.get(name)
+        if value is None:
+            return default
+        key = self.key(name)
+        if not isinstance(value, list) or not value:
+            raise ConfigError(key, f"must list events out of {', '.join(allowed)}")
+        for index, item in enumerate(value):
+            if item not in allowed:
+                raise ConfigError(
+                    f"{key}[{index}]", f"must be one of {', '.join(allowed)}; got {_show(item)}"
+                )
+        if len(set(value)) != len(value):
+            raise ConfigError(key, "names an event twice")
+        return tuple(value)
+
 
 def parse_config(
     data: object,
@@ -384,7 +501,11 @@ def parse_config(
         raise ConfigError("", "config file is empty")
     if not isinstance(data, dict):
         raise ConfigError("", f"the config must be a mapping of keys to values, got {_show(data)}")
-    top = _Section(data, "", ("api", "state_dir", "log", "prepare", "metrics", "watch"))
+    top = _Section(
+        data,
+        "",
+        ("api", "state_dir", "log", "prepare", "metrics", "hooks", "webhooks", "notify", "watch"),
+    )
     api = _parse_api(top.data.get("api"), base_dir)
     state_dir = top.optional_path("state_dir", base_dir)
     explicit_state = state_dir is not None
@@ -400,6 +521,9 @@ def parse_config(
         source=source,
         prepare=_parse_prepare(top.data.get("prepare")),
         metrics=_parse_metrics(top.data.get("metrics")),
+        hooks=_parse_hooks(top.data.get("hooks"), base_dir),
+        webhooks=_parse_webhooks(top.data.get("webhooks"), base_dir),
+        notify=_parse_notify(top.data.get("notify")),
     )
 
 
@@ -422,6 +546,13 @@ def config_warnings(config: Config) -> list[str]:
             "host on that port can read the metrics and health (counts and states, never "
             "file names or the key); firewall it, or listen on 127.0.0.1"
         )
+    for index, hook in enumerate(config.webhooks):
+        parts = urlsplit(hook.url)
+        if parts.scheme == "http" and not _is_loopback(parts.hostname or ""):
+            warnings.append(
+                f"webhooks[{index}].url: plain http:// to {parts.hostname}, which is not this "
+                "machine: transcripts cross the network unencrypted; use https://"
+            )
     return warnings
 
 
@@ -536,6 +667,76 @@ def parse_listen(value: object, key: str) -> tuple[str, int]:
     if not port_text.isascii() or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ConfigError(key, f"the port must be a number from 0 to 65535; got {port_text!r}")
     return str(address), int(port_text)
+
+
+def _parse_hooks(data: object, base_dir: Path) -> HooksConfig:
+    hooks = _Section(data, "hooks", _HOOKS_KEYS)
+    return HooksConfig(
+        on_done=hooks.argv("on_done", base_dir) or None,
+        on_failed=hooks.argv("on_failed", base_dir) or None,
+        timeout_seconds=hooks.positive("timeout_seconds", 60.0),
+        concurrency=hooks.integer("concurrency", 2, 1, 64),
+        max_attempts=hooks.integer("max_attempts", 8, 1),
+    )
+
+
+def _parse_webhooks(data: object, base_dir: Path) -> tuple[WebhookConfig, ...]:
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        raise ConfigError("webhooks", f"must be a list of receivers, got {_show(data)}")
+    found: list[WebhookConfig] = []
+    for index, entry in enumerate(data):
+        where = f"webhooks[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(where, f"must be a mapping with a 'url' key, got {_show(entry)}")
+        hook = _Section(entry, where, _WEBHOOK_KEYS)
+        url = hook.optional_string("url")
+        if url is None:
+            raise ConfigError(hook.key("url"), "required: where to POST the events")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(hook.key("url"), f"must be an http(s) URL, got {shown_url(url)!r}")
+        for earlier_index, earlier in enumerate(found):
+            if earlier.url == url:
+                raise ConfigError(hook.key("url"), f"same URL as webhooks[{earlier_index}].url")
+        found.append(
+            WebhookConfig(
+                url=url,
+                events=hook.events("events", EVENTS, EVENTS),
+                secret_file=hook.optional_path("secret_file", base_dir),
+                timeout_seconds=hook.positive("timeout_seconds", 10.0),
+                max_attempts=hook.integer("max_attempts", 12, 1),
+                max_text_bytes=hook.integer("max_text_bytes", 262_144, 0),
+            )
+        )
+    return tuple(found)
+
+
+def _parse_notify(data: object) -> NotifyConfig:
+    if isinstance(data, dict) and True in data:
+        # YAML 1.1 (PyYAML) reads a bare `on:` as the boolean true: it means the key "on".
+        if "on" in data:
+            raise ConfigError("notify.on", "given twice")
+        data = {("on" if name is True else name): value for name, value in data.items()}
+    notify = _Section(data, "notify", _NOTIFY_KEYS)
+    urls = notify.data.get("urls")
+    if urls is None:
+        urls = []
+    if not isinstance(urls, list):
+        raise ConfigError(notify.key("urls"), f"must be a list of Apprise URLs, got {_show(urls)}")
+    for index, url in enumerate(urls):
+        # (The URL itself is never shown: an Apprise URL carries its service's token.)
+        if not isinstance(url, str) or "://" not in url:
+            raise ConfigError(
+                f"{notify.key('urls')}[{index}]", "must be an Apprise URL such as ntfy://topic"
+            )
+    return NotifyConfig(
+        urls=tuple(u.strip() for u in urls),
+        on=notify.events("on", NotifyConfig.on, EVENTS),
+        gather_seconds=notify.positive("gather_seconds", 10.0),
+        min_interval_seconds=notify.positive("min_interval_seconds", 60.0),
+    )
 
 
 def _parse_log(data: object) -> LogConfig:
@@ -706,6 +907,8 @@ def _parse_watch(watch: _Section, base_dir: Path) -> WatchConfig:
         include=watch.patterns("include", DEFAULT_INCLUDE, empty_ok=False),
         exclude=watch.patterns("exclude", (), empty_ok=True),
         rescan_seconds=watch.positive("rescan_seconds", 60.0),
+        on_done=watch.argv("on_done", base_dir),
+        on_failed=watch.argv("on_failed", base_dir),
     )
 
 

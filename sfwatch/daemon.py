@@ -34,7 +34,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -48,9 +48,10 @@ from sfwatch.events import Events
 from sfwatch.folders import Folders
 from sfwatch.intake import Intake
 from sfwatch.ledger import Ledger
-from sfwatch.logs import get_logger
+from sfwatch.logs import Redactor, get_logger
 from sfwatch.metrics import Metrics
 from sfwatch.notify import Notifier
+from sfwatch.outbox import Outbox
 from sfwatch.pacing import Pacer
 from sfwatch.probe import AccountProbe
 from sfwatch.ready import ReadyQueue
@@ -71,6 +72,8 @@ PUBLISH_EVERY = 2.0
 STATE_REFRESH = 30.0
 #: a loop that has not ticked for this long is frozen (it ticks every TICK seconds)
 FROZEN_AFTER = 30.0
+#: how long a stop waits for hooks and webhooks in flight (the rest run at the next start)
+OUTBOX_GRACE = 5.0
 
 
 def instance_name(state_dir: Path) -> str:
@@ -159,6 +162,15 @@ class Daemon:
         self.settler = self.intake.settler
         self.watchers = self.intake.watchers
         self.ledger = Ledger.in_state_dir(config.state_dir)
+        # Hooks, webhooks, notifications (docs/design.md §13). The key is given only
+        # to scrub it from what they send, which should never hold it anyway.
+        self.outbox = Outbox(
+            config,
+            self.ledger,
+            instance=self.instance,
+            backoff_base=backoff_base,
+            scrub=_scrubber(api_key),
+        )
         self.transcriber = Transcriber(
             config.api.base_url,
             api_key,
@@ -181,13 +193,26 @@ class Daemon:
             fence=self.leases.fence,
             folders=self.folders,
             events=self.events,
+            routes=self.outbox.routes.for_job,
         )
-        self.scheduler = Scheduler(config, self.pacer, self.ledger, self.worker, events=self.events)
+        self.scheduler = Scheduler(
+            config,
+            self.pacer,
+            self.ledger,
+            self.worker,
+            events=self.events,
+            announce=self.outbox.account_event,
+        )
         self.ready = ReadyQueue(
             self.folders, self.scheduler, self.ledger, self.instance, self.notes
         )
         self.slots = UploadSlots(self.worker, self.pacer, config.api, self.notes.wakeup)
-        self.probe = AccountProbe(self.pacer, self.transcriber.check_account, self.notes.wakeup)
+        self.probe = AccountProbe(
+            self.pacer,
+            self.transcriber.check_account,
+            self.notes.wakeup,
+            announce=self.outbox.account_event,
+        )
         self.reconciler = Reconciler(
             self.folders, self.ledger, self.scheduler, self.slots, self.instance
         )
@@ -225,6 +250,7 @@ class Daemon:
         self.intake.start()
         self.leases.beat()
         self.reconciler.startup()
+        self.outbox.start()  # after reconcile: the rows it finished are in the outbox too
         self.log.info(
             "sfwatch.daemon_started",
             version=__version__,
@@ -298,6 +324,7 @@ class Daemon:
             and not self.ready
             and not len(self.scheduler)
             and not self.probe.running
+            and self.outbox.idle()  # deliveries due now; retries wait for the next start
         )
 
     def _sleep_time(self) -> float:
@@ -467,7 +494,16 @@ class Daemon:
             return
         needs_restart = [
             name
-            for name in ("api", "state_dir", "log", "prepare", "metrics")
+            for name in (
+                "api",
+                "state_dir",
+                "log",
+                "prepare",
+                "metrics",
+                "hooks",
+                "webhooks",
+                "notify",
+            )
             if getattr(new, name) != getattr(self.config, name)
         ]
         if needs_restart:
@@ -513,6 +549,7 @@ class Daemon:
         self.probe.shutdown()
         if self.endpoint is not None:
             self.endpoint.close()
+        self.outbox.stop(0.0 if self.abandoned else OUTBOX_GRACE)
         if not self.abandoned:
             self.transcriber.close()
             self.ledger.close()
@@ -529,6 +566,15 @@ def _probe(health: Health, good: str) -> Response:
         "detail": health.detail,
     }
     return json_response(503, payload)
+
+
+def _scrubber(api_key: Secret) -> Callable[[str], str]:
+    redact = Redactor([api_key.reveal()])
+
+    def scrub(text: str) -> str:
+        return str(redact.scrub(text))
+
+    return scrub
 
 
 __all__ = ["HEALTHY", "Daemon", "Health", "instance_name"]

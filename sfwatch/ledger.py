@@ -10,7 +10,10 @@ The orderings between the two are in docs/design.md §5; in short:
    user, so a crash after the upload never pays twice.
 3. **plan**: the names finish will create are committed before it creates them;
    recovery compares them with the file system (docs/design.md §6).
-4. **finished**: the row says ``done``/``failed`` after the files are in place.
+4. **finished**: the row says ``done``/``failed`` after the files are in place,
+   and in the same transaction the file's events go into the ``outbox`` (hooks,
+   webhooks, notifications: docs/design.md §13), so no crash can finish a file
+   without them; a dispatcher delivers them afterwards, at least once.
 
 Durability (docs/design.md §4): what was paid for (transcripts, split parts),
 plans and ``retried`` are written with ``synchronous=FULL`` and survive power
@@ -25,10 +28,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -72,6 +76,25 @@ CREATE TABLE IF NOT EXISTS transcripts (
     created  REAL NOT NULL,
     PRIMARY KEY (sha256, model)
 );
+CREATE TABLE IF NOT EXISTS outbox (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,  -- the order events happened in
+    event_id     TEXT NOT NULL,        -- msg_…: webhook-id, the same on every retry
+    event        TEXT NOT NULL,        -- done | failed | paused | resumed
+    sink         TEXT NOT NULL,        -- hook | webhook:<url> | notify
+    ordering     TEXT NOT NULL,        -- delivered in order per (sink, ordering): the file
+    job_id       TEXT,                 -- null for account events
+    target       TEXT NOT NULL,        -- JSON: how to deliver (argv, url, limits); no secret
+    payload      TEXT NOT NULL,        -- JSON: the job_finished fields, or the account's
+    status       TEXT NOT NULL DEFAULT 'pending',  -- pending | delivered | gave_up
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL,        -- wall clock
+    last_error   TEXT,
+    created      REAL NOT NULL,
+    updated      REAL NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS outbox_once ON outbox (job_id, event, sink);
+CREATE INDEX IF NOT EXISTS outbox_queue ON outbox (status, sink, ordering, id);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (status, next_attempt);
 CREATE TABLE IF NOT EXISTS daemon (
     instance TEXT PRIMARY KEY,
     pid      INTEGER,
@@ -147,6 +170,47 @@ class JobRow:
     device: int | None = None
 
 
+@dataclass(frozen=True)
+class OutboxEvent:
+    """One event for one sink, to be written to the outbox (docs/design.md §13)."""
+
+    event: str
+    sink: str
+    ordering: str
+    job_id: str | None
+    target: dict[str, Any]
+    payload: dict[str, Any]
+    #: wall-clock time it may first be delivered (notifications wait to gather a burst)
+    not_before: float
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    """An outbox row as read back for delivery."""
+
+    id: int
+    event_id: str
+    event: str
+    sink: str
+    ordering: str
+    job_id: str | None
+    target: dict[str, Any]
+    payload: dict[str, Any]
+    status: str
+    attempts: int
+    next_attempt: float
+    last_error: str | None
+    created: float
+
+
+class OutboxStatus(StrEnum):
+    """Where an outbox row stands; only ``pending`` is not final."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    GAVE_UP = "gave_up"
+
+
 #: the ledger's file name in ``state_dir``
 LEDGER_NAME = "ledger.sqlite3"
 
@@ -179,6 +243,8 @@ class Ledger:
     def __init__(self, path: Path) -> None:
         make_private(path)
         self.path = path
+        #: called after a commit that added outbox rows (the dispatcher's wake-up)
+        self.on_outbox: Callable[[], None] | None = None
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, timeout=10, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
@@ -341,21 +407,32 @@ class Ledger:
         transcript: Path | None = None,
         error: dict[str, Any] | None = None,
         audio_seconds: float | None = None,
+        events: Sequence[OutboxEvent] = (),
     ) -> None:
-        """The job is over: done (or dedup) or failed."""
-        self._update(
-            job.job_id,
-            status=JobStatus.FAILED if outcome == "failed" else JobStatus.DONE,
-            outcome=outcome,
-            attempts=job.attempts,
-            running=0,
-            stage=None,
-            final_path=str(final_path),
-            transcript=str(transcript) if transcript else None,
-            last_error=json.dumps(error) if error else None,
-            trace_ids=json.dumps(list(job.trace_ids)),
-            audio_seconds=audio_seconds,
-        )
+        """The job is over: done (or dedup) or failed; its ``events`` join the outbox.
+
+        One transaction: a crash leaves either an open row (recovery finishes it,
+        and records the events then) or a finished row with its events, never a
+        finished file whose hooks and webhooks nobody will run (§13).
+        """
+        with self._tx() as db:
+            self._set(
+                db,
+                job.job_id,
+                status=JobStatus.FAILED if outcome == "failed" else JobStatus.DONE,
+                outcome=outcome,
+                attempts=job.attempts,
+                running=0,
+                stage=None,
+                final_path=str(final_path),
+                transcript=str(transcript) if transcript else None,
+                last_error=json.dumps(error) if error else None,
+                trace_ids=json.dumps(list(job.trace_ids)),
+                audio_seconds=audio_seconds,
+            )
+            _insert_events(db, events)
+        if events and self.on_outbox is not None:
+            self.on_outbox()
 
     def lost(self, job_id: str, why: str, status: JobStatus = JobStatus.LOST) -> None:
         """The claimed file is gone from the work area: removed, or adopted by a sibling."""
@@ -372,13 +449,120 @@ class Ledger:
         return [_row(r) for r in self._query("SELECT * FROM jobs WHERE status = 'claimed'")]
 
     def _update(self, job_id: str, *, durable: bool = False, **fields: Any) -> None:
+        with self._tx(durable=durable) as db:
+            self._set(db, job_id, **fields)
+
+    @staticmethod
+    def _set(db: sqlite3.Connection, job_id: str, **fields: Any) -> None:
         fields["updated"] = time.time()
         names = ", ".join(f"{name} = ?" for name in fields)
-        with self._tx(durable=durable) as db:
+        db.execute(
+            f"UPDATE jobs SET {names} WHERE job_id = ?",  # noqa: S608 - names are ours
+            (*fields.values(), job_id),
+        )
+
+    # -- the outbox (docs/design.md §13) ----------------------------------------------------
+
+    def outbox_add(self, events: Sequence[OutboxEvent]) -> None:
+        """Events not tied to a file's finish (the account paused, resumed)."""
+        if not events:
+            return
+        with self._tx() as db:
+            _insert_events(db, events)
+        if self.on_outbox is not None:
+            self.on_outbox()
+
+    def outbox_due(self, now: float, limit: int, skip: Sequence[int] = ()) -> list[OutboxRow]:
+        """Rows to deliver now, oldest first: per (sink, ordering) only the first pending.
+
+        A row whose predecessor of the same sink and file is still pending (in flight,
+        or waiting for a retry) waits: a file's events reach a sink in order.
+        Notifications are not here: they go out gathered (``outbox_gathered``).
+        """
+        rows = self._query(
+            "SELECT * FROM outbox AS o WHERE o.status = 'pending' AND o.sink != 'notify'"
+            " AND o.next_attempt <= ? AND NOT EXISTS (SELECT 1 FROM outbox AS p"
+            " WHERE p.status = 'pending' AND p.sink = o.sink AND p.ordering = o.ordering"
+            " AND p.id < o.id) ORDER BY o.id LIMIT ?",
+            (now, limit + len(skip)),
+        )
+        skipped = set(skip)
+        return [_outbox_row(r) for r in rows if r["id"] not in skipped][:limit]
+
+    def outbox_next_due(self, now: float) -> float | None:
+        """The earliest wall-clock time a pending row waits for, after ``now``."""
+        rows = self._query(
+            "SELECT min(next_attempt) AS t FROM outbox WHERE status = 'pending'"
+            " AND next_attempt > ?",
+            (now,),
+        )
+        value = rows[0]["t"] if rows else None
+        return float(value) if value is not None else None
+
+    def outbox_gathered(self, now: float) -> tuple[int, float, float] | None:
+        """Pending notifications that may go now: (count, oldest, newest ``created``)."""
+        rows = self._query(
+            "SELECT count(*) AS n, min(created) AS oldest, max(created) AS newest FROM outbox"
+            " WHERE status = 'pending' AND sink = 'notify' AND next_attempt <= ?",
+            (now,),
+        )
+        if not rows or not rows[0]["n"]:
+            return None
+        return int(rows[0]["n"]), float(rows[0]["oldest"]), float(rows[0]["newest"])
+
+    def outbox_pending(self, sink: str, now: float) -> list[OutboxRow]:
+        """Every pending row of ``sink`` that may go now, oldest first."""
+        rows = self._query(
+            "SELECT * FROM outbox WHERE status = 'pending' AND sink = ? AND next_attempt <= ?"
+            " ORDER BY id",
+            (sink, now),
+        )
+        return [_outbox_row(r) for r in rows]
+
+    def outbox_delivered(self, ids: Sequence[int]) -> None:
+        """These rows reached their sink (a hook exited 0, a webhook answered 2xx)."""
+        self._outbox_set(ids, "status = 'delivered', attempts = attempts + 1", ())
+
+    def outbox_retry(self, ids: Sequence[int], next_attempt: float, error: str) -> None:
+        """A failed delivery: try again at ``next_attempt`` (wall clock)."""
+        self._outbox_set(
+            ids, "attempts = attempts + 1, next_attempt = ?, last_error = ?", (next_attempt, error)
+        )
+
+    def outbox_gave_up(self, ids: Sequence[int], error: str) -> None:
+        """The last allowed delivery failed: recorded, and never tried again."""
+        self._outbox_set(
+            ids, "status = 'gave_up', attempts = attempts + 1, last_error = ?", (error,)
+        )
+
+    def _outbox_set(self, ids: Sequence[int], assignments: str, args: tuple[Any, ...]) -> None:
+        if not ids:
+            return
+        marks = ", ".join("?" for _ in ids)
+        with self._tx() as db:
             db.execute(
-                f"UPDATE jobs SET {names} WHERE job_id = ?",  # noqa: S608 - names are ours
-                (*fields.values(), job_id),
+                f"UPDATE outbox SET {assignments}, updated = ?"  # noqa: S608 - ours
+                f" WHERE id IN ({marks}) AND status = 'pending'",
+                (*args, time.time(), *ids),
             )
+
+    def outbox_rows(self, job_id: str | None = None) -> list[OutboxRow]:
+        """Every outbox row (of one job), oldest first."""
+        if job_id is None:
+            rows = self._query("SELECT * FROM outbox ORDER BY id")
+        else:
+            rows = self._query("SELECT * FROM outbox WHERE job_id = ? ORDER BY id", (job_id,))
+        return [_outbox_row(r) for r in rows]
+
+    def outbox_counts(self) -> dict[str, int]:
+        """Outbox rows by status (pending, delivered, gave_up)."""
+        rows = self._query("SELECT status, count(*) AS n FROM outbox GROUP BY status")
+        return {str(r["status"]): int(r["n"]) for r in rows}
+
+    def outbox_prune(self, before: float) -> None:
+        """Forget delivered and given-up rows last touched before ``before``."""
+        with self._tx() as db:
+            db.execute("DELETE FROM outbox WHERE status != 'pending' AND updated < ?", (before,))
 
     # -- questions -----------------------------------------------------------------
 
@@ -388,6 +572,15 @@ class Ledger:
             "SELECT text FROM transcripts WHERE sha256 = ? AND model = ?", (sha256, model)
         )
         return str(rows[0]["text"]) if rows else None
+
+    def text_of(self, job_id: str, model: str) -> str | None:
+        """A finished job's transcript: its own, or (dedup) the one paid for its content."""
+        rows = self._query(
+            "SELECT coalesce(j.text, t.text) AS text FROM jobs AS j LEFT JOIN transcripts AS t"
+            " ON t.sha256 = j.sha256 AND t.model = ? WHERE j.job_id = ?",
+            (model, job_id),
+        )
+        return str(rows[0]["text"]) if rows and rows[0]["text"] is not None else None
 
     def job(self, job_id: str) -> JobRow | None:
         """The row of one job."""
@@ -437,6 +630,46 @@ class Ledger:
                 {"instance": row["instance"], "pid": row["pid"], "updated": row["updated"], **state}
             )
         return out
+
+
+def _insert_events(db: sqlite3.Connection, events: Sequence[OutboxEvent]) -> None:
+    """Add ``events`` to the outbox; an event already there (a finish run twice) once."""
+    now = time.time()
+    for event in events:
+        db.execute(
+            "INSERT OR IGNORE INTO outbox (event_id, event, sink, ordering, job_id, target,"
+            " payload, next_attempt, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                "msg_" + secrets.token_hex(12),
+                event.event,
+                event.sink,
+                event.ordering,
+                event.job_id,
+                json.dumps(event.target, ensure_ascii=False),
+                json.dumps(event.payload, ensure_ascii=False),
+                event.not_before,
+                now,
+                now,
+            ),
+        )
+
+
+def _outbox_row(row: sqlite3.Row) -> OutboxRow:
+    return OutboxRow(
+        id=int(row["id"]),
+        event_id=row["event_id"],
+        event=row["event"],
+        sink=row["sink"],
+        ordering=row["ordering"],
+        job_id=row["job_id"],
+        target=json.loads(row["target"]),
+        payload=json.loads(row["payload"]),
+        status=row["status"],
+        attempts=int(row["attempts"]),
+        next_attempt=float(row["next_attempt"]),
+        last_error=row["last_error"],
+        created=float(row["created"]),
+    )
 
 
 def _row(row: sqlite3.Row) -> JobRow:

@@ -28,9 +28,15 @@ class AccountProbe:
     """The prober thread, and what its answer means for the pacer."""
 
     def __init__(
-        self, pacer: Pacer, check: Callable[[], dict[str, Any]], wakeup: threading.Event
+        self,
+        pacer: Pacer,
+        check: Callable[[], dict[str, Any]],
+        wakeup: threading.Event,
+        announce: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
         self.pacer = pacer
+        #: account events (``resumed``) for the outbox (docs/design.md §13)
+        self.announce = announce
         self.check = check
         self.wakeup = wakeup
         self.log = get_logger()
@@ -50,8 +56,7 @@ class AccountProbe:
             except SfwatchError as exc:
                 if isinstance(exc, TranscribeError) and exc.http_status in (404, 405):
                     # No /user/info here: let one upload through as the probe instead.
-                    self.pacer.account_ok()
-                    self.log.info("sfwatch.uploads_resumed", probe="upload")
+                    self._resumed("upload")
                     self.future = None
                     return
                 reason = exc.reason if isinstance(exc, TranscribeError) else "probe_failed"
@@ -68,8 +73,7 @@ class AccountProbe:
                     "sfwatch.account_probe_failed", reason="probe_crashed", retry_in=round(wait, 1)
                 )
             else:
-                self.pacer.account_ok()
-                self.log.info("sfwatch.uploads_resumed")
+                self._resumed("user_info")
             self.future = None
         if (
             self.pacer.account_fault is not None
@@ -79,6 +83,13 @@ class AccountProbe:
         ):
             self.future = self.pool.submit(self.check)
             self.future.add_done_callback(lambda _f: self.wakeup.set())
+
+    def _resumed(self, probe: str) -> None:
+        fields = {"probe": probe, "paused_reason": self.pacer.account_fault}
+        self.pacer.account_ok()
+        self.log.info("sfwatch.uploads_resumed", **fields)
+        if self.announce is not None:
+            self.announce("resumed", fields)
 
     def shutdown(self) -> None:
         """Leave a probe in flight behind: its answer no longer matters."""

@@ -200,10 +200,16 @@ def retired_watch(row: JobRow) -> WatchConfig:
         value = dirs.get(key)
         return Path(value) if value else default
 
+    def hook(key: str) -> tuple[str, ...] | None:
+        value = dirs.get(key)
+        return tuple(str(a) for a in value) if isinstance(value, list) else None
+
     return WatchConfig(
         path=root,
         done_dir=folder("done_dir", root / "done"),
         failed_dir=folder("failed_dir", root / "failed"),
         transcript_dir=Path(dirs["transcript_dir"]) if dirs.get("transcript_dir") else None,
         model=dirs.get("model"),
+        on_done=hook("on_done"),
+        on_failed=hook("on_failed"),
     )

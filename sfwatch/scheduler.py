@@ -61,14 +61,17 @@ def needs_upload(job: Job) -> bool:
     return job.text is None and job.verdict is None and job.plan is None
 
 
-def watch_dirs(watch: WatchConfig) -> dict[str, str | None]:
-    """A watch's folders, as the ledger records them at claim (recovery's roots)."""
+def watch_dirs(watch: WatchConfig) -> dict[str, Any]:
+    """A watch's folders, as the ledger records them at claim (recovery's roots); also
+    its own hooks, so a claim finished after its folder left the config runs them."""
     return {
         "path": str(watch.path),
         "done_dir": str(watch.done_dir),
         "failed_dir": str(watch.failed_dir),
         "transcript_dir": str(watch.transcript_dir) if watch.transcript_dir else None,
         "model": watch.model,
+        "on_done": list(watch.on_done) if watch.on_done is not None else None,
+        "on_failed": list(watch.on_failed) if watch.on_failed is not None else None,
     }
 
 
@@ -84,10 +87,13 @@ class Scheduler:
         clock: Callable[[], float] = time.monotonic,
         *,
         events: Events | None = None,
+        announce: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
         self.config = config
         #: where ``job_finished`` (and a lost job) is told, besides the log
         self.events = events or Events()
+        #: account events (``paused``) for the outbox (docs/design.md §13)
+        self.announce = announce
         self.clock = clock
         self.pacer = pacer
         self.ledger = ledger
@@ -260,8 +266,10 @@ class Scheduler:
             case Park(state):
                 exc = _upload_error(outcome)
                 if not paused:
-                    fields = _upload_fields(job, exc)
-                    self.log.error("sfwatch.uploads_paused", **fields, probe_in=round(hold, 1))
+                    fields = {**_upload_fields(job, exc), "probe_in": round(hold, 1)}
+                    self.log.error("sfwatch.uploads_paused", **fields)
+                    if self.announce is not None:
+                        self.announce("paused", fields)
                 self._record_wait(with_state(job, state), exc, 0.0)
             case Retry(delay, state) if kind is OutcomeKind.ERROR:
                 exc = _upload_error(outcome)
@@ -377,6 +385,15 @@ class Scheduler:
             self.guarded("release", job, lambda: release(job))
         self.finish_problems.pop(job.job_id, None)
         self.counts[outcome.kind] += 1
+        level = "warning" if outcome.kind == "failed" else "info"
+        # The worker's fields when it made them: the same its outbox events carry.
+        fields = outcome.fields if outcome.fields is not None else self._fields(outcome, reason)
+        getattr(self.log, level)("sfwatch.job_finished", **fields)
+        self.events.emit("sfwatch.job_finished", fields)
+
+    def _fields(self, outcome: Outcome, reason: str | None) -> dict[str, Any]:
+        """``job_finished`` fields for an outcome the worker did not describe."""
+        job = outcome.job
         fields: dict[str, Any] = {
             "job_id": job.job_id,
             "file": str(job.source),
@@ -398,9 +415,7 @@ class Scheduler:
                     fields[key] = value
         if reason is not None:
             fields["reason"] = reason
-        level = "warning" if outcome.kind == "failed" else "info"
-        getattr(self.log, level)("sfwatch.job_finished", **fields)
-        self.events.emit("sfwatch.job_finished", fields)
+        return fields
 
 
 def _upload_error(outcome: Outcome) -> TranscribeError:

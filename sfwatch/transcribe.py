@@ -360,7 +360,7 @@ class _Cutoff:
 
 
 @contextlib.contextmanager
-def _translated(late: str, cutoff: _Cutoff | None = None) -> Iterator[None]:
+def _translated(late: str, cutoff: _Cutoff | _Watchdog | None = None) -> Iterator[None]:
     """Turn every failure of one request into an error of ``errors.py``; ``late``: the
     message for a request that ran past its deadline."""
     try:
@@ -571,6 +571,136 @@ class Transcriber:
         data = info.get("data")
         found = data if isinstance(data, dict) else info
         return {k: self._clean(v, 500) if isinstance(v, str) else v for k, v in found.items()}
+
+
+# -- webhooks (docs/design.md §13) ------------------------------------------------------
+#
+# Webhook POSTs live here, not in the outbox with the standard library, because this
+# module is where every HTTP request of sfwatch is bounded and audited: a whole-request
+# deadline (a receiver trickling its headers is cut too), answers read at most
+# WEBHOOK_ANSWER bytes, TLS verified as for the API. They never carry the key: a
+# poster has no Transcriber, and its client was made here with no default headers
+# (nothing of the API's client, its Authorization above all, can ride along).
+
+#: the most of a receiver's answer read: only its status matters, the rest is for a log line
+WEBHOOK_ANSWER = 4096
+
+
+class _Watchdog:
+    """A whole-request deadline for a client that holds one connection at a time.
+
+    Like ``_Cutoff``, it ends a request at its deadline whatever it waits for, by
+    shutting its socket; but it lives as long as its client, so the connection may
+    be kept alive between requests: with ``max_connections=1`` the socket in use is
+    always the one the last connect made (learnt from httpcore's ``trace``). One
+    thread sleeps until the armed deadline; no thread is started per request.
+    """
+
+    def __init__(self) -> None:
+        self.fired = False
+        self._socket: socket.socket | None = None
+        self._deadline: float | None = None
+        self._wake = threading.Condition()
+        threading.Thread(target=self._run, name="sfwatch-webhook-deadline", daemon=True).start()
+
+    def trace(self, event: str, info: dict[str, Any]) -> None:
+        """httpcore's trace hook: remember the socket of a connection just opened."""
+        if event not in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+            return
+        stream = info.get("return_value")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        if isinstance(sock, socket.socket):
+            with self._wake:
+                self._socket = sock
+                if self.fired:
+                    self._shut()
+
+    def arm(self, seconds: float) -> None:
+        """A request starts: end it in ``seconds``."""
+        with self._wake:
+            self.fired = False
+            self._deadline = time.monotonic() + seconds
+            self._wake.notify()
+
+    def disarm(self) -> None:
+        """The request is over: the idle connection is left alone."""
+        with self._wake:
+            self._deadline = None
+
+    def _shut(self) -> None:
+        if self._socket is not None:
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(self._socket, socket.SHUT_RDWR)
+
+    def _run(self) -> None:
+        with self._wake:
+            while True:
+                if self._deadline is None:
+                    self._wake.wait()
+                    continue
+                left = self._deadline - time.monotonic()
+                if left > 0:
+                    self._wake.wait(left)
+                    continue
+                self.fired = True
+                self._deadline = None
+                self._shut()
+
+
+@dataclass(frozen=True)
+class Posted:
+    """A receiver's answer to one webhook POST."""
+
+    status: int
+    retry_after: float | None
+    #: the start of its body, cleaned for a log line
+    message: str
+
+
+class WebhookPoster:
+    """POSTs JSON to webhook receivers, one at a time (one per outbox thread).
+
+    It keeps one connection alive between POSTs (a stream of events to one
+    receiver costs no connect each); each POST is bounded as a whole by its timeout.
+    """
+
+    def __init__(self) -> None:
+        self._watchdog = _Watchdog()
+        self._client = httpx.Client(
+            verify=httpx.create_ssl_context(),
+            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+            follow_redirects=False,
+        )
+
+    def post(self, url: str, body: bytes, headers: dict[str, str], timeout: float) -> Posted:
+        """POST ``body`` to ``url`` once; ``TransientError`` when no answer came."""
+        deadline = time.monotonic() + timeout
+        self._watchdog.arm(timeout)
+        try:
+            with (
+                _translated(f"no answer within {timeout:g} s", self._watchdog),
+                self._client.stream(
+                    "POST",
+                    url,
+                    content=body,
+                    headers={"Accept-Encoding": "identity", **headers},
+                    timeout=httpx.Timeout(timeout, connect=min(CONNECT_TIMEOUT, timeout)),
+                    extensions={"trace": self._watchdog.trace},
+                ) as response,
+            ):
+                answer, _ = _read_body(response, deadline, WEBHOOK_ANSWER)
+        finally:
+            self._watchdog.disarm()
+        text = _CONTROLS.sub("\ufffd", answer.decode("utf-8", errors="replace")).strip()
+        return Posted(
+            status=response.status_code,
+            retry_after=parse_retry_after(dict(response.headers)),
+            message=text[:200],
+        )
+
+    def close(self) -> None:
+        """Close the kept connection."""
+        self._client.close()
 
 
 def _size(limit: int) -> str:

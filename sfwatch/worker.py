@@ -20,7 +20,7 @@ import dataclasses
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from sfwatch.finish import Placed, finish_done, finish_failed
 from sfwatch.folders import Folders
 from sfwatch.fsutil import same_content
 from sfwatch.job import Job, Plan, Verdict
-from sfwatch.ledger import Ledger
+from sfwatch.ledger import Ledger, OutboxEvent
 from sfwatch.lifecycle import OutcomeKind
 from sfwatch.logs import get_logger
 from sfwatch.prepare import Part, Prepared, clean_scratch, identify, prepare, scratch_folder
@@ -56,6 +56,57 @@ class Outcome:
     audio_seconds: float | None = None
     #: the job is over but its folder in the work area could not be removed yet
     unreleased: bool = False
+    #: a finished job's ``sfwatch.job_finished`` fields (also its events' payload)
+    fields: dict[str, Any] | None = None
+
+
+#: the outbox's events for a finished job: (watch, event, job_finished fields) → rows
+EventRoutes = Callable[[WatchConfig, str, dict[str, Any]], Sequence[OutboxEvent]]
+
+
+def finished_fields(
+    job: Job,
+    outcome: str,
+    placed: Placed | None,
+    *,
+    model: str | None,
+    bytes_sent: int = 0,
+    audio_seconds: float | None = None,
+    error: dict[str, Any] | None = None,
+    now: float | None = None,
+) -> dict[str, Any]:
+    """The fields of a finished job's one ``sfwatch.job_finished`` line (design §10).
+
+    Webhooks and hooks get these same fields (design §13), so they are made once,
+    where the job finishes, and the log line and the outbox both take them.
+    """
+    clock = time.monotonic() if now is None else now
+    fields: dict[str, Any] = {
+        "job_id": job.job_id,
+        "file": str(job.source),
+        "outcome": outcome,
+        "attempts": job.attempts,
+        "bytes": job.signature.size,
+        "bytes_sent": bytes_sent,
+        "audio_seconds": audio_seconds,
+        "duration_ms": round((clock - job.claimed_at) * 1000),
+        "trace_id": next((t for t in reversed(job.trace_ids) if t), None),
+        "model": model,
+    }
+    if placed is not None:
+        fields["moved_to"] = str(placed.original)
+        if placed.transcript is not None:
+            fields["transcript"] = str(placed.transcript)
+        if placed.error_file is not None:
+            fields["error_file"] = str(placed.error_file)
+    for key, value in (error or {}).items():
+        if fields.get(key) is None and value is not None:
+            fields[key] = value
+    return fields
+
+
+def _no_events(_watch: WatchConfig, _event: str, _fields: dict[str, Any]) -> list[OutboxEvent]:
+    return []
 
 
 def error_fields(exc: BaseException) -> dict[str, Any]:
@@ -102,6 +153,7 @@ class Worker:
         *,
         folders: Folders | None = None,
         events: Events | None = None,
+        routes: EventRoutes = _no_events,
     ) -> None:
         self.config = config
         #: where each HTTP attempt (``upload_finished``) is told, besides the log
@@ -113,6 +165,8 @@ class Worker:
         #: claims to finish (the daemon's registry, which a reload updates)
         self.folders = folders if folders is not None else Folders(config.watch)
         self.fence = fence
+        #: the outbox rows a finished job adds (hooks, webhooks, notifications: §13)
+        self.routes = routes
         self.log = get_logger()
 
     def model_for(self, job: Job) -> str:
@@ -187,15 +241,30 @@ class Worker:
                 return early
         job, kind, bytes_sent, audio_seconds = got.job, got.kind, got.bytes_sent, got.seconds
         placed = self._finish(job, watch, progress)
+        latest = progress[-1]
+        fields = finished_fields(
+            latest,
+            kind,
+            placed,
+            model=self.model_for(latest),
+            bytes_sent=bytes_sent,
+            audio_seconds=audio_seconds,
+        )
         self.ledger.finished(
-            progress[-1],
+            latest,
             kind,
             final_path=placed.original,
             transcript=placed.transcript,
             audio_seconds=audio_seconds,
+            events=self.routes(watch, "done", fields),
         )
         return Outcome(
-            kind, progress[-1], placed=placed, bytes_sent=bytes_sent, audio_seconds=audio_seconds
+            kind,
+            latest,
+            placed=placed,
+            bytes_sent=bytes_sent,
+            audio_seconds=audio_seconds,
+            fields=fields,
         )
 
     def _transcript(
@@ -352,6 +421,13 @@ class Worker:
         )
         latest = progress[-1]
         error = latest.plan.error if latest.plan is not None else fields
-        self.ledger.finished(latest, "failed", final_path=placed.original, error=error)
+        done = finished_fields(latest, "failed", placed, model=self.model_for(latest), error=error)
+        self.ledger.finished(
+            latest,
+            "failed",
+            final_path=placed.original,
+            error=error,
+            events=self.routes(watch, "failed", done),
+        )
         exc = verdict.error if verdict is not None else None
-        return Outcome(OutcomeKind.FAILED, latest, exc, placed=placed)
+        return Outcome(OutcomeKind.FAILED, latest, exc, placed=placed, fields=done)

@@ -75,6 +75,7 @@ def test_example_config_loads_with_every_default() -> None:
 def test_example_config_shows_every_key() -> None:
     """Every key the parser accepts appears in the example with its default value."""
     example = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
+    example["notify"]["on"] = example["notify"].pop(True)  # YAML 1.1 reads `on:` as true
     defaults = default_config_dict()
     assert example.pop("state_dir") == "./.state"
     defaults.pop("state_dir")
@@ -881,3 +882,86 @@ def test_no_config_file_lists_what_was_tried(tmp: Path, places: dict[str, Path])
         f"no config file: tried {tmp}/sfwatch.yaml, {places['system']}; "
         "use -c FILE or $SFWATCH_CONFIG"
     )
+
+
+# --- hooks, webhooks, notify (docs/design.md §13) --------------------------------------------
+
+
+def test_integration_keys_parse(tmp: Path) -> None:
+    """hooks, webhooks and notify: argv resolved, defaults filled, a bare `on:` is "on"."""
+    tool = tmp / "bin" / "tool"
+    tool.parent.mkdir()
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    config = load(
+        tmp,
+        "hooks:\n  on_done: [bin/tool, --quiet]\n  on_failed: [echo, x]\n  timeout_seconds: 5\n"
+        "webhooks:\n  - url: https://hooks.example.org/a\n    secret_file: s\n"
+        "  - url: http://127.0.0.1:8080/b\n    events: [paused]\n"
+        "notify:\n  urls: ['ntfy://topic']\n  on: [failed]\n"
+        "watch:\n  - path: in\n    on_done: []\n    on_failed: [/bin/sh, -c, 'exit 0']\n",
+    )
+    assert config.hooks.on_done == (str(tool), "--quiet")
+    assert config.hooks.on_failed is not None
+    assert config.hooks.on_failed[0].endswith("/echo")
+    assert (config.hooks.timeout_seconds, config.hooks.max_attempts) == (5, 8)
+    first, second = config.webhooks
+    assert (first.events, first.secret_file, first.max_attempts) == (
+        ("done", "failed", "paused", "resumed"),
+        tmp / "s",
+        12,
+    )
+    assert second.events == ("paused",)
+    assert (config.notify.urls, config.notify.on) == (("ntfy://topic",), ("failed",))
+    watch = config.watch[0]
+    assert config.hooks.for_watch(watch, "done") == ()
+    assert config.hooks.for_watch(watch, "failed") == ("/bin/sh", "-c", "exit 0")
+    assert config_warnings(config) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("hooks:\n  on_done: /bin/true --x\n", "hooks.on_done: must be a list of arguments"),
+        ("hooks:\n  on_done: [no-such-tool-x]\n", "hooks.on_done[0]: 'no-such-tool-x' is not"),
+        ("hooks:\n  on_failed: [./missing.sh]\n", "hooks.on_failed[0]: "),
+        ("hooks:\n  on_done: ['']\n", "hooks.on_done[0]: must be a string"),
+        ("hooks:\n  on_done: [/bin/true, 3]\n", "hooks.on_done[1]: must be a string"),
+        ("hooks:\n  timeout_seconds: 0\n", "hooks.timeout_seconds: must be > 0"),
+        ("hooks:\n  concurrency: 100\n", "hooks.concurrency: must be between 1 and 64"),
+        ("hooks:\n  on_sucess: [/bin/true]\n", "hooks.on_sucess: unknown key"),
+        ("webhooks: {url: x}\n", "webhooks: must be a list of receivers"),
+        ("webhooks:\n  - events: [done]\n", "webhooks[0].url: required"),
+        ("webhooks:\n  - url: ftp://u:pw@h/x\n", "webhooks[0].url: must be an http(s) URL"),
+        (
+            "webhooks:\n  - url: http://a/x\n  - url: http://a/x\n",
+            "webhooks[1].url: same URL as webhooks[0].url",
+        ),
+        ("webhooks:\n  - url: http://a/x\n    events: [done, dne]\n", "webhooks[0].events[1]"),
+        ("webhooks:\n  - url: http://a/x\n    events: []\n", "webhooks[0].events: must list"),
+        ("notify:\n  urls: ntfy://t\n", "notify.urls: must be a list of Apprise URLs"),
+        ("notify:\n  urls: [topic]\n", "notify.urls[0]: must be an Apprise URL"),
+        ("notify:\n  on: [done, done]\n", "notify.on: names an event twice"),
+        ("notify:\n  on: [failed]\n  'on': [done]\n", "notify.on: given twice"),
+        ("watch_x: 1\n", "watch_x: unknown key"),
+    ],
+)
+def test_integration_errors_name_the_key(tmp: Path, text: str, message: str) -> None:
+    """Every wrong hooks/webhooks/notify value is an error naming its key path."""
+    error = load_error(tmp, text + ("" if "watch_x" in text else "watch:\n  - path: in\n"))
+    assert message in error
+    assert "pw" not in error
+
+
+def test_watch_hook_errors_name_the_watch(tmp: Path) -> None:
+    """A watch's on_done that is not executable names watch[N].on_done[0]."""
+    (tmp / "notes.sh").write_text("echo\n")  # not executable
+    error = load_error(tmp, "watch:\n  - path: a\n  - path: b\n    on_done: [./notes.sh]\n")
+    assert error == f"watch[1].on_done[0]: {tmp / 'notes.sh'} is not an executable file"
+
+
+def test_plain_http_webhook_elsewhere_is_a_warning(tmp: Path) -> None:
+    """Transcripts over plain http to another host: a warning naming the webhook."""
+    config = load(tmp, "webhooks:\n  - url: http://hooks.example.org/x\nwatch:\n  - path: in\n")
+    (warning,) = config_warnings(config)
+    assert warning.startswith("webhooks[0].url: plain http:// to hooks.example.org")

@@ -1,0 +1,995 @@
+"""The outbox: hooks, webhooks and notifications about finished files and the account.
+
+docs/design.md §13 ("Integrations: the outbox") is the design; in short:
+
+- **Durable first.** A finished file's events are rows of the ledger's ``outbox``
+  table, written in the very transaction that marks the job done or failed
+  (``Ledger.finished``); account events (``paused``, ``resumed``) are written when
+  they happen. One row per (event, sink): sink ``hook``, ``webhook:<url>`` or
+  ``notify``. A crash after the finish loses nothing: the rows are delivered after
+  the restart (at least once).
+- **Delivered apart.** One dispatcher thread picks due rows and hands them to
+  lanes of their own, never an upload thread: ``hooks.concurrency`` threads run
+  hooks as subprocesses, a few POST webhooks, one sends Apprise notifications.
+  A row waits while an earlier row of the same sink and file is pending, so a
+  receiver sees a file's events in order; other files go on.
+- **Retried, then given up.** A failed delivery is tried again after a growing,
+  jittered wait; after its sink's ``max_attempts`` it is recorded ``gave_up`` in
+  the ledger and logged (``sfwatch.delivery_gave_up``).
+- **Never the key.** A hook's environment is built from scratch (``hook_env``), a
+  webhook's body and headers and a notification's text from the job's fields;
+  nothing is inherited or copied wholesale, and everything goes through ``scrub``
+  (the key's redactor) on its way out as a second guard.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import os
+import queue
+import selectors
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from sfwatch import __version__
+from sfwatch.backoff import full_jitter
+from sfwatch.config import HOOK_PATH, Config, NotifyConfig, WatchConfig, WebhookConfig
+from sfwatch.errors import ConfigError, TransientError
+from sfwatch.ledger import Ledger, OutboxEvent, OutboxRow
+from sfwatch.logs import get_logger
+
+#: the first retry waits about this long (seconds); each next one twice as long
+RETRY_BASE = 5.0
+#: ... up to this
+RETRY_CAP = 1800.0
+#: tries of one notification before it is given up
+NOTIFY_MAX_ATTEMPTS = 8
+#: threads that POST webhooks (a slow receiver holds one; the others go on)
+WEBHOOK_THREADS = 4
+#: bytes of a hook's stdout and of its stderr kept for the log line; the rest is counted
+HOOK_OUTPUT_KEEP = 4096
+#: a hook past its timeout gets SIGTERM, then SIGKILL this much later (its whole group)
+HOOK_KILL_GRACE = 2.0
+#: after a hook exits, how long its output is still read (a child of it may hold the pipes)
+HOOK_EXIT_GRACE = 1.0
+#: rows handed out per look at the ledger
+DISPATCH_BATCH = 64
+#: the dispatcher looks at the ledger at least this often, even with nothing due
+IDLE_WAIT = 60.0
+#: ... and at most this often: wake-ups closer together are served by one look (and
+#: the deliveries that ended meanwhile are marked in one transaction)
+MIN_PASS = 0.05
+#: delivered and given-up rows are forgotten after this long (seconds)
+KEEP_SECONDS = 30 * 86400.0
+#: a delivery that raised (a bug, the state disk) is looked at again after this long
+COOL_DOWN = 5.0
+#: files named in a summary notification (the rest are counted)
+SUMMARY_FILES = 10
+
+
+def retry_delay(attempts: int, base: float = RETRY_BASE, cap: float = RETRY_CAP) -> float:
+    """The wait after the ``attempts``-th failed delivery: half fixed, half full jitter.
+
+    The fixed half keeps a failing receiver from being retried at once; the
+    jittered half (backoff.py) spreads the retries of a burst of events.
+    """
+    step = min(cap, base * 2.0 ** max(0, min(attempts - 1, 30)))
+    return step / 2 + full_jitter(attempts, base=base / 2, cap=cap / 2)
+
+
+def _same(text: str) -> str:
+    return text
+
+
+# -- which sinks an event goes to -------------------------------------------------------------
+
+
+def webhook_target(hook: WebhookConfig) -> dict[str, Any]:
+    """How to deliver to ``hook``, as the outbox row keeps it (no secret, only its file)."""
+    return {
+        "url": hook.url,
+        "secret_file": str(hook.secret_file) if hook.secret_file else None,
+        "timeout_seconds": hook.timeout_seconds,
+        "max_attempts": hook.max_attempts,
+        "max_text_bytes": hook.max_text_bytes,
+    }
+
+
+class Routes:
+    """Which outbox rows an event makes, given the config (docs/design.md §13)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def for_job(self, watch: WatchConfig, event: str, fields: dict[str, Any]) -> list[OutboxEvent]:
+        """The rows of a finished job: ``event`` is done or failed, ``fields`` job_finished's."""
+        now = time.time()
+        payload = {**fields, "event": event, "watch": str(watch.path)}
+        ordering = str(fields["file"])
+        job_id = str(fields["job_id"])
+        rows: list[OutboxEvent] = []
+        argv = self.config.hooks.for_watch(watch, event)
+        if argv:
+            target = {
+                "argv": list(argv),
+                "timeout_seconds": self.config.hooks.timeout_seconds,
+                "max_attempts": self.config.hooks.max_attempts,
+            }
+            rows.append(OutboxEvent(event, "hook", ordering, job_id, target, payload, now))
+        rows.extend(
+            OutboxEvent(
+                event, f"webhook:{hook.url}", ordering, job_id, webhook_target(hook), payload, now
+            )
+            for hook in self.config.webhooks
+            if event in hook.events
+        )
+        if self.config.notify.urls and event in self.config.notify.on:
+            rows.append(OutboxEvent(event, "notify", ordering, job_id, {}, payload, now))
+        return rows
+
+    def for_account(self, event: str, fields: dict[str, Any]) -> list[OutboxEvent]:
+        """The rows of an account event: ``paused`` or ``resumed``."""
+        now = time.time()
+        payload = {**fields, "event": event}
+        rows = [
+            OutboxEvent(
+                event, f"webhook:{hook.url}", "account", None, webhook_target(hook), payload, now
+            )
+            for hook in self.config.webhooks
+            if event in hook.events
+        ]
+        if self.config.notify.urls and event in self.config.notify.on:
+            rows.append(OutboxEvent(event, "notify", "account", None, {}, payload, now))
+        return rows
+
+
+# -- hooks ------------------------------------------------------------------------------------
+
+
+def _env_value(value: object) -> str:
+    if value is None:
+        return ""
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return text.replace("\0", "")
+
+
+def hook_env(event: str, data: dict[str, Any]) -> dict[str, str]:
+    """A hook's whole environment, built from the job's fields: nothing is inherited.
+
+    Unknown values are empty strings, so a script with ``set -u`` still runs.
+    """
+    fields = {
+        "SFWATCH_EVENT": event,
+        "SFWATCH_JOB_ID": data.get("job_id"),
+        "SFWATCH_FILE": data.get("file"),
+        "SFWATCH_OUTCOME": data.get("outcome"),
+        "SFWATCH_ORIGINAL": data.get("moved_to"),
+        "SFWATCH_TRANSCRIPT": data.get("transcript"),
+        "SFWATCH_ERROR_FILE": data.get("error_file"),
+        "SFWATCH_REASON": data.get("reason"),
+        "SFWATCH_TRACE_ID": data.get("trace_id"),
+        "SFWATCH_MODEL": data.get("model"),
+        "SFWATCH_AUDIO_SECONDS": data.get("audio_seconds"),
+        "SFWATCH_WATCH": data.get("watch"),
+    }
+    return {
+        "PATH": HOOK_PATH,
+        "LANG": "C.UTF-8",
+        **{name: _env_value(value) for name, value in fields.items()},
+    }
+
+
+@dataclass(frozen=True)
+class HookResult:
+    """How one run of a hook went."""
+
+    returncode: int | None  # None: it did not start
+    timed_out: bool
+    error: str | None  # why it did not start
+    stdout: bytes  # the first HOOK_OUTPUT_KEEP bytes
+    stderr: bytes
+    stdout_bytes: int  # how much it wrote in all
+    stderr_bytes: int
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        """It ran, in time, and exited 0."""
+        return self.returncode == 0 and not self.timed_out
+
+    def problem(self) -> str:
+        """What went wrong, in a few words."""
+        if self.error is not None:
+            return self.error
+        if self.timed_out:
+            return f"timed out after {self.seconds:.1f} s; its process group was killed"
+        if self.returncode is not None and self.returncode < 0:
+            with contextlib.suppress(ValueError):
+                return f"killed by {signal.Signals(-self.returncode).name}"
+        return f"exit status {self.returncode}"
+
+
+class _Capture:
+    """The head of one output stream, and how long it was; the rest is dropped as read."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.head = bytearray()
+        self.total = 0
+
+    def add(self, data: bytes) -> None:
+        self.total += len(data)
+        room = self.keep - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the hook's process group, SIGKILL it after a grace; reap the hook."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(HOOK_KILL_GRACE)
+    # Also whatever of its group outlived it (a hook's children).
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def run_hook(
+    argv: Sequence[str],
+    env: dict[str, str],
+    stdin: bytes,
+    timeout: float,
+    *,
+    keep: int = HOOK_OUTPUT_KEEP,
+    started: Callable[[subprocess.Popen[bytes]], None] | None = None,
+) -> HookResult:
+    """Run one hook: argv (no shell), ``env`` as its whole environment, ``stdin`` fed to it.
+
+    It runs in a session (and process group) of its own in ``/``; past ``timeout``
+    the whole group is killed. Its stdout and stderr are read as they come, the
+    first ``keep`` bytes of each kept and the rest only counted, so a hook that
+    prints gigabytes costs no memory. ``started`` is told the process (the outbox
+    kills the hooks still running when the daemon stops).
+    """
+    begin = time.monotonic()
+    try:
+        proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd="/",
+            start_new_session=True,
+            close_fds=True,
+        )
+    except OSError as exc:
+        return HookResult(
+            None, False, f"could not start {argv[0]}: {exc.strerror or exc}", b"", b"", 0, 0, 0.0
+        )
+    if started is not None:
+        started(proc)
+    assert proc.stdout is not None  # noqa: S101 - PIPEs above
+    assert proc.stderr is not None  # noqa: S101
+    out, err = _Capture(keep), _Capture(keep)
+    captures = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
+    deadline = begin + timeout
+    timed_out = _pump(proc, captures, memoryview(stdin), deadline)
+    if not timed_out:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+    if timed_out:
+        _kill_group(proc)
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()
+    return HookResult(
+        returncode=proc.returncode,
+        timed_out=timed_out,
+        error=None,
+        stdout=bytes(out.head),
+        stderr=bytes(err.head),
+        stdout_bytes=out.total,
+        stderr_bytes=err.total,
+        seconds=time.monotonic() - begin,
+    )
+
+
+def _pump(
+    proc: subprocess.Popen[bytes],
+    captures: dict[int, _Capture],
+    pending: memoryview,
+    deadline: float,
+) -> bool:
+    """Feed stdin and read both outputs until they end; True if the deadline came first."""
+    exited_at: float | None = None
+    with selectors.DefaultSelector() as selector:
+        for fd in captures:
+            selector.register(fd, selectors.EVENT_READ)
+        if proc.stdin is not None:
+            os.set_blocking(proc.stdin.fileno(), False)
+            selector.register(proc.stdin, selectors.EVENT_WRITE)
+        while selector.get_map():
+            now = time.monotonic()
+            if now >= deadline:
+                return True
+            if exited_at is None and proc.poll() is not None:
+                exited_at = now
+            if exited_at is not None and now - exited_at > HOOK_EXIT_GRACE:
+                return False  # a child of the hook holds the pipes: stop reading them
+            for key, _ in selector.select(min(deadline - now, 0.25)):
+                stream = key.fileobj
+                if stream is proc.stdin:
+                    try:
+                        written = os.write(proc.stdin.fileno(), pending[:65536])
+                    except BlockingIOError:
+                        continue
+                    except OSError:  # EPIPE: the hook does not want (the rest of) it
+                        written = len(pending)
+                    pending = pending[written:]
+                    if not pending:
+                        selector.unregister(proc.stdin)
+                        with contextlib.suppress(OSError):
+                            proc.stdin.close()
+                    continue
+                data = os.read(key.fd, 65536)
+                if data:
+                    captures[key.fd].add(data)
+                else:
+                    selector.unregister(key.fd)
+    return False
+
+
+def _output(data: bytes, total: int) -> str:
+    text = data.decode("utf-8", errors="replace")
+    return text + f"… [{total - len(data)} more bytes]" if total > len(data) else text
+
+
+# -- webhooks ---------------------------------------------------------------------------------
+
+
+def read_secret(path: Path, key: str) -> bytes:
+    """A webhook secret from its file: ``whsec_<base64>`` (Standard Webhooks) or raw text.
+
+    ``key`` is the config key for the error. The secret is never part of a message.
+    """
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(key, f"cannot read {path}: {why}") from None
+    if not text:
+        raise ConfigError(key, f"{path} is empty")
+    if text.startswith("whsec_"):
+        try:
+            return base64.b64decode(text[len("whsec_") :], validate=True)
+        except (binascii.Error, ValueError):
+            raise ConfigError(key, f"{path}: not base64 after 'whsec_'") from None
+    return text.encode()
+
+
+def sign(secret: bytes, message_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` header: ``v1,`` + base64 HMAC-SHA256 of ``id.timestamp.body``."""
+    signed = f"{message_id}.{timestamp}.".encode() + body
+    digest = hmac.new(secret, signed, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+def cut_utf8(text: str, limit: int) -> tuple[str, bool]:
+    """``text`` cut to at most ``limit`` UTF-8 bytes, between characters; and whether it was."""
+    data = text.encode("utf-8")
+    if len(data) <= limit:
+        return text, False
+    return data[:limit].decode("utf-8", errors="ignore"), True
+
+
+def _iso(when: float) -> str:
+    return (
+        datetime.fromtimestamp(when, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    )
+
+
+def url_for_log(url: str) -> str:
+    """A URL fit for a log line: no ``user:password@``, no query (either may hold a token)."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{host}{parts.path}"
+
+
+# -- notifications ------------------------------------------------------------------------------
+
+
+def make_apprise(notify: NotifyConfig) -> Any:
+    """An ``apprise.Apprise`` holding ``notify.urls``; ConfigError naming the bad one."""
+    try:
+        import apprise  # noqa: PLC0415 - the optional extra sfwatch[notify]
+    except ImportError:
+        raise ConfigError(
+            "notify.urls", "needs Apprise: pip install 'sfwatch[notify]' (or: pip install apprise)"
+        ) from None
+    sender = apprise.Apprise(asset=apprise.AppriseAsset(app_id="sfwatch", app_desc="sfwatch"))
+    quiet = logging.getLogger("apprise")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # its warning would quote the URL, token and all
+    try:
+        for index, url in enumerate(notify.urls):
+            if not sender.add(url):
+                scheme = url.partition("://")[0]
+                raise ConfigError(
+                    f"notify.urls[{index}]", f"Apprise does not understand this {scheme}:// URL"
+                )
+    finally:
+        quiet.setLevel(level)
+    return sender
+
+
+def _plural(count: int, one: str, many: str) -> str:
+    return f"{count} {one if count == 1 else many}"
+
+
+def summary(rows: Sequence[OutboxRow], host: str) -> tuple[str, str, str]:
+    """One message for gathered events: (title, body, Apprise notify type)."""
+    by_event = Counter(row.event for row in rows)
+    failed = [row.payload for row in rows if row.event == "failed"]
+    done = [row.payload for row in rows if row.event == "done"]
+    account = [row for row in rows if row.event in ("paused", "resumed")]
+    title_parts: list[str] = []
+    body: list[str] = []
+    if failed:
+        one = Path(str(failed[0].get("file"))).name
+        title_parts.append(f"{one} failed" if len(failed) == 1 else f"{len(failed)} files failed")
+        reasons = Counter(str(p.get("reason") or "unknown") for p in failed)
+        body.append(
+            f"{_plural(len(failed), 'file', 'files')} failed ("
+            + ", ".join(f"{reason}: {n}" for reason, n in reasons.most_common())
+            + ")"
+        )
+        for payload in failed[:SUMMARY_FILES]:
+            why = payload.get("api_message") or payload.get("message") or ""
+            line = f"- {payload.get('file')}: {payload.get('reason')}"
+            body.append(f"{line} ({str(why)[:200]})" if why else line)
+        if len(failed) > SUMMARY_FILES:
+            body.append(f"… and {len(failed) - SUMMARY_FILES} more: `sfwatch status` lists them")
+    if done:
+        one = Path(str(done[0].get("file"))).name
+        title_parts.append(
+            f"{one} transcribed" if len(done) == 1 else f"{len(done)} files transcribed"
+        )
+        body.extend(f"- {p.get('file')} → {p.get('transcript')}" for p in done[:SUMMARY_FILES])
+        if len(done) > SUMMARY_FILES:
+            body.append(f"… and {len(done) - SUMMARY_FILES} more")
+    for row in account:  # in the order they happened: the last one is how things stand
+        payload = row.payload
+        if row.event == "paused":
+            status = f" (HTTP {payload['http_status']})" if payload.get("http_status") else ""
+            body.append(
+                f"Uploads paused: {payload.get('reason')}{status}: {payload.get('error') or ''}"
+                " — the account is probed and uploads resume by themselves once it answers."
+            )
+        else:
+            body.append("Uploads resumed.")
+    if account:
+        title_parts.append(f"uploads {account[-1].event}")
+    kind = "info"
+    if by_event["done"] or by_event["resumed"]:
+        kind = "success"
+    if by_event["paused"]:
+        kind = "warning"
+    if by_event["failed"]:
+        kind = "failure"
+    return f"sfwatch on {host}: " + ", ".join(title_parts), "\n".join(body), kind
+
+
+# -- the dispatcher -----------------------------------------------------------------------------
+
+
+#: rows a lane holds per thread (running or queued): enough for one dispatcher pass
+LANE_DEPTH = 8
+
+
+class _Lane:
+    """A few daemon threads doing one kind of delivery; ``LANE_DEPTH`` rows a thread."""
+
+    def __init__(self, name: str, size: int, work: Callable[[Any], None]) -> None:
+        self.name = name
+        self.size = size
+        self.depth = size * LANE_DEPTH
+        self.work = work
+        self.items: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.busy = 0
+        self._lock = threading.Lock()
+        self.log = get_logger()
+
+    def start(self) -> None:
+        for index in range(self.size):
+            threading.Thread(
+                target=self._run, name=f"sfwatch-{self.name}-{index}", daemon=True
+            ).start()
+
+    def room(self) -> bool:
+        with self._lock:
+            return self.busy < self.depth
+
+    def put(self, item: Any) -> None:
+        with self._lock:
+            self.busy += 1
+        self.items.put(item)
+
+    def idle(self) -> bool:
+        with self._lock:
+            return self.busy == 0
+
+    def stop(self) -> None:
+        for _ in range(self.size):
+            self.items.put(None)
+
+    def _run(self) -> None:
+        while (item := self.items.get()) is not None:
+            try:
+                self.work(item)
+            except Exception:  # a bug of ours: logged, the lane goes on
+                self.log.exception("sfwatch.outbox_error", lane=self.name)
+            finally:
+                with self._lock:
+                    self.busy -= 1
+
+
+def _kind(sink: str) -> str:
+    if sink == "hook":
+        return "hook"
+    if sink.startswith("webhook:"):
+        return "webhook"
+    return "notify" if sink == "notify" else "unknown"
+
+
+class Outbox:
+    """Delivers the outbox's rows (docs/design.md §13): hooks, webhooks, notifications."""
+
+    def __init__(
+        self,
+        config: Config,
+        ledger: Ledger,
+        *,
+        instance: str = "local",
+        backoff_base: float = 1.0,
+        scrub: Callable[[str], str] = _same,
+    ) -> None:
+        self.config = config
+        self.ledger = ledger
+        self.instance = instance
+        self.base = RETRY_BASE * backoff_base
+        #: a second guard: the key replaced in everything sent (it should hold none)
+        self.scrub = scrub
+        self.routes = Routes(config)
+        self.log = get_logger()
+        self.host = socket.gethostname()
+        self._secrets: dict[str, bytes] = {}
+        for index, hook in enumerate(config.webhooks):
+            if hook.secret_file is not None:
+                where = f"webhooks[{index}].secret_file"
+                self._secrets[str(hook.secret_file)] = read_secret(hook.secret_file, where)
+        self.apprise = make_apprise(config.notify) if config.notify.urls else None
+        self._posters = threading.local()  # a WebhookPoster per webhook thread
+        self.wakeup = threading.Event()
+        ledger.on_outbox = self.wakeup.set
+        self._lock = threading.Lock()
+        self._in_flight: set[int] = set()
+        #: delivered, to be marked so by the dispatcher's next pass (in flight until then)
+        self._delivered: list[int] = []
+        self._cooling: dict[int, float] = {}
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}
+        self._left: set[int] = set()  # hooks killed because the daemon stops: not their fault
+        self._stopping = threading.Event()
+        self._notify_busy = False
+        self._last_notify = float("-inf")  # wall clock of the last message sent
+        #: whether notification rows may exist (configured, or left by an earlier run)
+        self._notify_rows = bool(config.notify.urls)
+        self._lanes = {
+            "hook": _Lane("hook", config.hooks.concurrency, self._deliver),
+            "webhook": _Lane("webhook", WEBHOOK_THREADS, self._deliver),
+            "notify": _Lane("notify", 1, self._notify),
+        }
+        self._thread: threading.Thread | None = None
+
+    # -- events in ----------------------------------------------------------------------------
+
+    def account_event(self, event: str, fields: dict[str, Any]) -> None:
+        """The account paused or resumed (on the main thread); a ledger error is logged."""
+        try:
+            self.ledger.outbox_add(self.routes.for_account(event, fields))
+        except Exception:  # the state disk: the event is lost, the loop must go on
+            self.log.exception("sfwatch.outbox_error", event_type=event)
+
+    # -- the dispatcher thread ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start delivering (rows left by an earlier run first)."""
+        for lane in self._lanes.values():
+            lane.start()
+        self._thread = threading.Thread(target=self._run, name="sfwatch-outbox", daemon=True)
+        self._thread.start()
+
+    def idle(self) -> bool:
+        """Nothing being delivered and nothing due now (``run --burst`` waits for this)."""
+        with self._lock:
+            if self._in_flight or self._notify_busy:
+                return False
+        now = time.time()
+        if self.ledger.outbox_due(now, 1):
+            return False
+        return self._notify_wait(now) is None
+
+    def stop(self, grace: float) -> None:
+        """Stop: deliveries in flight get ``grace`` seconds, then hooks still running are
+        killed. What did not finish stays pending in the ledger: it runs at the next start.
+        """
+        self._stopping.set()
+        self.wakeup.set()
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and not all(lane.idle() for lane in self._lanes.values()):
+            time.sleep(0.02)
+        with self._lock:
+            procs = dict(self._procs)
+            self._left.update(procs)
+        for proc in procs.values():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        for lane in self._lanes.values():
+            lane.stop()
+        if self._thread is not None:
+            self._thread.join(1.0)
+        with contextlib.suppress(Exception):  # the ledger's disk: they are delivered again
+            self._mark_delivered()
+
+    def _run(self) -> None:
+        with contextlib.suppress(Exception):
+            self.ledger.outbox_prune(time.time() - KEEP_SECONDS)
+            # Notifications left by an earlier run, whatever the config says now.
+            if self.ledger.outbox_gathered(float("inf")):
+                self._notify_rows = True
+        while not self._stopping.is_set():
+            began = time.monotonic()
+            try:
+                wait = self._dispatch()
+            except Exception:  # a bug, or the state disk: log, wait, go on
+                self.log.exception("sfwatch.outbox_error")
+                wait = COOL_DOWN
+            self.wakeup.wait(wait)
+            # A burst of finishes is one look at the ledger, not one per file.
+            self._stopping.wait(max(0.0, began + MIN_PASS - time.monotonic()))
+            self.wakeup.clear()
+
+    def _mark_delivered(self) -> None:
+        """One transaction for the deliveries that ended since the last pass.
+
+        Until then they stay in flight, so none is handed out again; a crash before
+        this commit delivers them again after the restart (at least once).
+        """
+        with self._lock:
+            done, self._delivered = self._delivered, []
+        if not done:
+            return
+        try:
+            self.ledger.outbox_delivered(done)
+        except Exception:
+            with self._lock:
+                self._delivered.extend(done)
+            raise
+        with self._lock:
+            self._in_flight.difference_update(done)
+
+    def _dispatch(self) -> float:
+        """Hand out what is due; return how long to sleep at most."""
+        self._mark_delivered()
+        now = time.time()
+        mono = time.monotonic()
+        with self._lock:
+            self._cooling = {k: v for k, v in self._cooling.items() if v > mono}
+            skip = [*self._in_flight, *self._cooling]
+        for row in self.ledger.outbox_due(now, DISPATCH_BATCH, skip):
+            if self._stopping.is_set():
+                break
+            lane = self._lanes.get(_kind(row.sink))
+            if lane is None:
+                self.ledger.outbox_gave_up([row.id], f"unknown sink {row.sink!r}")
+                continue
+            if not lane.room():
+                continue  # a lane finishing a row wakes us
+            with self._lock:
+                self._in_flight.add(row.id)
+            lane.put(row)
+        waits = [IDLE_WAIT]
+        if (notify_wait := self._gather(now)) is not None:
+            waits.append(notify_wait)
+        if (due := self.ledger.outbox_next_due(now)) is not None:
+            waits.append(due - now)
+        if self._cooling:
+            waits.append(COOL_DOWN)
+        return max(0.01, min(waits))
+
+    def _notify_wait(self, now: float) -> float | None:
+        """Seconds until gathered notifications may go (0: now); None: none are pending.
+
+        A message goes once no new event came for ``gather_seconds`` (a burst is over)
+        or the oldest has waited ``min_interval_seconds``, and never sooner than
+        ``min_interval_seconds`` after the previous message.
+        """
+        if not self._notify_rows:
+            return None
+        gathered = self.ledger.outbox_gathered(now)
+        if gathered is None:
+            return None
+        _, oldest, newest = gathered
+        notify = self.config.notify
+        ready = min(newest + notify.gather_seconds, oldest + notify.min_interval_seconds)
+        ready = max(ready, self._last_notify + notify.min_interval_seconds)
+        return max(0.0, ready - now)
+
+    def _gather(self, now: float) -> float | None:
+        """Send the gathered notifications if it is time; else how long until it is."""
+        with self._lock:
+            if self._notify_busy:
+                return None
+        wait = self._notify_wait(now)
+        if wait is None or wait > 0 or self._stopping.is_set():
+            return wait
+        rows = self.ledger.outbox_pending("notify", now)
+        if rows:
+            with self._lock:
+                self._notify_busy = True
+            self._lanes["notify"].put(rows)
+        return None
+
+    # -- one delivery (on a lane's thread) ------------------------------------------------------
+
+    def _deliver(self, row: OutboxRow) -> None:
+        delivered = False
+        try:
+            if self._stopping.is_set():
+                return  # pending still: the next start delivers it
+            delivered = self._run_hook(row) if row.sink == "hook" else self._post(row)
+        except Exception:
+            with self._lock:
+                self._cooling[row.id] = time.monotonic() + COOL_DOWN
+            raise
+        finally:
+            with self._lock:
+                if delivered:
+                    self._delivered.append(row.id)  # in flight until marked (_mark_delivered)
+                else:
+                    self._in_flight.discard(row.id)
+                self._procs.pop(row.id, None)
+                self._left.discard(row.id)
+            self.wakeup.set()
+
+    def _failed(
+        self,
+        rows: Sequence[OutboxRow],
+        error: str,
+        max_attempts: int,
+        retry_after: float | None = None,
+    ) -> float | None:
+        """Record a failed delivery; return the wait before the next try (None: gave up)."""
+        ids = [row.id for row in rows]
+        attempts = rows[0].attempts + 1
+        if attempts >= max_attempts:
+            self.ledger.outbox_gave_up(ids, error)
+            first = rows[0]
+            self.log.error(
+                "sfwatch.delivery_gave_up",
+                sink=_kind(first.sink),
+                url=url_for_log(first.sink.partition(":")[2]) if first.sink != "hook" else None,
+                event_type=first.event,
+                job_id=first.job_id,
+                file=first.payload.get("file"),
+                events=len(rows),
+                attempts=attempts,
+                error=error,
+            )
+            return None
+        delay = max(retry_after or 0.0, retry_delay(attempts, self.base))
+        self.ledger.outbox_retry(ids, time.time() + delay, error)
+        return delay
+
+    def _text(self, row: OutboxRow) -> str:
+        """A done job's transcript, from the ledger (it is never copied into the outbox)."""
+        if row.job_id is None:
+            return ""
+        return self.ledger.text_of(row.job_id, str(row.payload.get("model") or "")) or ""
+
+    def _run_hook(self, row: OutboxRow) -> bool:
+        """Run a hook once; True when it exited 0 (the caller marks it delivered)."""
+        target = row.target
+        argv = [str(a) for a in target["argv"]]
+        data = row.payload
+        env = {name: self.scrub(value) for name, value in hook_env(row.event, data).items()}
+        stdin = self.scrub(self._text(row)).encode() if row.event == "done" else b""
+
+        def started(proc: subprocess.Popen[bytes]) -> None:
+            with self._lock:
+                self._procs[row.id] = proc
+            if self._stopping.is_set():  # stop() may have looked before we registered
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                with self._lock:
+                    self._left.add(row.id)
+
+        result = run_hook(argv, env, stdin, float(target["timeout_seconds"]), started=started)
+        with self._lock:
+            if row.id in self._left:
+                return False  # killed because the daemon stops: it runs again at the next start
+        fields: dict[str, Any] = {
+            "job_id": row.job_id,
+            "file": data.get("file"),
+            "event_type": row.event,
+            "hook": argv[0],
+            "attempt": row.attempts + 1,
+            "exit_status": result.returncode,
+            "duration_ms": round(result.seconds * 1000),
+            "stdout": _output(result.stdout, result.stdout_bytes),
+            "stderr": _output(result.stderr, result.stderr_bytes),
+            "stdout_bytes": result.stdout_bytes,
+            "stderr_bytes": result.stderr_bytes,
+        }
+        if result.ok:
+            self.log.info("sfwatch.hook_finished", **fields)
+            return True
+        problem = result.problem()
+        wait = self._failed([row], problem, int(target["max_attempts"]))
+        self.log.warning(
+            "sfwatch.hook_failed",
+            **fields,
+            timed_out=result.timed_out,
+            error=problem,
+            retry_in=None if wait is None else round(wait, 1),
+        )
+        return False
+
+    def _post(self, row: OutboxRow) -> bool:
+        """POST a webhook once; True when it answered 2xx (the caller marks it delivered)."""
+        target = row.target
+        url = str(target["url"])
+        data = dict(row.payload)
+        data.pop("event", None)
+        if row.event == "done":
+            data["text"], data["text_truncated"] = cut_utf8(
+                self._text(row), int(target["max_text_bytes"])
+            )
+        envelope = {
+            "type": row.event,
+            "timestamp": _iso(row.created),
+            "instance": self.instance,
+            "data": data,
+        }
+        body = self.scrub(json.dumps(envelope, ensure_ascii=False)).encode()
+        stamp = int(time.time())
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": f"sfwatch/{__version__}",
+            "webhook-id": row.event_id,
+            "webhook-timestamp": str(stamp),
+        }
+        fields: dict[str, Any] = {
+            "url": url_for_log(url),
+            "event_type": row.event,
+            "job_id": row.job_id,
+            "file": data.get("file"),
+            "webhook_id": row.event_id,
+            "attempt": row.attempts + 1,
+        }
+        retry_after: float | None = None
+        try:
+            if target.get("secret_file"):
+                headers["webhook-signature"] = sign(
+                    self._secret(str(target["secret_file"])), row.event_id, stamp, body
+                )
+            posted = self._poster_for().post(url, body, headers, float(target["timeout_seconds"]))
+        except (TransientError, ConfigError) as exc:
+            error = str(exc)
+        else:
+            if 200 <= posted.status < 300:
+                self.log.info("sfwatch.webhook_delivered", **fields, http_status=posted.status)
+                return True
+            fields["http_status"] = posted.status
+            error = f"HTTP {posted.status}" + (f": {posted.message}" if posted.message else "")
+            retry_after = posted.retry_after
+        wait = self._failed([row], error, int(target["max_attempts"]), retry_after)
+        self.log.warning(
+            "sfwatch.webhook_failed",
+            **fields,
+            error=error,
+            retry_in=None if wait is None else round(wait, 1),
+        )
+        return False
+
+    def _secret(self, path: str) -> bytes:
+        with self._lock:
+            known = self._secrets.get(path)
+        if known is None:  # a row from an earlier config: its file, read now
+            known = read_secret(Path(path), "webhooks[].secret_file")
+            with self._lock:
+                self._secrets[path] = known
+        return known
+
+    def _poster_for(self) -> Any:
+        """This thread's poster: it keeps its connection alive for the next POST."""
+        poster = getattr(self._posters, "poster", None)
+        if poster is None:
+            from sfwatch.transcribe import WebhookPoster  # noqa: PLC0415 - httpx: only if needed
+
+            poster = self._posters.poster = WebhookPoster()
+        return poster
+
+    def _notify(self, rows: list[OutboxRow]) -> None:
+        """Send one message for every gathered notification event (a burst is one)."""
+        try:
+            if self._stopping.is_set():
+                return
+            if self.apprise is None:
+                self.ledger.outbox_gave_up([r.id for r in rows], "notify.urls is empty now")
+                return
+            title, body, kind = summary(rows, self.host)
+            sent = self.apprise.notify(
+                title=self.scrub(title), body=self.scrub(body), notify_type=kind
+            )
+            self._last_notify = time.time()
+            if sent:
+                self.ledger.outbox_delivered([r.id for r in rows])
+                self.log.info("sfwatch.notification_sent", events=len(rows), title=title)
+                return
+            error = "Apprise could not deliver to every URL (its log line says why)"
+            wait = self._failed(rows, error, NOTIFY_MAX_ATTEMPTS)
+            self.log.warning(
+                "sfwatch.notification_failed",
+                events=len(rows),
+                error=error,
+                retry_in=None if wait is None else round(wait, 1),
+            )
+        finally:
+            with self._lock:
+                self._notify_busy = False
+            self.wakeup.set()
+
+
+def check_integrations(config: Config) -> None:
+    """What the config cannot check by itself: webhook secrets readable, Apprise URLs
+    understood (and Apprise installed). ConfigError names the key (``check``, ``run``)."""
+    for index, hook in enumerate(config.webhooks):
+        if hook.secret_file is not None:
+            read_secret(hook.secret_file, f"webhooks[{index}].secret_file")
+    if config.notify.urls:
+        make_apprise(config.notify)
+
+
+__all__ = [
+    "HookResult",
+    "Outbox",
+    "Routes",
+    "check_integrations",
+    "hook_env",
+    "retry_delay",
+    "run_hook",
+    "sign",
+    "summary",
+]
