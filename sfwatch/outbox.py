@@ -20,39 +20,36 @@ docs/design.md §13 ("Integrations: the outbox") is the design; in short:
   webhook's body and headers and a notification's text from the job's fields;
   nothing is inherited or copied wholesale, and everything goes through ``scrub``
   (the key's redactor) on its way out as a second guard.
+
+This module routes events to sinks and runs the dispatcher and its lanes; running a
+hook is hooks.py, a webhook's signature and secret webhooks.py, the Apprise sender and
+its message notifications.py.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
-import hashlib
-import hmac
 import json
-import logging
 import os
 import queue
-import selectors
 import signal
 import socket
 import subprocess
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from sfwatch import __version__
 from sfwatch.backoff import full_jitter
-from sfwatch.config import HOOK_PATH, Config, NotifyConfig, WatchConfig, WebhookConfig
+from sfwatch.config import Config, WatchConfig
 from sfwatch.errors import ConfigError, TransientError
+from sfwatch.hooks import HookResult, hook_env, output_text, run_hook
 from sfwatch.ledger import Ledger, OutboxEvent, OutboxRow
 from sfwatch.logs import get_logger
+from sfwatch.notifications import make_apprise, summary
+from sfwatch.webhooks import cut_utf8, iso_time, read_secret, sign, url_for_log, webhook_target
 
 #: the first retry waits about this long (seconds); each next one twice as long
 RETRY_BASE = 5.0
@@ -62,12 +59,6 @@ RETRY_CAP = 1800.0
 NOTIFY_MAX_ATTEMPTS = 8
 #: threads that POST webhooks (a slow receiver holds one; the others go on)
 WEBHOOK_THREADS = 4
-#: bytes of a hook's stdout and of its stderr kept for the log line; the rest is counted
-HOOK_OUTPUT_KEEP = 4096
-#: a hook past its timeout gets SIGTERM, then SIGKILL this much later (its whole group)
-HOOK_KILL_GRACE = 2.0
-#: after a hook exits, how long its output is still read (a child of it may hold the pipes)
-HOOK_EXIT_GRACE = 1.0
 #: rows handed out per look at the ledger
 DISPATCH_BATCH = 64
 #: the dispatcher looks at the ledger at least this often, even with nothing due
@@ -79,8 +70,6 @@ MIN_PASS = 0.05
 KEEP_SECONDS = 30 * 86400.0
 #: a delivery that raised (a bug, the state disk) is looked at again after this long
 COOL_DOWN = 5.0
-#: files named in a summary notification (the rest are counted)
-SUMMARY_FILES = 10
 
 
 def retry_delay(attempts: int, base: float = RETRY_BASE, cap: float = RETRY_CAP) -> float:
@@ -98,17 +87,6 @@ def _same(text: str) -> str:
 
 
 # -- which sinks an event goes to -------------------------------------------------------------
-
-
-def webhook_target(hook: WebhookConfig) -> dict[str, Any]:
-    """How to deliver to ``hook``, as the outbox row keeps it (no secret, only its file)."""
-    return {
-        "url": hook.url,
-        "secret_file": str(hook.secret_file) if hook.secret_file else None,
-        "timeout_seconds": hook.timeout_seconds,
-        "max_attempts": hook.max_attempts,
-        "max_text_bytes": hook.max_text_bytes,
-    }
 
 
 class Routes:
@@ -157,348 +135,6 @@ class Routes:
         if self.config.notify.urls and event in self.config.notify.on:
             rows.append(OutboxEvent(event, "notify", "account", None, {}, payload, now))
         return rows
-
-
-# -- hooks ------------------------------------------------------------------------------------
-
-
-def _env_value(value: object) -> str:
-    if value is None:
-        return ""
-    text = f"{value:g}" if isinstance(value, float) else str(value)
-    return text.replace("\0", "")
-
-
-def hook_env(event: str, data: dict[str, Any]) -> dict[str, str]:
-    """A hook's whole environment, built from the job's fields: nothing is inherited.
-
-    Unknown values are empty strings, so a script with ``set -u`` still runs.
-    """
-    fields = {
-        "SFWATCH_EVENT": event,
-        "SFWATCH_JOB_ID": data.get("job_id"),
-        "SFWATCH_FILE": data.get("file"),
-        "SFWATCH_OUTCOME": data.get("outcome"),
-        "SFWATCH_ORIGINAL": data.get("moved_to"),
-        "SFWATCH_TRANSCRIPT": data.get("transcript"),
-        "SFWATCH_ERROR_FILE": data.get("error_file"),
-        "SFWATCH_REASON": data.get("reason"),
-        "SFWATCH_TRACE_ID": data.get("trace_id"),
-        "SFWATCH_MODEL": data.get("model"),
-        "SFWATCH_AUDIO_SECONDS": data.get("audio_seconds"),
-        "SFWATCH_WATCH": data.get("watch"),
-    }
-    return {
-        "PATH": HOOK_PATH,
-        "LANG": "C.UTF-8",
-        **{name: _env_value(value) for name, value in fields.items()},
-    }
-
-
-@dataclass(frozen=True)
-class HookResult:
-    """How one run of a hook went."""
-
-    returncode: int | None  # None: it did not start
-    timed_out: bool
-    error: str | None  # why it did not start
-    stdout: bytes  # the first HOOK_OUTPUT_KEEP bytes
-    stderr: bytes
-    stdout_bytes: int  # how much it wrote in all
-    stderr_bytes: int
-    seconds: float
-
-    @property
-    def ok(self) -> bool:
-        """It ran, in time, and exited 0."""
-        return self.returncode == 0 and not self.timed_out
-
-    def problem(self) -> str:
-        """What went wrong, in a few words."""
-        if self.error is not None:
-            return self.error
-        if self.timed_out:
-            return f"timed out after {self.seconds:.1f} s; its process group was killed"
-        if self.returncode is not None and self.returncode < 0:
-            with contextlib.suppress(ValueError):
-                return f"killed by {signal.Signals(-self.returncode).name}"
-        return f"exit status {self.returncode}"
-
-
-class _Capture:
-    """The head of one output stream, and how long it was; the rest is dropped as read."""
-
-    def __init__(self, keep: int) -> None:
-        self.keep = keep
-        self.head = bytearray()
-        self.total = 0
-
-    def add(self, data: bytes) -> None:
-        self.total += len(data)
-        room = self.keep - len(self.head)
-        if room > 0:
-            self.head += data[:room]
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the hook's process group, SIGKILL it after a grace; reap the hook."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(HOOK_KILL_GRACE)
-    # Also whatever of its group outlived it (a hook's children).
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def run_hook(
-    argv: Sequence[str],
-    env: dict[str, str],
-    stdin: bytes,
-    timeout: float,
-    *,
-    keep: int = HOOK_OUTPUT_KEEP,
-    started: Callable[[subprocess.Popen[bytes]], None] | None = None,
-) -> HookResult:
-    """Run one hook: argv (no shell), ``env`` as its whole environment, ``stdin`` fed to it.
-
-    It runs in a session (and process group) of its own in ``/``; past ``timeout``
-    the whole group is killed. Its stdout and stderr are read as they come, the
-    first ``keep`` bytes of each kept and the rest only counted, so a hook that
-    prints gigabytes costs no memory. ``started`` is told the process (the outbox
-    kills the hooks still running when the daemon stops).
-    """
-    begin = time.monotonic()
-    try:
-        proc = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=env,
-            cwd="/",
-            start_new_session=True,
-            close_fds=True,
-        )
-    except OSError as exc:
-        return HookResult(
-            None, False, f"could not start {argv[0]}: {exc.strerror or exc}", b"", b"", 0, 0, 0.0
-        )
-    if started is not None:
-        started(proc)
-    assert proc.stdout is not None  # noqa: S101 - PIPEs above
-    assert proc.stderr is not None  # noqa: S101
-    out, err = _Capture(keep), _Capture(keep)
-    captures = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
-    deadline = begin + timeout
-    timed_out = _pump(proc, captures, memoryview(stdin), deadline)
-    if not timed_out:
-        try:
-            proc.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            timed_out = True
-    if timed_out:
-        _kill_group(proc)
-    for stream in (proc.stdin, proc.stdout, proc.stderr):
-        if stream is not None:
-            with contextlib.suppress(OSError):
-                stream.close()
-    return HookResult(
-        returncode=proc.returncode,
-        timed_out=timed_out,
-        error=None,
-        stdout=bytes(out.head),
-        stderr=bytes(err.head),
-        stdout_bytes=out.total,
-        stderr_bytes=err.total,
-        seconds=time.monotonic() - begin,
-    )
-
-
-def _pump(
-    proc: subprocess.Popen[bytes],
-    captures: dict[int, _Capture],
-    pending: memoryview,
-    deadline: float,
-) -> bool:
-    """Feed stdin and read both outputs until they end; True if the deadline came first."""
-    exited_at: float | None = None
-    with selectors.DefaultSelector() as selector:
-        for fd in captures:
-            selector.register(fd, selectors.EVENT_READ)
-        if proc.stdin is not None:
-            os.set_blocking(proc.stdin.fileno(), False)
-            selector.register(proc.stdin, selectors.EVENT_WRITE)
-        while selector.get_map():
-            now = time.monotonic()
-            if now >= deadline:
-                return True
-            if exited_at is None and proc.poll() is not None:
-                exited_at = now
-            if exited_at is not None and now - exited_at > HOOK_EXIT_GRACE:
-                return False  # a child of the hook holds the pipes: stop reading them
-            for key, _ in selector.select(min(deadline - now, 0.25)):
-                stream = key.fileobj
-                if stream is proc.stdin:
-                    try:
-                        written = os.write(proc.stdin.fileno(), pending[:65536])
-                    except BlockingIOError:
-                        continue
-                    except OSError:  # EPIPE: the hook does not want (the rest of) it
-                        written = len(pending)
-                    pending = pending[written:]
-                    if not pending:
-                        selector.unregister(proc.stdin)
-                        with contextlib.suppress(OSError):
-                            proc.stdin.close()
-                    continue
-                data = os.read(key.fd, 65536)
-                if data:
-                    captures[key.fd].add(data)
-                else:
-                    selector.unregister(key.fd)
-    return False
-
-
-def _output(data: bytes, total: int) -> str:
-    text = data.decode("utf-8", errors="replace")
-    return text + f"… [{total - len(data)} more bytes]" if total > len(data) else text
-
-
-# -- webhooks ---------------------------------------------------------------------------------
-
-
-def read_secret(path: Path, key: str) -> bytes:
-    """A webhook secret from its file: ``whsec_<base64>`` (Standard Webhooks) or raw text.
-
-    ``key`` is the config key for the error. The secret is never part of a message.
-    """
-    try:
-        text = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise ConfigError(key, f"cannot read {path}: {why}") from None
-    if not text:
-        raise ConfigError(key, f"{path} is empty")
-    if text.startswith("whsec_"):
-        try:
-            return base64.b64decode(text[len("whsec_") :], validate=True)
-        except (binascii.Error, ValueError):
-            raise ConfigError(key, f"{path}: not base64 after 'whsec_'") from None
-    return text.encode()
-
-
-def sign(secret: bytes, message_id: str, timestamp: int, body: bytes) -> str:
-    """The ``webhook-signature`` header: ``v1,`` + base64 HMAC-SHA256 of ``id.timestamp.body``."""
-    signed = f"{message_id}.{timestamp}.".encode() + body
-    digest = hmac.new(secret, signed, hashlib.sha256).digest()
-    return "v1," + base64.b64encode(digest).decode()
-
-
-def cut_utf8(text: str, limit: int) -> tuple[str, bool]:
-    """``text`` cut to at most ``limit`` UTF-8 bytes, between characters; and whether it was."""
-    data = text.encode("utf-8")
-    if len(data) <= limit:
-        return text, False
-    return data[:limit].decode("utf-8", errors="ignore"), True
-
-
-def _iso(when: float) -> str:
-    return (
-        datetime.fromtimestamp(when, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    )
-
-
-def url_for_log(url: str) -> str:
-    """A URL fit for a log line: no ``user:password@``, no query (either may hold a token)."""
-    parts = urlsplit(url)
-    host = parts.netloc.rpartition("@")[2]
-    return f"{parts.scheme}://{host}{parts.path}"
-
-
-# -- notifications ------------------------------------------------------------------------------
-
-
-def make_apprise(notify: NotifyConfig) -> Any:
-    """An ``apprise.Apprise`` holding ``notify.urls``; ConfigError naming the bad one."""
-    try:
-        import apprise  # noqa: PLC0415 - the optional extra sfwatch[notify]
-    except ImportError:
-        raise ConfigError(
-            "notify.urls", "needs Apprise: pip install 'sfwatch[notify]' (or: pip install apprise)"
-        ) from None
-    sender = apprise.Apprise(asset=apprise.AppriseAsset(app_id="sfwatch", app_desc="sfwatch"))
-    quiet = logging.getLogger("apprise")
-    level = quiet.level
-    quiet.setLevel(logging.CRITICAL)  # its warning would quote the URL, token and all
-    try:
-        for index, url in enumerate(notify.urls):
-            if not sender.add(url):
-                scheme = url.partition("://")[0]
-                raise ConfigError(
-                    f"notify.urls[{index}]", f"Apprise does not understand this {scheme}:// URL"
-                )
-    finally:
-        quiet.setLevel(level)
-    return sender
-
-
-def _plural(count: int, one: str, many: str) -> str:
-    return f"{count} {one if count == 1 else many}"
-
-
-def summary(rows: Sequence[OutboxRow], host: str) -> tuple[str, str, str]:
-    """One message for gathered events: (title, body, Apprise notify type)."""
-    by_event = Counter(row.event for row in rows)
-    failed = [row.payload for row in rows if row.event == "failed"]
-    done = [row.payload for row in rows if row.event == "done"]
-    account = [row for row in rows if row.event in ("paused", "resumed")]
-    title_parts: list[str] = []
-    body: list[str] = []
-    if failed:
-        one = Path(str(failed[0].get("file"))).name
-        title_parts.append(f"{one} failed" if len(failed) == 1 else f"{len(failed)} files failed")
-        reasons = Counter(str(p.get("reason") or "unknown") for p in failed)
-        body.append(
-            f"{_plural(len(failed), 'file', 'files')} failed ("
-            + ", ".join(f"{reason}: {n}" for reason, n in reasons.most_common())
-            + ")"
-        )
-        for payload in failed[:SUMMARY_FILES]:
-            why = payload.get("api_message") or payload.get("message") or ""
-            line = f"- {payload.get('file')}: {payload.get('reason')}"
-            body.append(f"{line} ({str(why)[:200]})" if why else line)
-        if len(failed) > SUMMARY_FILES:
-            body.append(f"… and {len(failed) - SUMMARY_FILES} more: `sfwatch status` lists them")
-    if done:
-        one = Path(str(done[0].get("file"))).name
-        title_parts.append(
-            f"{one} transcribed" if len(done) == 1 else f"{len(done)} files transcribed"
-        )
-        body.extend(f"- {p.get('file')} → {p.get('transcript')}" for p in done[:SUMMARY_FILES])
-        if len(done) > SUMMARY_FILES:
-            body.append(f"… and {len(done) - SUMMARY_FILES} more")
-    for row in account:  # in the order they happened: the last one is how things stand
-        payload = row.payload
-        if row.event == "paused":
-            status = f" (HTTP {payload['http_status']})" if payload.get("http_status") else ""
-            body.append(
-                f"Uploads paused: {payload.get('reason')}{status}: {payload.get('error') or ''}"
-                " — the account is probed and uploads resume by themselves once it answers."
-            )
-        else:
-            body.append("Uploads resumed.")
-    if account:
-        title_parts.append(f"uploads {account[-1].event}")
-    kind = "info"
-    if by_event["done"] or by_event["resumed"]:
-        kind = "success"
-    if by_event["paused"]:
-        kind = "warning"
-    if by_event["failed"]:
-        kind = "failure"
-    return f"sfwatch on {host}: " + ", ".join(title_parts), "\n".join(body), kind
 
 
 # -- the dispatcher -----------------------------------------------------------------------------
@@ -847,8 +483,8 @@ class Outbox:
             "attempt": row.attempts + 1,
             "exit_status": result.returncode,
             "duration_ms": round(result.seconds * 1000),
-            "stdout": _output(result.stdout, result.stdout_bytes),
-            "stderr": _output(result.stderr, result.stderr_bytes),
+            "stdout": output_text(result.stdout, result.stdout_bytes),
+            "stderr": output_text(result.stderr, result.stderr_bytes),
             "stdout_bytes": result.stdout_bytes,
             "stderr_bytes": result.stderr_bytes,
         }
@@ -878,7 +514,7 @@ class Outbox:
             )
         envelope = {
             "type": row.event,
-            "timestamp": _iso(row.created),
+            "timestamp": iso_time(row.created),
             "instance": self.instance,
             "data": data,
         }
