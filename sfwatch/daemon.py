@@ -25,7 +25,6 @@ is a cold stop (leave now; claimed files are resumed at the next start).
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import os
@@ -34,18 +33,18 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from sfwatch import __version__
-from sfwatch.config import Config, Secret, listen_address, load_config
-from sfwatch.endpoint import Endpoint, Response, json_response
+from sfwatch.config import Config, Secret, load_config
+from sfwatch.endpoint import Endpoint
 from sfwatch.errors import ConfigError
 from sfwatch.events import Events
 from sfwatch.folders import Folders
+from sfwatch.health import HEALTHY, Health, start_endpoint
 from sfwatch.intake import Intake
 from sfwatch.ledger import Ledger
 from sfwatch.logs import Redactor, get_logger
@@ -102,27 +101,6 @@ def lock_state_dir(state_dir: Path) -> int:
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     return fd
-
-
-@dataclass(frozen=True)
-class Health:
-    """The daemon's health, for systemd's watchdog and ``/healthz`` alike.
-
-    ``reason`` is None when healthy, else one of ``loop_frozen``, ``observer_down``,
-    ``scanner_down``, ``upload_stuck``, ``state_dir`` (readiness adds ``starting``,
-    ``scanning``, ``stopping``); ``detail`` says more, for a person.
-    """
-
-    reason: str | None = None
-    detail: str = ""
-
-    @property
-    def ok(self) -> bool:
-        """No problem."""
-        return self.reason is None
-
-
-HEALTHY = Health()
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -448,36 +426,8 @@ class Daemon:
         listen = self.config.metrics.listen
         if self.metrics is None or listen is None:
             return
-        metrics = self.metrics
-        endpoint = Endpoint(
-            *listen,
-            {
-                "/metrics": lambda headers: Response(200, *metrics.render(headers.get("accept"))),
-                "/healthz": lambda _headers: _probe(self.current_health(), "ok"),
-                "/readyz": lambda _headers: _probe(self.readiness(), "ready"),
-            },
-        )
-        try:
-            endpoint.start()
-        except OSError as exc:
-            endpoint.close()
-            hint = (
-                " (under systemd, allow the port: SocketBindAllow=tcp:PORT)"
-                if exc.errno in (errno.EPERM, errno.EACCES)
-                else ""
-            )
-            self.log.error(
-                "sfwatch.metrics_failed",
-                listen=listen_address(*listen),
-                error=f"{exc.strerror or exc}{hint}",
-                note="running without the metrics listener",
-            )
-            return
-        self.endpoint = endpoint
-        self.log.info(
-            "sfwatch.metrics_started",
-            listen=listen_address(endpoint.host, endpoint.port),
-            paths=["/metrics", "/healthz", "/readyz"],
+        self.endpoint = start_endpoint(
+            listen, self.metrics, self.current_health, self.readiness, self.log
         )
 
     # -- reload --------------------------------------------------------------------
@@ -554,18 +504,6 @@ class Daemon:
             self.transcriber.close()
             self.ledger.close()
         os.close(self._lock_fd)  # (a cold stop exits the process, which releases it too)
-
-
-def _probe(health: Health, good: str) -> Response:
-    """/healthz and /readyz: 200 ``{"status": good}``, or 503 with the reason."""
-    if health.ok:
-        return json_response(200, {"status": good})
-    payload: Mapping[str, Any] = {
-        "status": "unhealthy" if good == "ok" else "not_ready",
-        "reason": health.reason,
-        "detail": health.detail,
-    }
-    return json_response(503, payload)
 
 
 def _scrubber(api_key: Secret) -> Callable[[str], str]:
