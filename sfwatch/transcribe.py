@@ -308,6 +308,15 @@ def _read_body(response: httpx.Response, deadline: float, limit: int) -> tuple[b
     return bytes(body), True
 
 
+def opened_socket(event: str, info: dict[str, Any]) -> socket.socket | None:
+    """The socket of a connection httpcore's trace hook reports as just opened, else None."""
+    if event not in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+        return None
+    stream = info.get("return_value")
+    sock = stream.get_extra_info("socket") if stream is not None else None
+    return sock if isinstance(sock, socket.socket) else None
+
+
 class _Cutoff:
     """Ends a request at its deadline, whatever it is waiting for, by shutting its socket.
 
@@ -329,11 +338,7 @@ class _Cutoff:
 
     def trace(self, event: str, info: dict[str, Any]) -> None:
         """httpcore's trace hook: remember the socket of the connection just opened."""
-        if event not in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
-            return
-        stream = info.get("return_value")
-        sock = stream.get_extra_info("socket") if stream is not None else None
-        if isinstance(sock, socket.socket):
+        if (sock := opened_socket(event, info)) is not None:
             with self._lock:
                 self._socket = sock
                 if self.fired:
@@ -605,11 +610,7 @@ class _Watchdog:
 
     def trace(self, event: str, info: dict[str, Any]) -> None:
         """httpcore's trace hook: remember the socket of a connection just opened."""
-        if event not in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
-            return
-        stream = info.get("return_value")
-        sock = stream.get_extra_info("socket") if stream is not None else None
-        if isinstance(sock, socket.socket):
+        if (sock := opened_socket(event, info)) is not None:
             with self._wake:
                 self._socket = sock
                 if self.fired:
