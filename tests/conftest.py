@@ -33,16 +33,27 @@ API_KEY = "sk-test-5f1e9a7c3b2d4e6f8a0b"
 REPO = Path(__file__).resolve().parent.parent
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, message: str = "") -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
+def poll_until(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Poll ``predicate`` until it returns something truthy (returned); None after ``timeout`` s.
+
+    For tests that go on to say what is wrong themselves; most want ``wait_until``.
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {message or predicate}")
+            return None
         time.sleep(0.02)
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, message: str = "") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
+    value = poll_until(predicate, timeout)
+    if not value:
+        pytest.fail(f"timed out after {timeout} s waiting for {message or predicate}")
+    return value
 
 
 @pytest.fixture

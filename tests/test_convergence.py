@@ -22,9 +22,8 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -34,6 +33,7 @@ from tests.conftest import (
     DaemonProcess,
     daemon_env,
     daemon_process,
+    poll_until,
     wait_until,
     write_config,
 )
@@ -92,16 +92,6 @@ def sibling(config_path: Path, lease: float = LEASE) -> Iterator[DaemonProcess]:
         if proc.poll() is None:
             proc.send_signal(signal.SIGCONT)  # (a frozen daemon dies of SIGKILL too; tidier)
         running.kill()
-
-
-def eventually(predicate: Callable[[], Any], timeout: float) -> bool:
-    """Like ``wait_until`` but returns False on timeout, so later asserts say what is wrong."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def ledger_rows(state_dir: Path) -> dict[str, str]:
@@ -207,7 +197,7 @@ def test_sibling_frozen_mid_upload_wakes_after_adoption(tmp_path: Path, fake_api
                     gate.set()  # A's answers are waiting in its socket when it wakes
                     wait_until(lambda: fake_api.in_flight == 0, 10, "A's uploads answered")
                     a.signal(signal.SIGCONT)
-                    eventually(lambda: not claimed_rows(state_dirs[0]), 15)
+                    poll_until(lambda: not claimed_rows(state_dirs[0]), 15)
                     stop(a, b)
                 except BaseException:
                     print_logs(tmp_path, ("error", "warning", "job_", "adopt"))
@@ -254,7 +244,7 @@ def test_sibling_frozen_mid_finish_wakes_after_adoption(tmp_path: Path, fake_api
             b = stack.enter_context(sibling(config_b))
             wait_until(lambda: all_done(shared, 2), LEASE + 20, "B finished A's files")
             a.signal(signal.SIGCONT)
-            eventually(lambda: not claimed_rows(state_dirs[0]), 15)
+            poll_until(lambda: not claimed_rows(state_dirs[0]), 15)
             stop(a, b)
         except BaseException:
             print_logs(tmp_path, ("error", "warning", "job_", "adopt"))
@@ -302,7 +292,7 @@ def test_claim_in_a_folder_removed_from_the_config_is_finished(
     write_config(tmp_path, fake_api.url, api=api)  # W2 is no longer watched
     with daemon_process(config) as second:
         second.wait_event("sfwatch.daemon_started")
-        finished = eventually(lambda: all_done(w2, 1), 10)
+        finished = poll_until(lambda: all_done(w2, 1), 10)
         stop(second)
     if not finished:
         print_logs(tmp_path, ("error", "warning", "job_", "w2"))

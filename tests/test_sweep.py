@@ -69,7 +69,14 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import API_KEY, DaemonProcess, daemon_process, run_cli, write_config
+from tests.conftest import (
+    API_KEY,
+    DaemonProcess,
+    daemon_process,
+    poll_until,
+    run_cli,
+    write_config,
+)
 from tests.fakeapi import FakeAPI, Reply, Upload
 from tests.test_crash import wav
 
@@ -267,7 +274,7 @@ def drop_in_turn(case: Case, daemon: DaemonProcess, originals: list[Original]) -
     """Drop each file once the one before it is claimed: the same order of calls every run."""
     for i, original in enumerate(originals):
         if i:
-            poll(_claimed(daemon, case.inbox / originals[i - 1].rel), 10)
+            poll_until(_claimed(daemon, case.inbox / originals[i - 1].rel), 10)
         case.drop(original)
 
 
@@ -290,16 +297,6 @@ def tracer_of(pid: int, tid: int) -> int:
             if line.startswith("TracerPid:"):
                 return int(line.split()[1])
     return 0
-
-
-def poll(predicate: Callable[[], object], timeout: float) -> bool:
-    """Wait until ``predicate()`` is truthy; False after ``timeout`` s (no failure)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def over(case: Case, daemon: DaemonProcess, trace: Path) -> bool:
@@ -334,11 +331,11 @@ def warm_daemon(case: Case, rng: random.Random) -> Iterator[Warm]:
     """Start ``sfwatch run`` (not burst) and let it finish a warm-up file."""
     with daemon_process(case.config) as daemon:
         pid = daemon.proc.pid
-        if not poll(lambda: daemon.events("sfwatch.daemon_started"), 20):
+        if not poll_until(lambda: daemon.events("sfwatch.daemon_started"), 20):
             pytest.fail(f"the daemon did not start: {daemon.lines()[-5:]}")
         before = threads_of(pid)
         case.drop(Original("warmup.wav", wav(rng), "done"))
-        if not poll(lambda: daemon.events("sfwatch.job_finished"), 20):
+        if not poll_until(lambda: daemon.events("sfwatch.job_finished"), 20):
             pytest.fail(f"the warm-up file did not finish: {daemon.lines()[-5:]}")
         new = threads_of(pid) - before
         if len(new) != 1:
@@ -358,7 +355,7 @@ def strace(pid: int, tids: list[int], trace: Path, *options: str) -> Iterator[No
     with (trace.parent / f"{trace.name}.stderr").open("wb") as err:
         tracer = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
     try:
-        attached = poll(
+        attached = poll_until(
             lambda: tracer.poll() is not None or all(tracer_of(pid, t) == tracer.pid for t in tids),
             10,
         )
@@ -597,7 +594,9 @@ def run_point(case: Case, api: FakeAPI, point: Point, rng: random.Random) -> Res
         with strace(warm.main, [tid], trace, "-e", f"trace={point.syscall}", "-e", point.inject()):
             drop_in_turn(case, daemon, case_files(rng, bad))
             wait = RESTART if point.action == KILL else CONVERGE
-            done = poll(lambda: daemon.proc.poll() is not None or over(case, daemon, trace), wait)
+            done = poll_until(
+                lambda: daemon.proc.poll() is not None or over(case, daemon, trace), wait
+            )
         crashed = daemon.proc.poll()
         if point.action != KILL:
             if crashed is not None:
@@ -715,7 +714,7 @@ def calibrate(root: Path, scenario: str, shm: Path | None) -> Calibration:
             tids = sorted(threads_of(warm.main))
             with strace(warm.main, tids, trace, "-f", "-e", f"trace={syscalls}"):
                 drop_in_turn(case, warm.daemon, case_files(rng, bad))
-                if not poll(lambda: ended(warm.daemon) >= FILES, 20):
+                if not poll_until(lambda: ended(warm.daemon) >= FILES, 20):
                     pytest.fail(f"calibration: the files were not processed: {case.root}")
             problems: list[str] = []
             stop(warm.daemon, problems)
