@@ -184,8 +184,13 @@ class Daemon:
         self.ready = ReadyQueue(
             self.folders, self.scheduler, self.ledger, self.instance, self.notes
         )
-        self.slots = UploadSlots(self.worker, self.pacer, config.api, self.notes.wakeup)
-        self.slots.take = Claimer(self.folders, self.ledger, self.instance).take
+        self.slots = UploadSlots(
+            self.worker,
+            self.pacer,
+            config.api,
+            self.notes.wakeup,
+            take=Claimer(self.folders, self.ledger, self.instance).take,
+        )
         self.probe = AccountProbe(
             self.pacer,
             self.transcriber.check_account,

@@ -224,11 +224,11 @@ class _Handles:
         for stale in evicted:
             os.close(stale)
 
-    def clear(self) -> None:
-        """Close every kept handle."""
+    def drop(self, root: Path | None = None) -> None:
+        """Close the kept handles of one watched folder's work area (None: of all)."""
         with self._lock:
-            fds = [fd for fd, _ in self._open.values()]
-            self._open.clear()
+            keys = [key for key in self._open if root is None or key[0] == root]
+            fds = [self._open.pop(key)[0] for key in keys]
         for fd in fds:
             os.close(fd)
 
@@ -264,10 +264,18 @@ class WorkArea:
         still the same private folder (see the module docstring).
         """
         key = (self.root, tuple(parts))
-        with contextlib.suppress(OSError):
+        try:
             area = self.path.lstat()
-            if is_private(area) and (kept := _handles.get(key, area)) is not None:
+        except OSError:
+            area = None
+        if area is not None and is_private(area):
+            if (kept := _handles.get(key, area)) is not None:
                 return kept
+        else:
+            # Gone or replaced: let go of its folders at once. A kept handle pins the
+            # folders above it, so a removed watched folder would not be gone (its
+            # observer would never hear that it was removed) until we did.
+            _handles.drop(self.root)
         fd = open_below(self.root, [WORK_AREA], create=create, mode=PRIVATE_DIR)
         try:
             area = self._check(fd, self.path)

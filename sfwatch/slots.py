@@ -58,7 +58,12 @@ class UploadSlots:
     """The upload and local pools, and which job runs on which future since when."""
 
     def __init__(
-        self, worker: Worker, pacer: Pacer, api: ApiConfig, wakeup: threading.Event
+        self,
+        worker: Worker,
+        pacer: Pacer,
+        api: ApiConfig,
+        wakeup: threading.Event,
+        take: Callable[[ToClaim], Job | ClaimMiss] | None = None,
     ) -> None:
         self.worker = worker
         self.pacer = pacer
@@ -69,8 +74,8 @@ class UploadSlots:
         self.in_flight: dict[Future[Outcome | ClaimMiss], Ticket] = {}
         self.uploading: set[Future[Outcome | ClaimMiss]] = set()
         self.started_at: dict[Future[Outcome | ClaimMiss], float] = {}
-        #: claims a new file on its slot's thread (``ready.Claimer.take``); set by the daemon
-        self.take: Callable[[ToClaim], Job | ClaimMiss] | None = None
+        #: claims a new file on its slot's thread (``ready.Claimer.take``)
+        self.take = take
         self.pool = ThreadPoolExecutor(
             api.concurrency * FINISHING_HEADROOM, thread_name_prefix="sfwatch-upload"
         )
@@ -122,7 +127,7 @@ class UploadSlots:
 
     def _claim_and_process(self, item: ToClaim, ticket: Ticket) -> Outcome | ClaimMiss:
         """On the slot's thread: claim the file, then run its first attempt."""
-        assert self.take is not None  # noqa: S101 - the daemon sets it before submitting
+        assert self.take is not None  # noqa: S101 - given by whoever submits new files
         taken = self.take(item)
         if isinstance(taken, ClaimMiss):
             return taken
