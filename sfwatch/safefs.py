@@ -21,7 +21,8 @@ cache): a use checks with one ``lstat`` that ``<watched>/.sfwatch`` is still the
 private folder the handle was opened in, and with one ``fstat`` that the folder
 was not removed. Only our user can change anything inside a private folder, so
 that is the same guarantee as walking it again — at 3 system calls, not 17
-(each of which hands the GIL to another thread: docs/benchmarks.md).
+(each of which hands the GIL to another thread: docs/benchmarks.md). The
+daemon keeps them only while it has work in flight (``let_go``).
 """
 
 from __future__ import annotations
@@ -234,6 +235,15 @@ class _Handles:
 
 
 _handles = _Handles()
+
+
+def let_go() -> None:
+    """Close every kept work-area handle (the daemon does when it has nothing in flight).
+
+    A kept handle pins the folders above it: a watched folder removed while we hold
+    one is not gone (its observer hears nothing) until we let go.
+    """
+    _handles.drop()
 
 
 class WorkArea:
