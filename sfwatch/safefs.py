@@ -59,13 +59,19 @@ def _check_part(part: str) -> None:
 
 
 def open_below(
-    root: Path | int, parts: Sequence[str], *, create: bool = False, mode: int = 0o777
+    root: Path | int,
+    parts: Sequence[str],
+    *,
+    create: bool = False,
+    mode: int = 0o777,
+    durable: bool = True,
 ) -> int:
     """A handle of ``root/parts[0]/…``; no symlink below ``root`` is followed.
 
     ``root`` is a path (opened as given) or a handle (kept open). With
-    ``create``, missing folders are made with ``mode`` (the umask applies) and
-    made durable in their parents. The caller closes the returned handle.
+    ``create``, missing folders are made with ``mode`` (the umask applies) and,
+    if ``durable``, made durable in their parents (else the caller sees to it).
+    The caller closes the returned handle.
     """
     fd = os.dup(root) if isinstance(root, int) else os.open(root, ROOT_FLAGS)
     here = Path(f"<fd {root}>") if isinstance(root, int) else root
@@ -80,7 +86,8 @@ def open_below(
                     raise
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(part, mode, dir_fd=fd)
-                    fsync_fd(fd)
+                    if durable:
+                        fsync_fd(fd)
                 child = _open_child(fd, part, here)
             os.close(fd)
             fd = child
@@ -183,6 +190,8 @@ def anchored(path: Path, roots: Sequence[Path | None]) -> tuple[Path, tuple[str,
 EUID = os.geteuid()
 #: work-area folder handles kept open (all work areas together; the oldest are closed)
 MAX_CACHED_HANDLES = 64
+#: how deep below ``.sfwatch`` handles are kept (``work/<instance>``, ``tmp/<instance>``)
+KEPT_DEPTH = 2
 
 
 def is_private(st: os.stat_result) -> bool:
@@ -273,14 +282,17 @@ class WorkArea:
         A handle kept from an earlier use is given (a copy) while ``.sfwatch`` is
         still the same private folder (see the module docstring).
         """
-        key = (self.root, tuple(parts))
+        # Kept: ``.sfwatch`` and the two levels below (``work/<instance>``); a job's own
+        # folders come and go, so they are walked from there.
+        kept_parts, below = tuple(parts[:KEPT_DEPTH]), list(parts[KEPT_DEPTH:])
+        key = (self.root, kept_parts)
         try:
             area = self.path.lstat()
         except OSError:
             area = None
         if area is not None and is_private(area):
             if (kept := _handles.get(key, area)) is not None:
-                return kept
+                return self._below(kept, self.path.joinpath(*kept_parts), below, create=create)
         else:
             # Gone or replaced: let go of its folders at once. A kept handle pins the
             # folders above it, so a removed watched folder would not be gone (its
@@ -289,18 +301,33 @@ class WorkArea:
         fd = open_below(self.root, [WORK_AREA], create=create, mode=PRIVATE_DIR)
         try:
             area = self._check(fd, self.path)
-            for part in parts:
-                child = open_below(fd, [part], create=create, mode=PRIVATE_DIR)
-                os.close(fd)
-                fd = child
-                self._check(fd, self.path.joinpath(*parts))
+        except BaseException:
+            os.close(fd)
+            raise
+        fd = self._below(fd, self.path, list(kept_parts), create=create)
+        try:
             _handles.put(key, fd, (area.st_dev, area.st_ino))
         except BaseException:
             os.close(fd)
             raise
+        fd = self._below(fd, self.path.joinpath(*kept_parts), below, create=create)
         if self._refused:
             self._refused = False
             self.log.info("sfwatch.work_area_accepted", path=str(self.path))
+        return fd
+
+    def _below(self, fd: int, where: Path, parts: list[str], *, create: bool) -> int:
+        """Walk ``parts`` down from ``fd`` (at ``where``; consumed), checking every folder."""
+        try:
+            for part in parts:
+                child = open_below(fd, [part], create=create, mode=PRIVATE_DIR)
+                os.close(fd)
+                fd = child
+                where = where / part
+                self._check(fd, where)
+        except BaseException:
+            os.close(fd)
+            raise
         return fd
 
     @contextmanager
