@@ -35,6 +35,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from sfwatch.logs import get_logger
@@ -199,48 +200,91 @@ def is_private(st: os.stat_result) -> bool:
     return stat.S_ISDIR(st.st_mode) and st.st_uid == EUID and not st.st_mode & 0o022
 
 
+@dataclass(eq=False)
+class _Kept:
+    """One kept handle: closed when dropped and no thread is copying it."""
+
+    fd: int
+    area_id: tuple[int, int]
+    users: int = 0
+    dead: bool = False
+
+
 class _Handles:
-    """Open handles of work-area folders: (root, parts) → (handle, ``.sfwatch``'s id)."""
+    """Open handles of work-area folders: (root, parts) → handle and ``.sfwatch``'s id.
+
+    The lock guards only the table (no system call runs under it: 64 upload threads
+    ask at once); a handle being copied is closed by its last user once dropped.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._open: OrderedDict[tuple[Path, tuple[str, ...]], tuple[int, tuple[int, int]]] = (
-            OrderedDict()
-        )
+        self._open: OrderedDict[tuple[Path, tuple[str, ...]], _Kept] = OrderedDict()
+        self._dead: list[_Kept] = []
 
     def get(self, key: tuple[Path, tuple[str, ...]], area: os.stat_result) -> int | None:
         """A new handle of the folder, if it is still where and what it was; else None."""
         with self._lock:
-            entry = self._open.get(key)
-            if entry is None:
+            kept = self._open.get(key)
+            if kept is None:
                 return None
-            fd, area_id = entry
-            if area_id == (area.st_dev, area.st_ino) and os.fstat(fd).st_nlink > 0:
+            if kept.area_id != (area.st_dev, area.st_ino):
+                self._forget(key)
+                kept = None
+            else:
+                kept.users += 1
                 self._open.move_to_end(key)
-                return os.dup(fd)
-            del self._open[key]
-        os.close(fd)
-        return None
+        if kept is None:
+            self._close_dead()
+            return None
+        try:
+            fd = os.dup(kept.fd)
+        finally:
+            with self._lock:
+                kept.users -= 1
+            self._close_dead()
+        if os.fstat(fd).st_nlink == 0:  # the folder was removed (by us, or by root)
+            os.close(fd)
+            with self._lock:
+                if self._open.get(key) is kept:
+                    self._forget(key)
+            self._close_dead()
+            return None
+        return fd
 
     def put(self, key: tuple[Path, tuple[str, ...]], fd: int, area_id: tuple[int, int]) -> None:
         """Keep a copy of ``fd`` (the caller keeps its own)."""
-        kept = os.dup(fd)
+        kept = _Kept(os.dup(fd), area_id)
         with self._lock:
-            old = self._open.pop(key, None)
-            self._open[key] = (kept, area_id)
-            evicted = [old[0]] if old is not None else []
+            if key in self._open:
+                self._forget(key)
+            self._open[key] = kept
             while len(self._open) > MAX_CACHED_HANDLES:
-                evicted.append(self._open.popitem(last=False)[1][0])
-        for stale in evicted:
-            os.close(stale)
+                self._forget(next(iter(self._open)))
+        self._close_dead()
 
     def drop(self, root: Path | None = None) -> None:
         """Close the kept handles of one watched folder's work area (None: of all)."""
         with self._lock:
-            keys = [key for key in self._open if root is None or key[0] == root]
-            fds = [self._open.pop(key)[0] for key in keys]
-        for fd in fds:
-            os.close(fd)
+            for key in [key for key in self._open if root is None or key[0] == root]:
+                self._forget(key)
+        self._close_dead()
+
+    def _forget(self, key: tuple[Path, tuple[str, ...]]) -> None:
+        """Take ``key`` out of the table (with the lock held); closed by ``_close_dead``."""
+        kept = self._open.pop(key)
+        kept.dead = True
+        self._dead.append(kept)
+
+    def _close_dead(self) -> None:
+        """Close the dropped handles nobody is copying (outside the lock)."""
+        if not self._dead:  # (the common case; one left over is closed by the next call)
+            return
+        with self._lock:
+            ready = [kept for kept in self._dead if kept.users == 0]
+            self._dead = [kept for kept in self._dead if kept.users > 0]
+        for kept in ready:
+            os.close(kept.fd)
 
 
 _handles = _Handles()

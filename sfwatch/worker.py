@@ -126,6 +126,10 @@ def error_fields(exc: BaseException) -> dict[str, Any]:
     return {"reason": type(exc).__name__, "message": str(exc)}
 
 
+def _nothing() -> None:
+    return None
+
+
 @dataclass
 class Got:
     """What one attempt got so far (filled in by ``Worker._transcript``)."""
@@ -136,13 +140,11 @@ class Got:
     seconds: float | None = None
     #: the plan was recorded with the paid text (the ledger says stage finish)
     planned: bool = False
+    #: frees the upload slot (``Worker.process``'s ``released``)
+    release: Callable[[], None] = _nothing
 
 
 def _no_fence(_job: Job) -> None:
-    return None
-
-
-def _nothing() -> None:
     return None
 
 
@@ -264,7 +266,7 @@ class Worker:
         if job.verdict is not None or (job.plan is not None and job.plan.kind == "failed"):
             # Judged already: only the move to failed/ is left.
             return self.fail(job, watch, progress)
-        got = Got(job)
+        got = Got(job, release=released)
         if job.text is None:
             try:
                 with reading(job) as source:
@@ -375,6 +377,7 @@ class Worker:
             if exc.trace_id:
                 job = job.evolve(trace_ids=(*job.trace_ids, exc.trace_id))
             return Outcome(OutcomeKind.ERROR, job, exc, bytes_sent=got.bytes_sent)
+        got.release()  # answered: the next upload may start while we record and finish
         job = job.evolve(attempts=job.attempts + 1, text="\n".join(t.strip() for t in texts))
         progress.append(job)  # paid: from here on, errors keep the text
         got.job = job
