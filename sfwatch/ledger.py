@@ -34,7 +34,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -249,12 +249,14 @@ class _Pending:
 
     op: Callable[[sqlite3.Connection], Any]
     durable: bool
-    #: its writer waits for it (and so commits it, if nobody else is committing)
+    #: its writer waits for it (and may be handed the next commit)
     waited: bool = True
     result: Any = None
     error: Exception | None = None
     finished: bool = False
     committed: bool = False
+    #: set when it is finished, or (a waited op) when its writer is to commit next
+    wake: threading.Event = field(default_factory=threading.Event)
 
     def outcome(self) -> Any:
         """What the op returned; its error raised (or that it was never committed)."""
@@ -268,15 +270,12 @@ class _Pending:
 class Written:
     """A write queued by ``Ledger._write_later``."""
 
-    def __init__(self, queue: threading.Condition, pending: _Pending) -> None:
-        self._queue = queue
+    def __init__(self, pending: _Pending) -> None:
         self._pending = pending
 
     def wait(self) -> None:
         """Until it is committed; raise what it raised (sqlite3.Error: not written)."""
-        with self._queue:
-            while not self._pending.finished:
-                self._queue.wait()
+        self._pending.wake.wait()
         self._pending.outcome()
 
 
@@ -289,11 +288,14 @@ class Ledger:
         #: called after a commit that added outbox rows (the dispatcher's wake-up)
         self.on_outbox: Callable[[], None] | None = None
         self._lock = threading.Lock()
-        #: group commit (``_write``): writers waiting, and whether one is committing
-        self._queue = threading.Condition()
+        #: group commit (``_write``): the ops queued, and whether a thread is committing
+        self._queue_lock = threading.Lock()
         self._waiting: list[_Pending] = []
         self._committing = False
+        #: the thread that commits queued ops nobody waits for, and its turn to
         self._writer: threading.Thread | None = None
+        self._writer_wake = threading.Event()
+        self._writer_turn = False
         self._closing = False
         self._db = sqlite3.connect(path, timeout=10, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
@@ -322,9 +324,11 @@ class Ledger:
 
     def close(self) -> None:
         """Close the database."""
-        with self._queue:  # what was queued is committed first
+        with self._queue_lock:  # what was queued is committed first
             self._closing = True
-            self._queue.notify_all()
+            if self._waiting and not self._committing:
+                self._committing = self._writer_turn = True
+        self._writer_wake.set()
         if self._writer is not None:
             self._writer.join(10)
         with self._read_lock:
@@ -336,23 +340,26 @@ class Ledger:
         """Run ``op`` in a transaction and return what it returned; committed (and, if
         ``durable``, fsynced) before this returns.
 
-        Group commit: writers that arrive while a commit is under way queue up, and
-        the first of them commits the whole queue in one transaction, each op in a
-        savepoint of its own (an op that raises is undone alone and raises in its
-        caller). With 32 upload threads this turns hundreds of commits a second,
-        each taking the lock and many an fsync, into a few dozen, with the same
-        orderings: an op returns only after its commit, which is all the
-        orderings in docs/design.md §5 rely on. ``durable`` ops make their batch's
-        commit ``synchronous=FULL``; the others ride along.
+        Group commit: writers that arrive while a commit is under way queue up; when
+        it ends, the committing thread hands the next commit to the first of them,
+        which commits the whole queue in one transaction, each op in a savepoint of
+        its own (an op that raises is undone alone and raises in its caller). With
+        32 upload threads this turns hundreds of commits a second, each taking the
+        lock and many an fsync, into a few dozen, with the same orderings: an op
+        returns only after its commit, which is all the orderings in docs/design.md
+        §5 rely on. ``durable`` ops make their batch's commit ``synchronous=FULL``;
+        the others ride along. Each op has an event of its own, so a commit wakes
+        only its own writers (not every thread waiting).
         """
         pending = _Pending(op, durable)
-        with self._queue:
+        with self._queue_lock:
             self._waiting.append(pending)
-            while not pending.finished and self._committing:
-                self._queue.wait()
-            batch = self._take_batch() if not pending.finished else []
-        if batch:
-            self._commit_batch(batch)
+            lead = not self._committing
+            self._committing = True
+        if not lead:
+            pending.wake.wait()  # finished by another commit, or our turn to commit
+        if not pending.finished:
+            self._lead()
         return cast("T", pending.outcome())
 
     def _write_later(self, op: Callable[[sqlite3.Connection], Any]) -> Written:
@@ -360,37 +367,45 @@ class Ledger:
 
         For writes nothing needs before the upload: they leave the way to it. Queued
         ops are committed in order, before or with any write queued after them, by
-        whoever commits next or else by the ledger's writer thread.
+        whoever commits next, else by the ledger's writer thread.
         """
         pending = _Pending(op, durable=False, waited=False)
-        with self._queue:
-            self._waiting.append(pending)
+        with self._queue_lock:
             self.start_writer()
-            self._queue.notify_all()
-        return Written(self._queue, pending)
+            self._waiting.append(pending)
+            if not self._committing:
+                self._committing = self._writer_turn = True
+                self._writer_wake.set()
+        return Written(pending)
 
-    def _take_batch(self) -> list[_Pending]:
-        """With the queue's lock held: become the committer of everything queued."""
-        self._committing = True
-        batch, self._waiting = self._waiting, []
-        return batch
-
-    def _commit_batch(self, batch: list[_Pending]) -> None:
+    def _lead(self) -> None:
+        """Commit everything queued (this thread's turn), then hand the next turn on."""
+        with self._queue_lock:
+            batch, self._waiting = self._waiting, []
         try:
             self._commit(batch)
         finally:
-            with self._queue:
-                self._committing = False
-                for item in batch:
-                    item.finished = True
-                self._queue.notify_all()
+            for item in batch:
+                item.finished = True
+                item.wake.set()
+            with self._queue_lock:
+                after = next((p for p in self._waiting if p.waited), None)
+                if after is not None:
+                    after.wake.set()  # its writer commits next (``_committing`` stays)
+                elif self._waiting:
+                    self._writer_turn = True  # only queued ops: the writer thread's turn
+                    self._writer_wake.set()
+                else:
+                    self._committing = False
+                    if self._closing:
+                        self._writer_wake.set()
 
     def start_writer(self) -> None:
-        """Start the thread that commits queued ops nobody waits on (if not yet running).
+        """Start the thread that commits queued ops nobody waits for (if not yet running).
 
-        The daemon starts it with the ledger; it commits only batches that no waiting
-        writer will commit, so that a write someone waits for is committed on that
-        writer's own thread (where its errors belong).
+        The daemon starts it with the ledger. It commits only when no waiting writer
+        will, so that a write someone waits for is committed on that writer's own
+        thread (where its errors belong).
         """
         if self._writer is None:
             self._writer = threading.Thread(
@@ -400,17 +415,15 @@ class Ledger:
 
     def _write_queued(self) -> None:
         while True:
-            with self._queue:
-                while not self._closing and (
-                    self._committing
-                    or not self._waiting
-                    or any(p.waited for p in self._waiting)  # (that writer commits them)
-                ):
-                    self._queue.wait()
-                if self._closing and not self._waiting:
+            self._writer_wake.wait()
+            self._writer_wake.clear()
+            with self._queue_lock:
+                turn, self._writer_turn = self._writer_turn, False
+            if turn:
+                self._lead()
+            with self._queue_lock:
+                if self._closing and not self._committing and not self._waiting:
                     return
-                batch = self._take_batch()
-            self._commit_batch(batch)
 
     def _commit(self, batch: list[_Pending]) -> None:
         """One transaction for ``batch`` (see ``_write``)."""
