@@ -195,7 +195,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     tty = sys.stderr.isatty()
     failed = 0
     with Transcriber(
-        config.api.base_url, key, timeout_seconds=config.api.timeout_seconds, concurrency=1
+        config.api.base_url, key, timeout_seconds=config.api.timeout_seconds
     ) as client:
         for number, audio in enumerate(args.audio, 1):
             if tty:

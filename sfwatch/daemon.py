@@ -155,7 +155,6 @@ class Daemon:
             config.api.base_url,
             api_key,
             timeout_seconds=config.api.timeout_seconds,
-            concurrency=config.api.concurrency,
         )
         self.pacer = Pacer(
             config.api.concurrency, config.api.requests_per_minute, backoff_base=backoff_base

@@ -398,22 +398,35 @@ class Transcriber:
         api_key: Secret,
         *,
         timeout_seconds: float = 600,
-        concurrency: int = 4,
         probe_timeout: float = PROBE_TIMEOUT,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout_seconds = timeout_seconds
         self.probe_timeout = probe_timeout
         self._key = api_key
-        self._client = self._new_client(
-            httpx.Timeout(timeout_seconds, connect=CONNECT_TIMEOUT),
-            httpx.Limits(
-                max_connections=concurrency + 2, max_keepalive_connections=concurrency + 2
-            ),
-        )
+        # One client per upload thread: a shared pool's lock is taken and released
+        # several times per request, and 32 threads queueing on it cost more than the
+        # connections they would share (docs/benchmarks.md). One TLS context for all.
+        self._timeout = httpx.Timeout(timeout_seconds, connect=CONNECT_TIMEOUT)
+        self._tls = httpx.create_ssl_context()
+        self._here = threading.local()
+        self._clients: list[httpx.Client] = []
+        self._clients_lock = threading.Lock()
+
+    @property
+    def _client(self) -> httpx.Client:
+        """This thread's client (one kept-alive connection), made on first use."""
+        client: httpx.Client | None = getattr(self._here, "client", None)
+        if client is None:
+            client = self._new_client(self._timeout, httpx.Limits(max_connections=1))
+            with self._clients_lock:
+                self._clients.append(client)
+            self._here.client = client
+        return client
 
     def _new_client(self, timeout: httpx.Timeout, limits: httpx.Limits) -> httpx.Client:
         return httpx.Client(
+            verify=self._tls,
             base_url=self.base_url,
             headers={
                 "Authorization": f"Bearer {self._key.reveal()}",
@@ -426,8 +439,11 @@ class Transcriber:
         )
 
     def close(self) -> None:
-        """Close the connection pool."""
-        self._client.close()
+        """Close every thread's connection."""
+        with self._clients_lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
+            client.close()
 
     def __enter__(self) -> Transcriber:
         return self
