@@ -44,15 +44,17 @@ import httpx
 
 from sfwatch import __version__
 from sfwatch.backoff import parse_retry_after
-from sfwatch.config import Secret
+from sfwatch.config import Secret, UploadRequest
 from sfwatch.errors import (
     AccountError,
+    FieldRejected,
     FileRejected,
     RateLimited,
     TranscribeError,
     TransientError,
     UnusableResponse,
 )
+from sfwatch.subtitles import Segment, Timing, parse_cues, segments_from_json
 
 TRACE_HEADER = "x-siliconcloud-trace-id"
 CONNECT_TIMEOUT = 10.0
@@ -111,6 +113,19 @@ class Transcript:
     http_status: int
     seconds: float
     bytes_sent: int
+    #: the answer's segments (times in this upload's audio), when a timed format was asked
+    segments: tuple[Segment, ...] | None = None
+    #: the language the server says it heard (verbose_json), cleaned
+    language: str | None = None
+    #: the audio's duration as the server measured it, in seconds
+    duration: float | None = None
+
+    @property
+    def timing(self) -> Timing | None:
+        """Segments, language and duration together; None when no segments came."""
+        if self.segments is None:
+            return None
+        return Timing(self.segments, self.language, self.duration)
 
 
 def status_class(http_status: int | None) -> str:
@@ -183,12 +198,62 @@ def _api_code(body: bytes) -> int | None:
     return code if isinstance(code, int) else None
 
 
-def classify(status: int, headers: httpx.Headers, body: bytes) -> TranscribeError:
-    """The error for a non-200 answer (see the retry classes in api-reference.md)."""
+def rejected_field(body: bytes, message: str, request: UploadRequest) -> str | None:
+    """The form field a 400/422 blames, if it is one that ``request`` sent.
+
+    OpenAI and Groq name it in ``error.param``; FastAPI servers (speaches, vLLM) in a
+    ``detail[].loc``; others only in the message, so the message is searched for each
+    sent field's name as a whole word. ``file`` and ``model`` are never blamed here:
+    a bad file is the file's fault, a bad model the account's (docs/design.md §8).
+    """
+    sent = {f.name.removesuffix("[]") for f in request.fields}
+    if not sent:
+        return None
+    named: list[str] = []
+    try:
+        parsed: Any = parse_json(body)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict):
+        error = parsed.get("error")
+        wheres = (parsed, error if isinstance(error, dict) else {})
+        named.extend(p for w in wheres if isinstance(p := w.get("param"), str))
+        detail = parsed.get("detail")
+        for item in detail if isinstance(detail, list) else []:
+            loc = item.get("loc") if isinstance(item, dict) else None
+            if isinstance(loc, list):
+                named.extend(part for part in loc if isinstance(part, str))
+    for name in named:
+        if name.removesuffix("[]") in sent:
+            return name.removesuffix("[]")
+    for name in sorted(sent, key=len, reverse=True):  # timestamp_granularities before a prefix
+        if re.search(rf"(?<![A-Za-z0-9_]){re.escape(name)}(?![A-Za-z0-9_])", message):
+            return name
+    return None
+
+
+def classify(
+    status: int, headers: httpx.Headers, body: bytes, request: UploadRequest | None = None
+) -> TranscribeError:
+    """The error for a non-200 answer (see the retry classes in api-reference.md).
+
+    ``request``: the fields the upload sent; a 400/422 naming one of them is the
+    config's fault (``FieldRejected``), not the file's.
+    """
     trace_id = headers.get(TRACE_HEADER)
     message = api_message(body)
     kwargs: dict[str, Any] = {"http_status": status, "trace_id": trace_id, "api_message": message}
     what = f"HTTP {status}: {message}" if message else f"HTTP {status}"
+    if status in (400, 422) and request is not None:
+        field = rejected_field(body, message, request)
+        if field is not None:
+            key = request.key_of(field) or field
+            return FieldRejected(
+                f"the server refused the field {field!r} ({key}): {what}",
+                field=field,
+                key=key,
+                **kwargs,
+            )
     if status in _FILE_FAULT:
         return FileRejected(what, reason="api_rejected", **kwargs)
     if status == 429:
@@ -467,15 +532,23 @@ class Transcriber:
 
     # -- the upload ------------------------------------------------------------------------
 
-    def transcribe(self, path: Path, upload_name: str, model: str) -> Transcript:
-        """Upload ``path`` (as ``upload_name``) once; return its transcript or raise."""
+    def transcribe(
+        self, path: Path, upload_name: str, model: str, request: UploadRequest | None = None
+    ) -> Transcript:
+        """Upload ``path`` (as ``upload_name``) once; return its transcript or raise.
+
+        ``request``: the form fields to send besides file and model (exactly these),
+        and how to read the answer; None sends nothing more and reads ``{"text"}``.
+        """
         try:
-            return self._transcribe(path, upload_name, model)
+            return self._transcribe(path, upload_name, model, request or UploadRequest())
         except TranscribeError as exc:
             self._redact(exc)
             raise
 
-    def _transcribe(self, path: Path, upload_name: str, model: str) -> Transcript:
+    def _transcribe(
+        self, path: Path, upload_name: str, model: str, request: UploadRequest
+    ) -> Transcript:
         started = time.monotonic()
         deadline = started + self.timeout_seconds
         with (
@@ -487,7 +560,7 @@ class Transcriber:
             with self._client.stream(
                 "POST",
                 "/audio/transcriptions",
-                data={"model": model},
+                data={"model": model, **{f.name: f.value for f in request.fields}},
                 files={"file": (upload_name, audio, audio_mime(upload_name))},
             ) as response:
                 status, headers = response.status_code, response.headers
@@ -496,8 +569,9 @@ class Transcriber:
         body = self._scrub_body(body)
         trace_id = headers.get(TRACE_HEADER)
         if status != 200:
-            raise classify(status, headers, body)  # a cut error body still has its status
-        text, why_not = _transcript_text(body, complete=complete)
+            # (a cut error body still has its status)
+            raise classify(status, headers, body, request)
+        text, timing, why_not = _answer(body, complete=complete, request=request)
         if text is None:
             raise UnusableResponse(
                 f"HTTP 200 without a usable text field: {why_not}",
@@ -505,12 +579,18 @@ class Transcriber:
                 trace_id=trace_id,
                 api_message=api_message(body[:MAX_SMALL_RESPONSE]),
             )
+        segments = None
+        if timing is not None:  # also a key the JSON spelt with escapes, in every segment
+            segments = tuple(Segment(s.start, s.end, self._scrub(s.text)) for s in timing.segments)
         return Transcript(
             text=self._scrub(text),  # also a key the JSON spelt with escapes
             trace_id=self._clean(trace_id, MAX_TRACE_ID),
             http_status=200,
             seconds=time.monotonic() - started,
             bytes_sent=size,
+            segments=segments,
+            language=self._clean(timing.language, 64) if timing is not None else None,
+            duration=timing.duration if timing is not None else None,
         )
 
     # -- the account probe -----------------------------------------------------------------
@@ -724,3 +804,55 @@ def _transcript_text(body: bytes, *, complete: bool) -> tuple[str | None, str]:
     if _SURROGATES.search(text):
         return None, "the text holds a lone surrogate (it is not Unicode)"
     return text, ""
+
+
+def _answer(
+    body: bytes, *, complete: bool, request: UploadRequest
+) -> tuple[str | None, Timing | None, str]:
+    """The text (and segments) of a 200 in the format ``request`` asked for.
+
+    None for the text, and why, when the answer is unusable: the same for a
+    verbose_json without a usable segment list or subtitles that do not parse,
+    when segments were needed (an ``UnusableResponse``, like a 200 without text).
+    """
+    if request.answer == "json":
+        text, why_not = _transcript_text(body, complete=complete)
+        return text, None, why_not
+    if not complete:
+        return None, None, f"it is larger than {_size(MAX_RESPONSE)}"
+    if request.answer == "verbose_json":
+        text, why_not = _transcript_text(body, complete=complete)
+        if text is None:
+            return None, None, why_not
+        parsed = parse_json(body)  # parsed once already: it is a JSON object
+        segments = segments_from_json(parsed.get("segments"))
+        if segments is None:
+            if request.timed:
+                return None, None, "no usable segments (start, end, text)"
+            return text, None, ""
+        language = parsed.get("language")
+        duration = parsed.get("duration")
+        return (
+            text,
+            Timing(
+                segments,
+                language if isinstance(language, str) else None,
+                float(duration)
+                if isinstance(duration, int | float)
+                and not isinstance(duration, bool)
+                and 0 <= duration < 1e9
+                else None,
+            ),
+            "",
+        )
+    try:
+        document = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, None, "the answer is not UTF-8 text"
+    if request.answer == "text":
+        return document.strip(), None, ""
+    cues = parse_cues(document)  # srt, vtt
+    if cues is None:
+        return None, None, f"not {request.answer} subtitles"
+    end = cues[-1].end if cues else None
+    return " ".join(c.text for c in cues if c.text).strip(), Timing(cues, None, end), ""
