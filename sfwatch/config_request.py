@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import re
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +80,9 @@ class RequestConfig:
     temperature: float | None = None
     response_format: str | None = None
     extra_fields: tuple[tuple[str, ExtraValue], ...] = ()
-    #: (what, key path): what is a key of this record (or ``extra:<name>``, ``outputs``)
-    origins: tuple[tuple[str, str], ...] = ()
+    #: (what, key path): what is a key of this record (or ``extra:<name>``, ``outputs``);
+    #: only for messages, so not part of == (where a value was set changes no upload)
+    origins: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
     def origin(self, what: str) -> str:
         """The config key path ``what`` was set by (``api.request.language``, ...)."""
@@ -101,9 +102,9 @@ class UploadRequest:
     def key_of(self, name: str) -> str | None:
         """The config key of form field ``name`` (``[]`` ignored), if this request sends it."""
         bare = name.removesuffix("[]")
-        for field in self.fields:
-            if field.name.removesuffix("[]") == bare:
-                return field.key
+        for sent in self.fields:
+            if sent.name.removesuffix("[]") == bare:
+                return sent.key
         return None
 
 

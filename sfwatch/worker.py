@@ -27,9 +27,10 @@ from typing import Any
 
 from sfwatch.claim import reading, release, write_sidecar
 from sfwatch.config import Config, WatchConfig
+from sfwatch.config_request import UploadRequest, safe_language
 from sfwatch.errors import Fenced, PrepareError, TranscribeError
 from sfwatch.events import Events
-from sfwatch.finish import Placed, finish_done, finish_failed
+from sfwatch.finish import Naming, Placed, finish_done, finish_failed, local_date
 from sfwatch.folders import Folders
 from sfwatch.fsutil import same_content
 from sfwatch.job import Job, Plan, Verdict
@@ -38,6 +39,7 @@ from sfwatch.lifecycle import OutcomeKind
 from sfwatch.logs import get_logger
 from sfwatch.prepare import Part, Prepared, clean_scratch, identify, prepare, scratch_folder
 from sfwatch.settle import signature_of
+from sfwatch.subtitles import Timing, join
 from sfwatch.transcribe import Transcriber, Transcript, status_class
 
 #: host errors that make a step wait and try again (never the file's fault)
@@ -99,6 +101,8 @@ def finished_fields(
             fields["transcript"] = str(placed.transcript)
         if placed.error_file is not None:
             fields["error_file"] = str(placed.error_file)
+        if placed.outputs:
+            fields["outputs"] = [str(p) for p in placed.outputs]
     for key, value in (error or {}).items():
         if fields.get(key) is None and value is not None:
             fields[key] = value
@@ -197,7 +201,9 @@ class Worker:
                 row = self.ledger.job(job.job_id)
                 if row is not None and row.plan is not None:
                     # A finish is under way (an earlier try, or before a restart): keep to it.
-                    job = job.evolve(plan=row.plan, text=job.text or row.text)
+                    job = job.evolve(
+                        plan=row.plan, text=job.text or row.text, timing=job.timing or row.timing
+                    )
                 elif job.text is not None and (row is None or row.text is None):
                     # Paid, but the ledger could not record it last time: record it now,
                     # before anything is written for the user.
@@ -286,24 +292,36 @@ class Worker:
         progress.append(job)
         got.job = job
         model = self.model_for(job)
-        if (known := self.ledger.known_text(job.sha256 or "", model)) is not None:
-            got.job, got.kind = job.evolve(text=known), OutcomeKind.DEDUP
+        known = self.ledger.known(job.sha256 or "", model)
+        # Paid for already; but one paid without segments cannot make the subtitles
+        # a timed output asks for: that content is uploaded again, once.
+        if known is not None and (known[1] is not None or not watch.upload.timed):
+            got.job, got.kind = job.evolve(text=known[0], timing=known[1]), OutcomeKind.DEDUP
             return None
         try:
             with scratch_folder(job, self.instance) as scratch:
                 prepared = prepare(
                     reader.evolve(sha256=job.sha256), self.config, self.instance, scratch
                 )
-                return self._upload(job, prepared, model, progress, got)
+                return self._upload(job, prepared, (model, watch.upload), progress, got)
         except PrepareError as exc:
             return self.fail(job.evolve(verdict=Verdict(exc)), watch, progress)
 
     def _upload(
-        self, job: Job, prepared: Prepared, model: str, progress: list[Job], got: Got
+        self,
+        job: Job,
+        prepared: Prepared,
+        how: tuple[str, UploadRequest],
+        progress: list[Job],
+        got: Got,
     ) -> Outcome | None:
+        model, request = how
         got.seconds = prepared.audio_seconds
         # Parts whose transcripts the ledger holds (an earlier, interrupted try).
-        texts = self.ledger.parts(job.job_id) if len(prepared.parts) > 1 else []
+        split = len(prepared.parts) > 1
+        texts = self.ledger.parts(job.job_id) if split else []
+        timings: list[Timing | None] = self.ledger.part_timings(job.job_id) if split else []
+        timings = (timings + [None] * len(texts))[: len(texts)]  # (rows older than timings)
         self.fence(job)  # a sibling that adopted the job pays for it, not us too
         self.ledger.set_stage(job.job_id, "upload")
         self.log.info(
@@ -320,18 +338,27 @@ class Worker:
         trace_id: str | None = None
         try:
             for part in prepared.parts[len(texts) :]:
-                result = self._send(job, part, model, len(texts) + 1)
+                result = self._send(job, part, how, len(texts) + 1)
                 trace_id = result.trace_id
                 job = job.evolve(trace_ids=(*job.trace_ids, result.trace_id or ""))
                 texts.append(result.text)
+                timings.append(result.timing)
                 got.bytes_sent += result.bytes_sent
-                if len(prepared.parts) > 1:
-                    self.ledger.part_done(job.job_id, texts)
+                if split:
+                    self.ledger.part_done(job.job_id, texts, timings)
         except TranscribeError as exc:
             if exc.trace_id:
                 job = job.evolve(trace_ids=(*job.trace_ids, exc.trace_id))
             return Outcome(OutcomeKind.ERROR, job, exc, bytes_sent=got.bytes_sent)
-        job = job.evolve(attempts=job.attempts + 1, text="\n".join(t.strip() for t in texts))
+        # Each part's times count from its own start: shifted by where it starts in the
+        # original, the joined timeline lines up with the recording.
+        offsets = [part.offset for part in prepared.parts]
+        timing = join(list(zip(offsets, timings, strict=True))) if request.timed else None
+        job = job.evolve(
+            attempts=job.attempts + 1,
+            text="\n".join(t.strip() for t in texts),
+            timing=timing,
+        )
         progress.append(job)  # paid: from here on, errors keep the text
         got.job = job
         if signature_of(job.path) != job.signature:
@@ -344,11 +371,14 @@ class Worker:
             write_sidecar(job)
         return None
 
-    def _send(self, job: Job, part: Part, model: str, number: int) -> Transcript:
+    def _send(
+        self, job: Job, part: Part, how: tuple[str, UploadRequest], number: int
+    ) -> Transcript:
         """One HTTP attempt for one part; tell how it went (``sfwatch.upload_finished``)."""
         started = time.monotonic()
+        model, request = how
         try:
-            result = self.transcriber.transcribe(part.path, part.upload_name, model)
+            result = self.transcriber.transcribe(part.path, part.upload_name, model, request)
         except TranscribeError as exc:
             sent = 0
             if exc.http_status is not None:  # answered: the request went out whole
@@ -387,6 +417,18 @@ class Worker:
             plan=job.plan,
             record=lambda plan: self._record_plan(job, plan, progress),
             guard=lambda: self.fence(job),
+            naming=self._naming(job, watch),
+        )
+
+    def _naming(self, job: Job, watch: WatchConfig) -> Naming:
+        """``transcript_name``'s values: the language asked for or heard, the claim's day."""
+        row = self.ledger.job(job.job_id)
+        claimed = row.created if row is not None and row.created else time.time()
+        heard = job.timing.language if job.timing is not None else None
+        return Naming(
+            lang=safe_language(watch.request.language or heard),
+            date=local_date(claimed),
+            model=self.model_for(job),
         )
 
     def _record_plan(self, job: Job, plan: Plan, progress: list[Job]) -> None:
