@@ -289,6 +289,9 @@ def _write_all_once(dfd: int, files: Sequence[tuple[str, bytes]], *, tag: str, m
     next run (same plan, same bytes) accepts and completes. A name held by anything
     else is a ``PlanConflict``: the caller removes what is ours and plans anew.
     """
+    for name, _ in files:  # a killed earlier run's leftovers (remade below if needed)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp_leaf(name, tag), dir_fd=dfd)
     missing = [(name, data) for name, data in files if not _holds(data)(dfd, name)]
     try:
         for name, data in missing:
