@@ -88,9 +88,8 @@ def run_probes(client: Transcriber, probes: list[FieldProbe], key: Secret) -> in
                 failed = True
                 said = printable(_scrub(exc.api_message or exc.message, key))
                 print(f"rejected ({who}): {exc.key}: the server refused {exc.field!r}: {said}")
-                print(
-                    f"  not checked (the server stops at the first): {_fields(probe.request, exc.key)}"
-                )
+                unchecked = printable(_fields(probe.request, exc.key))
+                print(f"  not checked (the server stops at the first): {unchecked}")
                 continue
             except SfwatchError as exc:
                 failed = True
