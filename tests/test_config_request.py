@@ -125,7 +125,7 @@ def test_prompt_file_is_read_relative_to_the_config(tmp: Path) -> None:
             "string, number or boolean",
         ),
         ("", "request: {extra_fields: {a: [1]}}", "watch[0].request.extra_fields.a", "string"),
-        ("", "request: {extra_fields: {model: x}}", "watch[0].request.extra_fields.model", "itself"),
+        ("", "request: {extra_fields: {model: x}}", "watch[0].request.extra_fields.model", "sent"),
         (
             "request: {extra_fields: {language: x}}",
             "",
