@@ -151,7 +151,8 @@ def plan_done(job: Job, watch: WatchConfig, naming: Naming | None = None) -> Pla
 
     The outputs are ``transcript_name`` filled in plus each format's extension. A
     stem is free only when *every* name is: ``a.srt`` alone taken moves all of them
-    to ``a (1).*``. A template without ``{stem}`` numbers its own result the same way.
+    to ``a (1).*``. A template without ``{stem}`` (``"{date} notes"``) shares nothing
+    with the original: its outputs and the original are each numbered on their own.
     """
     naming = naming or Naming()
     stem, suffix = _split(job.name)
@@ -161,19 +162,33 @@ def plan_done(job: Job, watch: WatchConfig, naming: Naming | None = None) -> Pla
     template = watch.transcript_name
     around = naming.fill(template, "")  # what the template adds to the stem
     longest_ext = max(exts, key=lambda e: len(os.fsencode(e)))
+    if "{stem}" not in template:
+        # Nothing to share: the outputs and the original each take their first free name.
+        base = naming.fill(template, stem)
+        outputs = _first_free(
+            lambda n: [tdir / f"{numbered(base, n, '', longest_ext)}{ext}" for ext in exts]
+        )
+        (original,) = _first_free(lambda n: [ddir / numbered(stem, n, suffix)])
+        return Plan("done", original=original, transcript=outputs[0], outputs=tuple(outputs[1:]))
+    # One cut for all, so the stem fits beside the longest name it is part of.
+    longest = max((suffix, around + longest_ext), key=lambda x: len(os.fsencode(x)))
+
+    def named(n: int) -> list[Path]:
+        candidate = numbered(stem, n, "", longest)
+        base = naming.fill(template, candidate)
+        return [ddir / f"{candidate}{suffix}", *(tdir / f"{base}{ext}" for ext in exts)]
+
+    original, *outputs = _first_free(named)
+    return Plan("done", original=original, transcript=outputs[0], outputs=tuple(outputs[1:]))
+
+
+def _first_free(names: Callable[[int], list[Path]]) -> list[Path]:
+    """``names(n)`` for the first n (0, 1, …) where none of them exists."""
     for n in itertools.count():
-        if "{stem}" in template:
-            # One cut for all, so the stem fits beside the longest name it is part of.
-            longest = max((suffix, around + longest_ext), key=lambda x: len(os.fsencode(x)))
-            candidate = numbered(stem, n, "", longest)
-            base = naming.fill(template, candidate)
-        else:
-            candidate = numbered(stem, n, "", suffix)
-            base = numbered(naming.fill(template, stem), n, "", longest_ext)
-        names = [tdir / f"{base}{ext}" for ext in exts]
-        original = ddir / f"{candidate}{suffix}"
-        if not any(os.path.lexists(p) for p in (*names, original)):
-            return Plan("done", original=original, transcript=names[0], outputs=tuple(names[1:]))
+        candidates = names(n)
+        if not any(os.path.lexists(p) for p in candidates):
+            return candidates
+    raise AssertionError("unreachable")  # pragma: no cover - count() never ends
     raise AssertionError("unreachable")  # pragma: no cover - count() never ends
 
 
