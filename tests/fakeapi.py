@@ -75,6 +75,8 @@ _MP3_RATES = {
     2: (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
     0: (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
 }
+#: Hz by sample-rate index: MPEG-1, MPEG-2, MPEG-2.5
+_MP3_SAMPLE_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
 
 
 @dataclass(frozen=True)
@@ -894,12 +896,23 @@ def audio_seconds(head: bytes, size: int) -> float | None:
     pos = 0
     if head[:3] == b"ID3" and len(head) >= 10:
         pos = 10 + ((head[6] << 21) | (head[7] << 14) | (head[8] << 7) | head[9])
-    for i in range(pos, len(head) - 3):
-        if head[i] == 0xFF and head[i + 1] & 0xE0 == 0xE0:
-            version, layer = (head[i + 1] >> 3) & 3, (head[i + 1] >> 1) & 3
-            index = head[i + 2] >> 4
-            if layer == 1 and version in _MP3_RATES and 0 < index < 15:
-                return (size - i) * 8 / (_MP3_RATES[version][index] * 1000)
+    while pos < len(head) - 4:
+        if head[pos] != 0xFF or head[pos + 1] & 0xE0 != 0xE0:
+            pos += 1
+            continue
+        version, layer = (head[pos + 1] >> 3) & 3, (head[pos + 1] >> 1) & 3
+        index, rate_index = head[pos + 2] >> 4, (head[pos + 2] >> 2) & 3
+        if layer != 1 or version not in _MP3_RATES or not 0 < index < 15 or rate_index == 3:
+            pos += 1
+            continue
+        bitrate = _MP3_RATES[version][index] * 1000
+        if b"Info" in head[pos : pos + 64] or b"Xing" in head[pos : pos + 64]:
+            # LAME's header frame (often at another bitrate): the audio starts after it.
+            rate = _MP3_SAMPLE_RATES[version][rate_index]
+            per_frame = 144 if version == 3 else 72
+            pos += per_frame * bitrate // rate + ((head[pos + 2] >> 1) & 1)
+            continue
+        return (size - pos) * 8 / bitrate
     return None
 
 
