@@ -131,7 +131,8 @@ def test_split_recording_subtitles_line_up_with_the_original(
         assert cues is not None
         assert len(cues) == len(times)
         for cue, (start, end) in zip(cues, times, strict=True):
-            assert (cue.start, cue.end) == (pytest.approx(start), pytest.approx(end))
+            assert cue.start == pytest.approx(start)
+            assert cue.end == pytest.approx(end)
 
 
 def test_a_taken_srt_moves_every_output_to_the_next_stem(tmp_path: Path, fake_api: FakeAPI) -> None:
