@@ -28,9 +28,7 @@ key, and one that does must not carry it into a file the share can read.
 from __future__ import annotations
 
 import contextlib
-import json
 import mimetypes
-import re
 import socket
 import threading
 import time
@@ -43,6 +41,21 @@ from typing import Any, BinaryIO, cast
 import httpx
 
 from sfwatch import __version__
+from sfwatch.answers import (
+    CONTROLS,
+    MAX_JSON_DEPTH,
+    MAX_RESPONSE,
+    MAX_SMALL_RESPONSE,
+    SURROGATES,
+    JSONTooDeep,
+    api_code,
+    api_message,
+    parse_json,
+    read_answer,
+    rejected_field,
+    shown_size,
+    too_deep,
+)
 from sfwatch.backoff import parse_retry_after
 from sfwatch.config import Secret, UploadRequest
 from sfwatch.errors import (
@@ -54,20 +67,10 @@ from sfwatch.errors import (
     TransientError,
     UnusableResponse,
 )
-from sfwatch.subtitles import Segment, Timing, parse_cues, segments_from_json
+from sfwatch.subtitles import Segment, Timing
 
 TRACE_HEADER = "x-siliconcloud-trace-id"
 CONNECT_TIMEOUT = 10.0
-#: The most of a 200 answer read, counted on the wire and again after decompression.
-#: A transcript is text: an hour of speech (``api.max_audio_seconds``) is ~60 KB,
-#: under 1 MB even as verbose JSON with timestamps, so 8 MiB leaves over 8x room for
-#: the largest while one upload thread never holds more than about twice this.
-MAX_RESPONSE = 8 * 1024 * 1024
-#: The most of an error answer, or of ``GET /user/info``, read: a message, not a document.
-MAX_SMALL_RESPONSE = 64 * 1024
-#: JSON nested deeper than this is refused unparsed (the API's answers nest 1 to 4
-#: deep; Python's parser would recurse into a 100,000-deep one until RecursionError).
-MAX_JSON_DEPTH = 32
 #: The account probe's whole-request deadline: ``GET /user/info`` answers in well
 #: under a second, and a probe that hangs holds every upload paused.
 PROBE_TIMEOUT = 15.0
@@ -97,11 +100,6 @@ AUDIO_TYPES = {
 _FILE_FAULT = {400, 413, 415, 422}
 _ACCOUNT = {401, 402, 403, 404, 405}
 _TRANSIENT = {408, 409, 425, 429, 500, 502, 503, 504}
-#: one JSON string (closed, or running to the end), or a run of brackets
-_JSON_TOKENS = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"?|[\[{]++|[\]}]++', re.DOTALL)
-_SURROGATES = re.compile(r"[\ud800-\udfff]")
-#: C0 and C1 controls but tab and newline: a server's message must not drive a terminal
-_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True)
@@ -141,97 +139,6 @@ def audio_mime(name: str) -> str:
     return AUDIO_TYPES.get(suffix) or mimetypes.guess_type(name)[0] or "application/octet-stream"
 
 
-class JSONTooDeep(ValueError):
-    """A body whose JSON nests deeper than ``MAX_JSON_DEPTH``; it is not parsed."""
-
-
-def too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
-    """Whether ``body``'s brackets (outside strings) nest deeper than ``limit``.
-
-    One regular-expression pass; nothing is parsed, so no depth can exhaust the stack.
-    """
-    depth = 0
-    for match in _JSON_TOKENS.finditer(body):
-        token = match.group()
-        if token[0] in b"[{":
-            depth += len(token)
-            if depth > limit:
-                return True
-        elif token[0] in b"]}":
-            depth -= len(token)
-    return False
-
-
-def parse_json(body: bytes) -> Any:
-    """``body`` as JSON; ``ValueError`` when it is not, ``JSONTooDeep`` when it nests too deep."""
-    if too_deep(body):
-        raise JSONTooDeep(f"JSON nested deeper than {MAX_JSON_DEPTH}")
-    try:
-        return json.loads(body)
-    except RecursionError as exc:  # not reached below the limit; kept as a second guard
-        raise JSONTooDeep("JSON nested too deep") from exc
-
-
-def api_message(body: bytes) -> str:
-    """The service's message from an error body: a JSON object, a JSON string, or text."""
-    text = body.decode("utf-8", errors="replace").strip()
-    try:
-        parsed: Any = parse_json(body)
-    except ValueError:
-        return text[:500]
-    if isinstance(parsed, str):
-        return parsed[:500]
-    if isinstance(parsed, dict):
-        for field in (parsed.get("message"), parsed.get("error"), parsed.get("detail")):
-            candidate = field.get("message") if isinstance(field, dict) else field
-            if isinstance(candidate, str) and candidate:
-                return candidate[:500]
-    return text[:500]
-
-
-def _api_code(body: bytes) -> int | None:
-    try:
-        parsed = parse_json(body)
-    except ValueError:
-        return None
-    code = parsed.get("code") if isinstance(parsed, dict) else None
-    return code if isinstance(code, int) else None
-
-
-def rejected_field(body: bytes, message: str, request: UploadRequest) -> str | None:
-    """The form field a 400/422 blames, if it is one that ``request`` sent.
-
-    OpenAI and Groq name it in ``error.param``; FastAPI servers (speaches, vLLM) in a
-    ``detail[].loc``; others only in the message, so the message is searched for each
-    sent field's name as a whole word. ``file`` and ``model`` are never blamed here:
-    a bad file is the file's fault, a bad model the account's (docs/design.md §8).
-    """
-    sent = {f.name.removesuffix("[]") for f in request.fields}
-    if not sent:
-        return None
-    named: list[str] = []
-    try:
-        parsed: Any = parse_json(body)
-    except ValueError:
-        parsed = None
-    if isinstance(parsed, dict):
-        error = parsed.get("error")
-        wheres = (parsed, error if isinstance(error, dict) else {})
-        named.extend(p for w in wheres if isinstance(p := w.get("param"), str))
-        detail = parsed.get("detail")
-        for item in detail if isinstance(detail, list) else []:
-            loc = item.get("loc") if isinstance(item, dict) else None
-            if isinstance(loc, list):
-                named.extend(part for part in loc if isinstance(part, str))
-    for name in named:
-        if name.removesuffix("[]") in sent:
-            return name.removesuffix("[]")
-    for name in sorted(sent, key=len, reverse=True):  # timestamp_granularities before a prefix
-        if re.search(rf"(?<![A-Za-z0-9_]){re.escape(name)}(?![A-Za-z0-9_])", message):
-            return name
-    return None
-
-
 def classify(
     status: int, headers: httpx.Headers, body: bytes, request: UploadRequest | None = None
 ) -> TranscribeError:
@@ -259,7 +166,7 @@ def classify(
     if status == 429:
         return RateLimited(what, retry_after=parse_retry_after(dict(headers)), **kwargs)
     if status in _TRANSIENT or status >= 500:
-        reason = "overloaded" if _api_code(body) == 50505 else "server_error"
+        reason = "overloaded" if api_code(body) == 50505 else "server_error"
         if status in {408, 504}:
             reason = "timeout"
         return TransientError(
@@ -273,7 +180,7 @@ def classify(
             404: "not_found",
             405: "not_found",
         }[status]
-        if status == 403 and _api_code(body) == 30001:
+        if status == 403 and api_code(body) == 30001:
             reason = "no_balance"
         return AccountError(what, reason=reason, **kwargs)
     # Any other 4xx is unexplained: pause and report rather than fail a file for it.
@@ -520,7 +427,7 @@ class Transcriber:
         """
         if text is None:
             return None
-        text = _CONTROLS.sub("\ufffd", _SURROGATES.sub("\ufffd", self._scrub(text)))
+        text = CONTROLS.sub("\ufffd", SURROGATES.sub("\ufffd", self._scrub(text)))
         return text[:limit] if limit is not None else text
 
     def _redact(self, exc: TranscribeError) -> None:
@@ -571,7 +478,7 @@ class Transcriber:
         if status != 200:
             # (a cut error body still has its status)
             raise classify(status, headers, body, request)
-        text, timing, why_not = _answer(body, complete=complete, request=request)
+        text, timing, why_not = read_answer(body, complete=complete, request=request)
         if text is None:
             raise UnusableResponse(
                 f"HTTP 200 without a usable text field: {why_not}",
@@ -630,7 +537,7 @@ class Transcriber:
         trace_id = response.headers.get(TRACE_HEADER)
         if response.status_code != 200:
             raise classify(response.status_code, response.headers, body)
-        problem = None if complete else f"it is larger than {_size(MAX_SMALL_RESPONSE)}"
+        problem = None if complete else f"it is larger than {shown_size(MAX_SMALL_RESPONSE)}"
         info: Any = None
         if problem is None:
             try:
@@ -772,7 +679,7 @@ class WebhookPoster:
                 answer, _ = _read_body(response, deadline, WEBHOOK_ANSWER)
         finally:
             self._watchdog.disarm()
-        text = _CONTROLS.sub("\ufffd", answer.decode("utf-8", errors="replace")).strip()
+        text = CONTROLS.sub("\ufffd", answer.decode("utf-8", errors="replace")).strip()
         return Posted(
             status=response.status_code,
             retry_after=parse_retry_after(dict(response.headers)),
@@ -784,75 +691,23 @@ class WebhookPoster:
         self._client.close()
 
 
-def _size(limit: int) -> str:
-    return f"{limit // 1048576} MiB" if limit >= 1048576 else f"{limit // 1024} KiB"
-
-
-def _transcript_text(body: bytes, *, complete: bool) -> tuple[str | None, str]:
-    """The ``text`` of a 200's JSON, or None and why there is none to use."""
-    if not complete:
-        return None, f"it is larger than {_size(MAX_RESPONSE)}"
-    try:
-        parsed = parse_json(body)
-    except JSONTooDeep as exc:
-        return None, str(exc)
-    except ValueError as exc:
-        return None, f"not JSON ({type(exc).__name__})"
-    text = parsed.get("text") if isinstance(parsed, dict) else None
-    if not isinstance(text, str):
-        return None, "no text"
-    if _SURROGATES.search(text):
-        return None, "the text holds a lone surrogate (it is not Unicode)"
-    return text, ""
-
-
-def _answer(
-    body: bytes, *, complete: bool, request: UploadRequest
-) -> tuple[str | None, Timing | None, str]:
-    """The text (and segments) of a 200 in the format ``request`` asked for.
-
-    None for the text, and why, when the answer is unusable: the same for a
-    verbose_json without a usable segment list or subtitles that do not parse,
-    when segments were needed (an ``UnusableResponse``, like a 200 without text).
-    """
-    if request.answer == "json":
-        text, why_not = _transcript_text(body, complete=complete)
-        return text, None, why_not
-    if not complete:
-        return None, None, f"it is larger than {_size(MAX_RESPONSE)}"
-    if request.answer == "verbose_json":
-        text, why_not = _transcript_text(body, complete=complete)
-        if text is None:
-            return None, None, why_not
-        parsed = parse_json(body)  # parsed once already: it is a JSON object
-        segments = segments_from_json(parsed.get("segments"))
-        if segments is None:
-            if request.timed:
-                return None, None, "no usable segments (start, end, text)"
-            return text, None, ""
-        language = parsed.get("language")
-        duration = parsed.get("duration")
-        return (
-            text,
-            Timing(
-                segments,
-                language if isinstance(language, str) else None,
-                float(duration)
-                if isinstance(duration, int | float)
-                and not isinstance(duration, bool)
-                and 0 <= duration < 1e9
-                else None,
-            ),
-            "",
-        )
-    try:
-        document = body.decode("utf-8")
-    except UnicodeDecodeError:
-        return None, None, "the answer is not UTF-8 text"
-    if request.answer == "text":
-        return document.strip(), None, ""
-    cues = parse_cues(document)  # srt, vtt
-    if cues is None:
-        return None, None, f"not {request.answer} subtitles"
-    end = cues[-1].end if cues else None
-    return " ".join(c.text for c in cues if c.text).strip(), Timing(cues, None, end), ""
+# Moved to answers.py; importable from here as before.
+__all__ = [
+    "MAX_JSON_DEPTH",
+    "MAX_RESPONSE",
+    "MAX_SMALL_RESPONSE",
+    "REDACTED",
+    "JSONTooDeep",
+    "Posted",
+    "Transcriber",
+    "Transcript",
+    "WebhookPoster",
+    "api_message",
+    "audio_mime",
+    "classify",
+    "opened_socket",
+    "parse_json",
+    "rejected_field",
+    "status_class",
+    "too_deep",
+]

@@ -221,6 +221,6 @@ def test_the_fake_reads_durations_of_wav_and_mp3(twelve_seconds: Path) -> None:
     """The fake's duration guess: a WAV's header, an MP3 frame's bitrate; else unknown."""
     data = twelve_seconds.read_bytes()
     assert audio_seconds(data[:4096], len(data)) == pytest.approx(12.0)
-    mpeg2_32k = bytes([0xFF, 0xF3, 0x40, 0xC4])  # MPEG-2 Layer III, 32 kbit/s
+    mpeg2_32k = bytes([0xFF, 0xF3, 0x40, 0xC4]) + bytes(60)  # MPEG-2 Layer III, 32 kbit/s
     assert audio_seconds(mpeg2_32k, 40_000) == pytest.approx(10.0)
     assert audio_seconds(b"not audio", 1000) is None
