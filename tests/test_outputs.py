@@ -35,7 +35,7 @@ from tests.conftest import (
     wait_until,
     write_config,
 )
-from tests.fakeapi import FakeAPI, Reply, Upload
+from tests.fakeapi import R404, FakeAPI, Reply, Upload
 from tests.test_crash import can_chattr, immutable, tree, wav
 
 __all__ = ["can_chattr"]  # (a fixture of test_crash.py, used here too)
@@ -284,3 +284,16 @@ def test_check_online_sends_no_probe_by_default(tmp_path: Path, fake_api: FakeAP
     assert result.returncode == 0, result.stderr
     assert fake_api.uploads == []
     assert fake_api.info_requests == 1
+
+
+def test_check_online_without_user_info_lets_the_probe_decide(
+    tmp_path: Path, fake_api: FakeAPI
+) -> None:
+    """OpenAI-like servers have no /user/info (404): with fields configured, the probe tells."""
+    fake_api.info_reply = R404
+    config = write_config(tmp_path, fake_api.url, watch={"request": {"language": "en"}})
+    result = run_cli("check", "--online", "-c", str(config))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no /user/info here" in result.stdout
+    assert "accepted (watch[0]): language (watch[0].request.language)" in result.stdout
+    assert len(fake_api.uploads) == 1
