@@ -297,3 +297,51 @@ def test_check_online_without_user_info_lets_the_probe_decide(
     assert "no /user/info here" in result.stdout
     assert "accepted (watch[0]): language (watch[0].request.language)" in result.stdout
     assert len(fake_api.uploads) == 1
+
+
+@pytest.mark.slow
+def test_a_kill_mid_split_keeps_the_paid_parts_segments(tmp_path: Path, fake_api: FakeAPI) -> None:
+    """Killed while part 3 of 4 uploads: parts 1-2 are not paid again, their segments are kept."""
+    config = write_config(
+        tmp_path, fake_api.url, api={"max_audio_seconds": 20}, watch={"outputs": ["txt", "json"]}
+    )
+    inbox = tmp_path / "inbox"
+    gate = threading.Event()
+
+    def respond(upload: Upload) -> Reply | None:
+        if len(fake_api.uploads) >= 2:
+            gate.wait(30)  # the third part hangs until the daemon is killed
+        return None
+
+    fake_api.responder = respond
+    source = write_audio(tmp_path / "memo.wav", 70, silences=[(18, 19), (37, 38), (56, 57)])
+    try:
+        with daemon_process(config) as first:
+            source.rename(inbox / "memo.wav")
+            wait_until(
+                lambda: len(fake_api.uploads) == 2 and fake_api.in_flight == 1,
+                30,
+                "two parts paid, the third in flight",
+            )
+            first.kill()
+    finally:
+        gate.set()
+    paid = [u.sha256 for u in fake_api.uploads if u.status == 200]
+    assert len(paid) == 2
+    with daemon_process(config) as second:
+        wait_until((inbox / "done" / "memo.wav").exists, 60, "memo.wav done")
+        second.signal(signal.SIGTERM)
+        assert second.wait(20) == 0
+    # (the killed third upload is answered into the void once the gate opens)
+    sent = [u.sha256 for u in fake_api.uploads]
+    assert [sent.count(sha) for sha in paid] == [1, 1], "the paid parts were not uploaded again"
+    ok = list(dict.fromkeys(u.sha256 for u in fake_api.uploads if u.status == 200))
+    assert len(ok) == 4
+    document = json.loads((inbox / "memo.json").read_text(encoding="utf-8"))
+    times = [(s["start"], s["end"]) for s in document["segments"]]
+    starts = [a for a, _ in times]
+    assert starts == sorted(starts)
+    assert times[0][0] == pytest.approx(0.0, abs=0.01)
+    assert times[-1][1] == pytest.approx(70.0, abs=1.0)
+    texts = [s["text"] for s in document["segments"]]
+    assert any(paid[0][:8] in t for t in texts) and any(ok[3][:8] in t for t in texts)
