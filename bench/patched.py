@@ -12,6 +12,8 @@ the tree's own figures. Patches:
 - ``hash-chunk=N``: read N bytes at a time when hashing a file (1 MiB in the tree).
 - ``claim-no-fsync``: the claim's two directory fsyncs are skipped.
 - ``no-running-flag``: skip the ledger's ``stage`` writes per attempt.
+- ``switch-interval=S``: ``sys.setswitchinterval(S)`` (how long a thread may hold the
+  GIL while others wait; 0.005 by default).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ def apply(spec: str) -> None:
             fsutil.CHUNK = int(value)
         elif name == "claim-no-fsync":
             claim.__dict__["fsync_dir"] = lambda _path: None
+        elif name == "switch-interval":
+            sys.setswitchinterval(float(value))
         elif name == "no-running-flag":
             ledger.Ledger.set_stage = lambda *_a, **_k: None  # type: ignore[method-assign]
         else:

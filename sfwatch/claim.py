@@ -43,8 +43,12 @@ def job_dir(job: Job) -> Path:
     return job.path.parents[len(job.rel.parts) - 1]
 
 
-def claim(settled: SettledFile, work_dir: Path, instance: str) -> Job | None:
+def claim(
+    settled: SettledFile, work_dir: Path, instance: str, job_id: str | None = None
+) -> Job | None:
     """Rename the file into this instance's work folder; None if it changed or is gone.
+
+    ``job_id`` names the job (and its work folder); a new one if not given.
 
     Done on folder handles (safefs.py): the source's folders are opened without
     following links, the entry must still be the regular file that settled
@@ -55,7 +59,7 @@ def claim(settled: SettledFile, work_dir: Path, instance: str) -> Job | None:
     """
     rel = PurePosixPath(settled.path.relative_to(settled.root).as_posix())
     name = rel.name
-    job_id = new_job_id()
+    job_id = job_id or new_job_id()
     dest = instance_dir(work_dir, instance) / job_id / rel
     job = Job(job_id=job_id, root=settled.root, rel=rel, path=dest, signature=settled.signature)
     try:

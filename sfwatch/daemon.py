@@ -4,8 +4,8 @@ Threads: one watchdog observer per watched folder (they only note paths), one
 scanner (start-up scan, then periodic rescans), ``api.concurrency`` upload
 workers, one account prober, and the main thread, which runs the work loop::
 
-    drain noted paths → settle → claim (only when an upload slot is free)
-    → worker thread: prepare → transcribe → finish → Outcome
+    drain noted paths → settle → hand to a free upload slot
+    → worker thread: claim → prepare → transcribe → finish → Outcome
     → main thread: the scheduler decides (done, retry, pause, fail)
 
 All decisions are made on the main thread, so pacing state needs no locks. A
@@ -53,7 +53,7 @@ from sfwatch.notify import Notifier
 from sfwatch.outbox import Outbox
 from sfwatch.pacing import Pacer
 from sfwatch.probe import AccountProbe
-from sfwatch.ready import ReadyQueue
+from sfwatch.ready import Claimer, ClaimMiss, ReadyQueue
 from sfwatch.reconcile import Reconciler
 from sfwatch.recovery import DEFAULT_LEASE_SECONDS, LeaseKeeper
 from sfwatch.scheduler import Scheduler
@@ -184,7 +184,13 @@ class Daemon:
         self.ready = ReadyQueue(
             self.folders, self.scheduler, self.ledger, self.instance, self.notes
         )
-        self.slots = UploadSlots(self.worker, self.pacer, config.api, self.notes.wakeup)
+        self.slots = UploadSlots(
+            self.worker,
+            self.pacer,
+            config.api,
+            self.notes.wakeup,
+            take=Claimer(self.folders, self.ledger, self.instance).take,
+        )
         self.probe = AccountProbe(
             self.pacer,
             self.transcriber.check_account,
@@ -207,6 +213,7 @@ class Daemon:
         self.started = False
         #: the health the loop last found (the watchdog's; /healthz reads it)
         self.last_health = HEALTHY
+        self._health_at = float("-inf")
         #: why the last ledger write of the status failed (the state dir's disk), if it did
         self.state_error: str | None = None
         stat = self.ledger.path.stat()
@@ -280,20 +287,27 @@ class Daemon:
             self.reload()
         self.intake.take_notes(self.ready.queued)
         self.ready.add(self.intake.settled())
-        for outcome in self.slots.reap():
-            self.scheduler.handle(outcome)
+        for result in self.slots.reap():
+            if isinstance(result, ClaimMiss):
+                self.ready.missed(result)
+            else:
+                self.scheduler.handle(result)
         self.probe.step(may_start=self.stop_level == 0)
         if self.stop_level == 0:
-            while (job := self.ready.next_job(self.slots.uploads_allowed())) is not None:
-                self.slots.submit(job)
+            while (item := self.ready.next_job(self.slots.uploads_allowed())) is not None:
+                self.slots.submit(item)
             for job in self.leases.adopt_expired():
                 self.scheduler.resume(job, self.instance)
         if self.stop_level == 0:
             self.intake.check_watchers()
         if time.monotonic() - self._published >= PUBLISH_EVERY:
             self._publish()
-        self.last_health = self.health()
-        self.notifier.watchdog(self.last_health.ok)
+        # A busy loop turns several times per file: health (a few stat calls) is asked
+        # once per TICK, which is as often as an idle loop asks it.
+        if self.last_tick - self._health_at >= TICK:
+            self._health_at = self.last_tick
+            self.last_health = self.health()
+            self.notifier.watchdog(self.last_health.ok)
 
     def _idle(self) -> bool:
         return (

@@ -5,6 +5,11 @@ a sibling daemon sharing the folder can take it meanwhile, and nothing is hoarde
 behind our own slots (docs/design.md §5.1, §7). A waiting job that falls due is
 looked at again first: gone is ``lost``, still being written through an old
 handle is settled again; only then does it run.
+
+The main thread only decides: it hands a settled file, with the job id it will
+get, to an upload slot, and the slot's thread claims it (``Claimer.take``: the
+rename, its fsyncs, the ledger row) before it prepares and uploads it. A claim
+that misses comes back as a ``ClaimMiss`` for the main thread to act on.
 """
 
 from __future__ import annotations
@@ -13,16 +18,80 @@ import os
 import time
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from sfwatch.claim import claim
 from sfwatch.folders import Folders
-from sfwatch.job import Job
+from sfwatch.job import Job, new_job_id
 from sfwatch.ledger import Ledger
 from sfwatch.logs import get_logger
-from sfwatch.scheduler import Scheduler
+from sfwatch.scheduler import Scheduler, watch_dirs
 from sfwatch.settle import SettledFile, signature_of
 from sfwatch.watch import PathNotes
+from sfwatch.worker import HOST_ERRORS
+
+
+@dataclass(frozen=True)
+class ToClaim:
+    """A settled file handed to an upload slot, and the id its job will have."""
+
+    settled: SettledFile
+    job_id: str
+
+
+@dataclass(frozen=True)
+class ClaimMiss:
+    """A claim that did not give a job to work on; the main thread acts on it.
+
+    ``job`` is set when the file was claimed but its ledger row could not be
+    written (a full state disk): it is resumed once the ledger takes the row.
+    """
+
+    settled: SettledFile
+    job: Job | None = None
+    error: Exception | None = None
+
+
+class Claimer:
+    """Claims a settled file on an upload thread: the rename, then the ledger row.
+
+    Thread-safe: it only reads the folders' registry and writes the ledger.
+    """
+
+    def __init__(self, folders: Folders, ledger: Ledger, instance: str) -> None:
+        self.folders = folders
+        self.ledger = ledger
+        self.instance = instance
+        self.log = get_logger()
+
+    def take(self, item: ToClaim) -> Job | ClaimMiss:
+        """Claim ``item``'s file; its job (row written, at stage prepare), or why not."""
+        settled = item.settled
+        watch = self.folders.get(settled.root)
+        if watch is None:
+            return ClaimMiss(settled)  # its folder is no longer watched (a reload removed it)
+        try:
+            claimed = claim(settled, watch.work_dir, self.instance, item.job_id)
+        except OSError as exc:
+            self.log.error("sfwatch.claim_failed", file=str(settled.path), error=str(exc))
+            return ClaimMiss(settled, error=exc)
+        if claimed is None:
+            return ClaimMiss(settled)
+        now = time.monotonic()
+        job = claimed.evolve(claimed_at=now, window_start=now)
+        try:
+            # The row says a worker is preparing it: this thread goes on to do so.
+            self.ledger.claimed(job, self.instance, watch_dirs(watch), stage="prepare")
+        except HOST_ERRORS as exc:
+            return ClaimMiss(settled, job, exc)
+        self.log.info(
+            "sfwatch.file_claimed",
+            job_id=job.job_id,
+            file=str(job.source),
+            bytes=job.signature.size,
+        )
+        return job
 
 
 class ReadyQueue:
@@ -56,8 +125,8 @@ class ReadyQueue:
                 self.queued.add(file.path)
                 self.ready.append(file)
 
-    def next_job(self, uploads_allowed: bool) -> Job | None:
-        """The next job to start: a due waiting job, else a settled file claimed now."""
+    def next_job(self, uploads_allowed: bool) -> Job | ToClaim | None:
+        """The next job to start: a due waiting job, else a settled file to claim now."""
         self.scheduler.run_deferred()
         while (job := self.scheduler.pop_due(uploads_allowed)) is not None:
             if job.plan is not None:
@@ -74,35 +143,19 @@ class ReadyQueue:
                 continue
             return job
         while uploads_allowed and self.ready:
-            if (job := self._claim(self.ready.popleft())) is not None:
-                return job
+            settled = self.ready.popleft()
+            self.queued.discard(settled.path)
+            if self.folders.get(settled.root) is not None:  # (a reload may have removed it)
+                return ToClaim(settled, new_job_id())
         return None
 
-    def _claim(self, settled: SettledFile) -> Job | None:
-        self.queued.discard(settled.path)
-        watch = self.folders.get(settled.root)
-        if watch is None:
-            return None  # its folder is no longer watched (a reload removed it)
-        try:
-            claimed = claim(settled, watch.work_dir, self.instance)
-        except OSError as exc:
-            self.log.error("sfwatch.claim_failed", file=str(settled.path), error=str(exc))
-            return None
-        if claimed is None:
-            if os.path.lexists(settled.path):
-                self.notes.note(str(settled.path))  # changed since it settled
-            return None
-        now = time.monotonic()
-        job = claimed.evolve(claimed_at=now, window_start=now)
-        if not self.scheduler.record_claim(job, self.instance):
-            return None  # resumed once the ledger takes the row
-        self.log.info(
-            "sfwatch.file_claimed",
-            job_id=job.job_id,
-            file=str(job.source),
-            bytes=job.signature.size,
-        )
-        return job
+    def missed(self, miss: ClaimMiss) -> None:
+        """A claim handed to a slot did not give a job (see ``ClaimMiss``)."""
+        job = miss.job
+        if job is not None:
+            self.scheduler.guarded("resume", job, lambda: self.scheduler.resume(job, self.instance))
+        elif miss.error is None and os.path.lexists(miss.settled.path):
+            self.notes.note(str(miss.settled.path))  # changed since it settled
 
 
-__all__ = ["ReadyQueue"]
+__all__ = ["ClaimMiss", "Claimer", "ReadyQueue", "ToClaim"]

@@ -83,7 +83,7 @@ class Reconciler:
                 self.scheduler.resume(job, self.instance)
 
     def _live_jobs(self) -> set[str]:
-        live = {j.job_id for j in self.slots.jobs()}
+        live = self.slots.job_ids()  # (claims under way included)
         live.update(j.job_id for _, _, j in self.scheduler.waiting)
         return live
 

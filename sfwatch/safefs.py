@@ -15,6 +15,13 @@ The trusted roots are the configured folders themselves (``watch.path``,
 The work area (``<watched>/.sfwatch``) is the daemon's alone: created 0700 and
 checked on every use to be a real folder owned by the daemon's user that nobody
 else may write to (``WorkArea``).
+
+Handles of folders inside the work area are kept open between uses (a bounded
+cache): a use checks with one ``lstat`` that ``<watched>/.sfwatch`` is still the
+private folder the handle was opened in, and with one ``fstat`` that the folder
+was not removed. Only our user can change anything inside a private folder, so
+that is the same guarantee as walking it again — at 3 system calls, not 17
+(each of which hands the GIL to another thread: docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import errno
 import os
 import stat
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
@@ -170,9 +178,62 @@ def anchored(path: Path, roots: Sequence[Path | None]) -> tuple[Path, tuple[str,
     raise UnsafeFolder(errno.EPERM, f"{path} is under no configured folder")
 
 
+#: this process's user (it never changes: asked once, not at every check)
+EUID = os.geteuid()
+#: work-area folder handles kept open (all work areas together; the oldest are closed)
+MAX_CACHED_HANDLES = 64
+
+
 def is_private(st: os.stat_result) -> bool:
     """A folder only this process's user may change."""
-    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == EUID and not st.st_mode & 0o022
+
+
+class _Handles:
+    """Open handles of work-area folders: (root, parts) → (handle, ``.sfwatch``'s id)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: OrderedDict[tuple[Path, tuple[str, ...]], tuple[int, tuple[int, int]]] = (
+            OrderedDict()
+        )
+
+    def get(self, key: tuple[Path, tuple[str, ...]], area: os.stat_result) -> int | None:
+        """A new handle of the folder, if it is still where and what it was; else None."""
+        with self._lock:
+            entry = self._open.get(key)
+            if entry is None:
+                return None
+            fd, area_id = entry
+            if area_id == (area.st_dev, area.st_ino) and os.fstat(fd).st_nlink > 0:
+                self._open.move_to_end(key)
+                return os.dup(fd)
+            del self._open[key]
+        os.close(fd)
+        return None
+
+    def put(self, key: tuple[Path, tuple[str, ...]], fd: int, area_id: tuple[int, int]) -> None:
+        """Keep a copy of ``fd`` (the caller keeps its own)."""
+        kept = os.dup(fd)
+        with self._lock:
+            old = self._open.pop(key, None)
+            self._open[key] = (kept, area_id)
+            evicted = [old[0]] if old is not None else []
+            while len(self._open) > MAX_CACHED_HANDLES:
+                evicted.append(self._open.popitem(last=False)[1][0])
+        for stale in evicted:
+            os.close(stale)
+
+    def drop(self, root: Path | None = None) -> None:
+        """Close the kept handles of one watched folder's work area (None: of all)."""
+        with self._lock:
+            keys = [key for key in self._open if root is None or key[0] == root]
+            fds = [self._open.pop(key)[0] for key in keys]
+        for fd in fds:
+            os.close(fd)
+
+
+_handles = _Handles()
 
 
 class WorkArea:
@@ -197,15 +258,33 @@ class WorkArea:
         return self.root / WORK_AREA
 
     def open(self, parts: Sequence[str] = (), *, create: bool = True) -> int:
-        """A handle of ``.sfwatch/<parts>``, every folder checked; the caller closes it."""
+        """A handle of ``.sfwatch/<parts>``, every folder checked; the caller closes it.
+
+        A handle kept from an earlier use is given (a copy) while ``.sfwatch`` is
+        still the same private folder (see the module docstring).
+        """
+        key = (self.root, tuple(parts))
+        try:
+            area = self.path.lstat()
+        except OSError:
+            area = None
+        if area is not None and is_private(area):
+            if (kept := _handles.get(key, area)) is not None:
+                return kept
+        else:
+            # Gone or replaced: let go of its folders at once. A kept handle pins the
+            # folders above it, so a removed watched folder would not be gone (its
+            # observer would never hear that it was removed) until we did.
+            _handles.drop(self.root)
         fd = open_below(self.root, [WORK_AREA], create=create, mode=PRIVATE_DIR)
         try:
-            self._check(fd, self.path)
+            area = self._check(fd, self.path)
             for part in parts:
                 child = open_below(fd, [part], create=create, mode=PRIVATE_DIR)
                 os.close(fd)
                 fd = child
                 self._check(fd, self.path.joinpath(*parts))
+            _handles.put(key, fd, (area.st_dev, area.st_ino))
         except BaseException:
             os.close(fd)
             raise
@@ -223,11 +302,12 @@ class WorkArea:
         finally:
             os.close(fd)
 
-    def _check(self, fd: int, where: Path) -> None:
+    def _check(self, fd: int, where: Path) -> os.stat_result:
+        """The folder's stat, once it is private (narrowed if ours); UnsafeFolder if not ours."""
         st = os.fstat(fd)
         if is_private(st):
-            return
-        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
+            return st
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == EUID:
             with self._lock:
                 os.fchmod(fd, PRIVATE_DIR)
             self.log.warning(
@@ -236,7 +316,7 @@ class WorkArea:
                 was=oct(stat.S_IMODE(st.st_mode)),
                 now=oct(PRIVATE_DIR),
             )
-            return
+            return os.fstat(fd)
         if not self._refused:
             self._refused = True
             self.log.error(
@@ -244,7 +324,7 @@ class WorkArea:
                 path=str(where),
                 owner_uid=st.st_uid,
                 mode=oct(stat.S_IMODE(st.st_mode)),
-                fix=f"remove it; sfwatch makes its own (0700, owned by uid {os.geteuid()})",
+                fix=f"remove it; sfwatch makes its own (0700, owned by uid {EUID})",
             )
         raise UnsafeFolder(errno.EPERM, f"work area {where} is not sfwatch's own folder")
 

@@ -231,16 +231,6 @@ class Scheduler:
         for _, step, job, action in due:
             self.guarded(step, job, action)
 
-    def record_claim(self, job: Job, instance: str) -> bool:
-        """Write a new claim's row; False (the job is resumed later instead) if that failed."""
-        dirs = watch_dirs(self.worker.folders.for_root(job.root))
-        try:
-            self.ledger.claimed(job, instance, dirs)
-        except HOST_ERRORS:
-            self.guarded("resume", job, lambda: self.resume(job, instance))
-            return False
-        return True
-
     def handle(self, outcome: Outcome) -> None:
         """Decide what an attempt's outcome means for its job; a host error defers it."""
         self.guarded("handle", outcome.job, lambda: self._handle(outcome))

@@ -9,20 +9,29 @@ Only the main thread calls in here, so the bookkeeping needs no lock; the pool
 threads just run ``Worker.process`` and wake the loop when they end. A worker
 that raises is a bug of ours, not the file's fault: its outcome is ``crash``
 and the job stays claimed (docs/design.md §6.5).
+
+A new file's slot thread claims it first (``ready.Claimer``), so the main thread
+never waits on the claim's rename, fsyncs and ledger row. A slot counts against
+``api.concurrency`` until its upload has its answer (``Ticket.released``), not
+until the file is finished: the next upload starts while this thread writes the
+transcript and moves the original, so requests in flight stay at the limit. The
+upload pool has room for those finishing threads.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 from sfwatch.config import ApiConfig
 from sfwatch.job import Job
 from sfwatch.lifecycle import OutcomeKind
 from sfwatch.logs import get_logger
 from sfwatch.pacing import Pacer
+from sfwatch.ready import ClaimMiss, ToClaim
 from sfwatch.scheduler import needs_upload
 from sfwatch.worker import Outcome, Worker
 
@@ -30,13 +39,31 @@ from sfwatch.worker import Outcome, Worker
 STUCK_MARGIN = 60.0
 #: threads for local work (moves to failed/, finishing paid transcripts)
 LOCAL_WORKERS = 2
+#: upload threads per slot: one uploading, one finishing the file before
+FINISHING_HEADROOM = 2
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One attempt in flight: its job (once claimed), and whether it still holds a slot."""
+
+    job_id: str
+    #: the job; None while a new file's claim is under way on the slot's thread
+    job: Job | None
+    #: set (by the slot's thread) once the upload is over: the slot is free for another
+    released: bool = False
 
 
 class UploadSlots:
     """The upload and local pools, and which job runs on which future since when."""
 
     def __init__(
-        self, worker: Worker, pacer: Pacer, api: ApiConfig, wakeup: threading.Event
+        self,
+        worker: Worker,
+        pacer: Pacer,
+        api: ApiConfig,
+        wakeup: threading.Event,
+        take: Callable[[ToClaim], Job | ClaimMiss] | None = None,
     ) -> None:
         self.worker = worker
         self.pacer = pacer
@@ -44,49 +71,90 @@ class UploadSlots:
         # Sending and answering are each bounded by timeout_seconds (transcribe.py).
         self.stuck_after = 2 * api.timeout_seconds + STUCK_MARGIN
         self.log = get_logger()
-        self.in_flight: dict[Future[Outcome], Job] = {}
-        self.uploading: set[Future[Outcome]] = set()
-        self.started_at: dict[Future[Outcome], float] = {}
-        self.pool = ThreadPoolExecutor(api.concurrency, thread_name_prefix="sfwatch-upload")
+        self.in_flight: dict[Future[Outcome | ClaimMiss], Ticket] = {}
+        self.uploading: set[Future[Outcome | ClaimMiss]] = set()
+        self.started_at: dict[Future[Outcome | ClaimMiss], float] = {}
+        #: claims a new file on its slot's thread (``ready.Claimer.take``)
+        self.take = take
+        self.pool = ThreadPoolExecutor(
+            api.concurrency * FINISHING_HEADROOM, thread_name_prefix="sfwatch-upload"
+        )
         self.local_pool = ThreadPoolExecutor(LOCAL_WORKERS, thread_name_prefix="sfwatch-local")
 
     def __len__(self) -> int:
         return len(self.in_flight)
 
     def jobs(self) -> list[Job]:
-        """The jobs in flight (uploads and local work)."""
-        return list(self.in_flight.values())
+        """The jobs in flight (uploads and local work) that have been claimed."""
+        return [t.job for t in self.in_flight.values() if t.job is not None]
+
+    def job_ids(self) -> set[str]:
+        """The ids of every job in flight, also of claims still under way."""
+        return {t.job_id for t in self.in_flight.values()}
 
     def uploads_allowed(self) -> bool:
         """May one more upload start now? The pacer decides, given those running."""
-        return self.pacer.allowed(len(self.uploading))
+        holding = [f for f in self.uploading if not self.in_flight[f].released]
+        return self.pacer.allowed(len(holding))
 
-    def submit(self, job: Job) -> None:
-        """Start ``job``'s next attempt: on an upload thread if it uploads, else locally."""
-        upload = needs_upload(job)
+    def submit(self, item: Job | ToClaim) -> None:
+        """Start an attempt: a new file (claimed on the slot's thread) or a job's next try.
+
+        It runs on an upload thread if it uploads, else on the local pool.
+        """
+        if isinstance(item, ToClaim):
+            ticket = Ticket(item.job_id, None)
+            future = self.pool.submit(self._claim_and_process, item, ticket)
+            upload = True
+        else:
+            ticket = Ticket(item.job_id, item)
+            upload = needs_upload(item)
+            pool = self.pool if upload else self.local_pool
+            future = pool.submit(self.worker.process, item, released=self._releaser(ticket))
         if upload:
             self.pacer.started()
-        future = (self.pool if upload else self.local_pool).submit(self.worker.process, job)
-        if upload:
             self.uploading.add(future)
-        self.in_flight[future] = job
+        self.in_flight[future] = ticket
         self.started_at[future] = time.monotonic()
         future.add_done_callback(lambda _f: self.wakeup.set())
 
-    def reap(self) -> Iterator[Outcome]:
-        """The outcomes of the attempts that ended, one at a time (a raise is ``crash``)."""
+    def _releaser(self, ticket: Ticket) -> Callable[[], None]:
+        def release() -> None:  # (on the slot's thread: a bool store, then a wake-up)
+            ticket.released = True
+            self.wakeup.set()
+
+        return release
+
+    def _claim_and_process(self, item: ToClaim, ticket: Ticket) -> Outcome | ClaimMiss:
+        """On the slot's thread: claim the file, then run its first attempt."""
+        assert self.take is not None  # noqa: S101 - given by whoever submits new files
+        taken = self.take(item)
+        if isinstance(taken, ClaimMiss):
+            return taken
+        ticket.job = taken
+        return self.worker.process(taken, released=self._releaser(ticket), fresh=True)
+
+    def reap(self) -> Iterator[Outcome | ClaimMiss]:
+        """What the attempts that ended gave, one at a time (a raise is ``crash``)."""
         for future in [f for f in self.in_flight if f.done()]:
-            job = self.in_flight.pop(future)
+            ticket = self.in_flight.pop(future)
             self.uploading.discard(future)
             self.started_at.pop(future, None)
             try:
-                outcome = future.result()
+                result = future.result()
             except Exception as exc:  # a bug: keep the file claimed, try again later
+                job = ticket.job
                 self.log.exception(
-                    "sfwatch.worker_crashed", job_id=job.job_id, file=str(job.source)
+                    "sfwatch.worker_crashed",
+                    job_id=ticket.job_id,
+                    file=str(job.source) if job is not None else None,
                 )
-                outcome = Outcome(OutcomeKind.CRASH, job, exc)
-            yield outcome
+                if job is None:
+                    # A claim that raised: its file is in the inbox, or in the work area
+                    # without a row, where the next start's recovery finds it.
+                    continue
+                result = Outcome(OutcomeKind.CRASH, job, exc)
+            yield result
 
     def stuck(self, now: float) -> float | None:
         """How long the oldest attempt has run, if past its timeouts (a stuck worker thread)."""

@@ -30,7 +30,7 @@ from sfwatch.config import Config, WatchConfig
 from sfwatch.config_request import UploadRequest, safe_language
 from sfwatch.errors import Fenced, PrepareError, TranscribeError
 from sfwatch.events import Events
-from sfwatch.finish import Naming, Placed, finish_done, finish_failed, local_date
+from sfwatch.finish import Naming, Placed, finish_done, finish_failed, local_date, plan_done
 from sfwatch.folders import Folders
 from sfwatch.fsutil import same_content
 from sfwatch.job import Job, Plan, Verdict
@@ -138,9 +138,15 @@ class Got:
     kind: OutcomeKind = OutcomeKind.DONE
     bytes_sent: int = 0
     seconds: float | None = None
+    #: the plan was recorded with the paid text (the ledger says stage finish)
+    planned: bool = False
 
 
 def _no_fence(_job: Job) -> None:
+    return None
+
+
+def _nothing() -> None:
     return None
 
 
@@ -177,9 +183,16 @@ class Worker:
         """The model a job's folder uses."""
         return self.folders.for_root(job.root).model or self.config.api.model
 
-    def process(self, job: Job) -> Outcome:
-        """One attempt. Host errors become ``finish_error``; our bugs propagate."""
-        outcome = self._attempt(job)
+    def process(
+        self, job: Job, *, released: Callable[[], None] = _nothing, fresh: bool = False
+    ) -> Outcome:
+        """One attempt. Host errors become ``finish_error``; our bugs propagate.
+
+        ``released`` is called once the upload is over and only local steps are left
+        (the slot may start another upload). ``fresh``: the job was claimed just now,
+        its row written at stage prepare (``ready.Claimer``): nothing to read back.
+        """
+        outcome = self._attempt(job, released, fresh=fresh)
         if outcome.kind in ("done", "dedup", "failed", "vanished"):
             clean_scratch(job, self.instance)  # the parts are not needed any more
         if outcome.kind in ("done", "dedup", "failed"):
@@ -193,11 +206,11 @@ class Worker:
                 self.ledger.set_stage(job.job_id, None)
         return outcome
 
-    def _attempt(self, job: Job) -> Outcome:
+    def _attempt(self, job: Job, released: Callable[[], None], *, fresh: bool) -> Outcome:
         watch = self.folders.for_root(job.root)
         progress = [job]
         try:
-            if job.plan is None:
+            if job.plan is None and not fresh:
                 row = self.ledger.job(job.job_id)
                 if row is not None and row.plan is not None:
                     # A finish is under way (an earlier try, or before a restart): keep to it.
@@ -212,7 +225,7 @@ class Worker:
             return Outcome(OutcomeKind.FINISH_ERROR, job, exc)
         progress = [job]  # the furthest the job got, for an outcome after an error
         try:
-            return self._steps(job, watch, progress)
+            return self._steps(job, watch, progress, released, fresh=fresh)
         except Fenced as exc:
             return Outcome(OutcomeKind.FENCED, progress[-1], exc)
         except FileNotFoundError as exc:
@@ -232,7 +245,15 @@ class Worker:
             plan.original, job.signature.size, job.identity, job.sha256
         )
 
-    def _steps(self, job: Job, watch: WatchConfig, progress: list[Job]) -> Outcome:
+    def _steps(
+        self,
+        job: Job,
+        watch: WatchConfig,
+        progress: list[Job],
+        released: Callable[[], None],
+        *,
+        fresh: bool,
+    ) -> Outcome:
         if job.verdict is not None or (job.plan is not None and job.plan.kind == "failed"):
             # Judged already: only the move to failed/ is left.
             return self.fail(job, watch, progress)
@@ -240,13 +261,14 @@ class Worker:
         if job.text is None:
             try:
                 with reading(job) as source:
-                    early = self._transcript(source, watch, progress, got)
+                    early = self._transcript(source, watch, progress, got, staged=fresh)
             except PrepareError as exc:  # (unreadable: the daemon's user may not read it)
                 return self.fail(job.evolve(verdict=Verdict(exc)), watch, progress)
             if early is not None:
                 return early
+        released()  # the text is known: only local steps are left
         job, kind, bytes_sent, audio_seconds = got.job, got.kind, got.bytes_sent, got.seconds
-        placed = self._finish(job, watch, progress)
+        placed = self._finish(job, watch, progress, staged=got.planned)
         latest = progress[-1]
         fields = finished_fields(
             latest,
@@ -274,16 +296,18 @@ class Worker:
         )
 
     def _transcript(
-        self, source: Path, watch: WatchConfig, progress: list[Job], got: Got
+        self, source: Path, watch: WatchConfig, progress: list[Job], got: Got, *, staged: bool
     ) -> Outcome | None:
         """Get the job's text: known already (dedup) or uploaded; fill ``got``.
 
         ``source`` is the claimed file's handle as a path (``/proc/self/fd/N``):
         PyAV and the upload read the file the claim checked, whatever happens
-        to the names around it meanwhile (safefs.py).
+        to the names around it meanwhile (safefs.py). ``staged``: the ledger says
+        stage prepare already.
         """
         job = got.job
-        self.ledger.set_stage(job.job_id, "prepare")
+        if not staged:  # (a fresh claim's row says so already)
+            self.ledger.set_stage(job.job_id, "prepare")
         reader = job.evolve(path=source)
         try:
             job = job if job.sha256 is not None else job.evolve(sha256=identify(reader).sha256)
@@ -303,7 +327,7 @@ class Worker:
                 prepared = prepare(
                     reader.evolve(sha256=job.sha256), self.config, self.instance, scratch
                 )
-                return self._upload(job, prepared, (model, watch.upload), progress, got)
+                return self._upload(job, prepared, (model, watch), progress, got)
         except PrepareError as exc:
             return self.fail(job.evolve(verdict=Verdict(exc)), watch, progress)
 
@@ -311,11 +335,12 @@ class Worker:
         self,
         job: Job,
         prepared: Prepared,
-        how: tuple[str, UploadRequest],
+        target: tuple[str, WatchConfig],
         progress: list[Job],
         got: Got,
     ) -> Outcome | None:
-        model, request = how
+        model, watch = target
+        request = watch.upload
         got.seconds = prepared.audio_seconds
         # Parts whose transcripts the ledger holds (an earlier, interrupted try).
         split = len(prepared.parts) > 1
@@ -338,7 +363,7 @@ class Worker:
         trace_id: str | None = None
         try:
             for part in prepared.parts[len(texts) :]:
-                result = self._send(job, part, how, len(texts) + 1)
+                result = self._send(job, part, (model, request), len(texts) + 1)
                 trace_id = result.trace_id
                 job = job.evolve(trace_ids=(*job.trace_ids, result.trace_id or ""))
                 texts.append(result.text)
@@ -366,7 +391,13 @@ class Worker:
             self.ledger.part_done(job.job_id, [])
             clean_scratch(job, self.instance)
             return Outcome(OutcomeKind.CHANGED, job.evolve(text=None, sha256=None))
-        self.ledger.transcribed(job, model, trace_id)
+        # finish's names go with the text, in one durable write (design §5: both must
+        # be durable before any file is written, and one fsync is cheaper than two)
+        plan = plan_done(job, watch, self._naming(job, watch))
+        self.ledger.transcribed(job, model, trace_id, plan=plan)
+        job = job.evolve(plan=plan)
+        progress.append(job)
+        got.job, got.planned = job, True
         with contextlib.suppress(OSError):  # only a sibling's convenience
             write_sidecar(job)
         return None
@@ -408,8 +439,9 @@ class Worker:
         self.log.debug("sfwatch.upload_finished", **fields)
         self.events.emit("sfwatch.upload_finished", fields)
 
-    def _finish(self, job: Job, watch: WatchConfig, progress: list[Job]) -> Placed:
-        self.ledger.set_stage(job.job_id, "finish")
+    def _finish(self, job: Job, watch: WatchConfig, progress: list[Job], *, staged: bool) -> Placed:
+        if not staged:  # (a plan recorded with the text set the stage too)
+            self.ledger.set_stage(job.job_id, "finish")
         return finish_done(
             job,
             job.text or "",
@@ -422,8 +454,10 @@ class Worker:
 
     def _naming(self, job: Job, watch: WatchConfig) -> Naming:
         """``transcript_name``'s values: the language asked for or heard, the claim's day."""
-        row = self.ledger.job(job.job_id)
-        claimed = row.created if row is not None and row.created else time.time()
+        claimed = time.time()
+        if "{date}" in watch.transcript_name:  # (a ledger read only when the name needs it)
+            row = self.ledger.job(job.job_id)
+            claimed = row.created if row is not None and row.created else claimed
         heard = job.timing.language if job.timing is not None else None
         return Naming(
             lang=safe_language(watch.request.language or heard),

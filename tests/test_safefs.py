@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -103,3 +104,31 @@ def test_read_at_reads_regular_files_only(tmp_path: Path) -> None:
             safefs.read_at(fd, "link")
         with pytest.raises(OSError, match="not a regular file"):
             safefs.read_at(fd, "fifo")
+
+
+def test_work_area_handles_are_kept_while_the_area_stays(tmp_path: Path) -> None:
+    """A second use gets the same folder without walking; a replaced .sfwatch is walked again."""
+    area = safefs.WorkArea(tmp_path)
+    with area.folder(["work", "me"]) as first, area.folder(["work", "me"]) as second:
+        assert os.fstat(first).st_ino == os.fstat(second).st_ino
+    old = tmp_path / ".sfwatch"
+    old.rename(tmp_path / "moved")  # (what a writer of the share can do)
+    with area.folder(["work", "me"]) as third:
+        assert os.fstat(third).st_ino != (tmp_path / "moved" / "work" / "me").stat().st_ino
+        assert (tmp_path / ".sfwatch" / "work" / "me").is_dir()
+
+
+def test_a_removed_work_area_is_let_go_at_once(tmp_path: Path) -> None:
+    """Once .sfwatch is gone, the next use closes every kept handle of that folder."""
+    area = safefs.WorkArea(tmp_path)
+    with area.folder(["work", "me"]):
+        pass
+    kept = [key for key in safefs._handles._open if key[0] == tmp_path]
+    assert kept
+    shutil.rmtree(tmp_path / ".sfwatch")
+    with area.folder(["work", "me"], create=True) as fresh:
+        assert os.fstat(fresh).st_nlink > 0
+    (tmp_path / ".sfwatch").rename(tmp_path / "gone")
+    with pytest.raises(FileNotFoundError):
+        area.open(["work", "me"], create=False)
+    assert not [key for key in safefs._handles._open if key[0] == tmp_path]
