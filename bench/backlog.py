@@ -45,8 +45,8 @@ def run(args: argparse.Namespace) -> list[Figure]:
         peaks.append(result["peak_rss_mb"])
     f, r, p = median(first), median(rates), median(peaks)
     figures = [
-        Figure("d: launch → first upload (settle 0.5 s incl.)", f, "s", "≤ 2", f <= 2, first),
-        Figure("d: files/s over the whole backlog", r, "files/s", "≥ 200", r >= 200, rates),
+        Figure("d: launch → first upload (settle 0.5 s incl.)", f, "s", "≤ 1", f <= 1, first),
+        Figure("d: files/s over the whole backlog", r, "files/s", "≥ 300", r >= 300, rates),
         Figure("d: peak RSS", p, "MB", "≤ 150", p <= 150, peaks),
     ]
     save("d", figures, detail)

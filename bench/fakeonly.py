@@ -100,6 +100,58 @@ def drive(url: str, clients: int, seconds: float) -> dict[str, Any]:
     }
 
 
+def ceiling(url: str, files: int, clients: int) -> dict[str, Any]:
+    """The fake's own ceiling for benchmark a's workload: ``files`` uploads, ``clients``
+    at a time, by a client that does nothing else.
+
+    Measured like a daemon run (files ÷ (last answer - first request)), so the two
+    can be compared in one run, on the same machine at the same moment.
+    """
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    body, ctype = multipart(wav_bytes(0.1))
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": ctype}
+    path = f"{parts.path}/audio/transcriptions"
+    left = [files]
+    lock = threading.Lock()
+    starts: list[float] = []
+    ends: list[float] = []
+    failures: list[str] = []
+
+    def client() -> None:
+        conn = http.client.HTTPConnection(host, port, timeout=30)
+        try:
+            while True:
+                with lock:
+                    if left[0] == 0:
+                        return
+                    left[0] -= 1
+                t0 = time.monotonic()
+                post(conn, path, body, headers)
+                t1 = time.monotonic()
+                with lock:
+                    starts.append(t0)
+                    ends.append(t1)
+        except Exception as exc:
+            with lock:
+                failures.append(repr(exc))
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    window = max(ends) - min(starts)
+    return {
+        "files": len(ends),
+        "clients": clients,
+        "files_per_s": round(len(ends) / window, 2),
+        "failures": failures[:5],
+    }
+
+
 def run(args: argparse.Namespace) -> list[Figure]:
     root = scratch("fake")
     figures: list[Figure] = []

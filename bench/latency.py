@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> list[Figure]:
         Figure(
             "b: latency - settle - server, median", round(med, 1), "ms", "≤ 20", med <= 20, medians
         ),
-        Figure("b: latency - settle - server, p99", round(p99, 1), "ms", "≤ 100", p99 <= 100, p99s),
+        Figure("b: latency - settle - server, p99", round(p99, 1), "ms", "≤ 50", p99 <= 50, p99s),
     ]
     save("b", figures, detail)
     return figures

@@ -70,23 +70,48 @@ def claim(
         if _signature_at(source, name) != settled.signature:
             return None  # written to since it settled, gone, or not a regular file now
         with work_area(settled.root).folder(["work", instance]) as mine:
-            target = open_below(mine, [job_id, *rel.parent.parts], create=True, mode=PRIVATE_DIR)
+            # The new folders and the rename are made durable later, before the job's first
+            # durable ledger write (``make_durable``): not on the way to the upload.
+            target = open_below(
+                mine, [job_id, *rel.parent.parts], create=True, mode=PRIVATE_DIR, durable=False
+            )
             try:
                 if not _rename(source, target, mine, job):
                     return None
                 if _signature_at(target, name) != settled.signature:
                     _put_back(target, name, source)
                     return None
-                # The rename has happened: the file is ours whatever the fsyncs say (a
-                # failure here must not make us forget a claim that sits in the work area).
-                with contextlib.suppress(OSError):
-                    fsync_fd(target)
-                    fsync_fd(source)
             finally:
                 os.close(target)
     finally:
         os.close(source)
     return job
+
+
+def make_durable(job: Job) -> None:
+    """fsync what a claim changed: its new folders in their parents, the file's new
+    entry and its old one (docs/design.md §5.1).
+
+    Called before the job's first durable ledger write, which must not outlive (on a
+    power loss) the claim it is about. Until then a power loss is as a crash right
+    after the rename: the file is in the inbox or in the work area, both recovered.
+    Errors are ignored: the rename has happened, the file is ours whatever the
+    fsyncs say (and a failure here must not make us forget a claim).
+    """
+    with contextlib.suppress(OSError):
+        with job_folder(job, job.path.parents[len(job.rel.parts)]) as fd:
+            level = os.dup(fd)
+        try:
+            fsync_fd(level)  # (the instance folder: the job folder's entry)
+            for part in [job.job_id, *job.rel.parent.parts]:
+                child = open_below(level, [part])
+                os.close(level)
+                level = child
+                fsync_fd(level)
+        finally:
+            os.close(level)
+        with folder(job.root, job.rel.parent.parts) as source:
+            fsync_fd(source)
 
 
 def _rename(source: int, target: int, mine: int, job: Job) -> bool:

@@ -56,6 +56,7 @@ from sfwatch.probe import AccountProbe
 from sfwatch.ready import Claimer, ClaimMiss, ReadyQueue
 from sfwatch.reconcile import Reconciler
 from sfwatch.recovery import DEFAULT_LEASE_SECONDS, LeaseKeeper
+from sfwatch.safefs import let_go
 from sfwatch.scheduler import Scheduler
 from sfwatch.slots import UploadSlots
 from sfwatch.transcribe import Transcriber
@@ -308,6 +309,8 @@ class Daemon:
             self._health_at = self.last_tick
             self.last_health = self.health()
             self.notifier.watchdog(self.last_health.ok)
+        if not self.slots:
+            let_go()  # idle: hold no folder of the share open (safefs.let_go)
 
     def _idle(self) -> bool:
         return (

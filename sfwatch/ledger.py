@@ -294,6 +294,14 @@ class Ledger:
             for name, kind in ADDED_TRANSCRIPT_COLUMNS.items():
                 if name not in have:
                     self._db.execute(f"ALTER TABLE transcripts ADD COLUMN {name} {kind}")
+        # Reads have a connection of their own: in WAL mode they see every committed
+        # write and never wait for a commit's fsync (which holds the writer's lock).
+        self._read_lock = threading.Lock()
+        self._reader = sqlite3.connect(
+            path, timeout=10, check_same_thread=False, isolation_level=None
+        )
+        self._reader.row_factory = sqlite3.Row
+        self._reader.execute("PRAGMA busy_timeout=10000")
 
     @classmethod
     def in_state_dir(cls, state_dir: Path) -> Ledger:
@@ -302,6 +310,8 @@ class Ledger:
 
     def close(self) -> None:
         """Close the database."""
+        with self._read_lock:
+            self._reader.close()
         with self._lock:
             self._db.close()
 
@@ -367,8 +377,8 @@ class Ledger:
                 item.committed = item.error is None
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return list(self._db.execute(sql, args))
+        with self._read_lock:
+            return list(self._reader.execute(sql, args))
 
     # -- the daemon's writes -------------------------------------------------------
 

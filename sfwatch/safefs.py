@@ -21,7 +21,8 @@ cache): a use checks with one ``lstat`` that ``<watched>/.sfwatch`` is still the
 private folder the handle was opened in, and with one ``fstat`` that the folder
 was not removed. Only our user can change anything inside a private folder, so
 that is the same guarantee as walking it again — at 3 system calls, not 17
-(each of which hands the GIL to another thread: docs/benchmarks.md).
+(each of which hands the GIL to another thread: docs/benchmarks.md). The
+daemon keeps them only while it has work in flight (``let_go``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from sfwatch.logs import get_logger
@@ -58,13 +60,19 @@ def _check_part(part: str) -> None:
 
 
 def open_below(
-    root: Path | int, parts: Sequence[str], *, create: bool = False, mode: int = 0o777
+    root: Path | int,
+    parts: Sequence[str],
+    *,
+    create: bool = False,
+    mode: int = 0o777,
+    durable: bool = True,
 ) -> int:
     """A handle of ``root/parts[0]/…``; no symlink below ``root`` is followed.
 
     ``root`` is a path (opened as given) or a handle (kept open). With
-    ``create``, missing folders are made with ``mode`` (the umask applies) and
-    made durable in their parents. The caller closes the returned handle.
+    ``create``, missing folders are made with ``mode`` (the umask applies) and,
+    if ``durable``, made durable in their parents (else the caller sees to it).
+    The caller closes the returned handle.
     """
     fd = os.dup(root) if isinstance(root, int) else os.open(root, ROOT_FLAGS)
     here = Path(f"<fd {root}>") if isinstance(root, int) else root
@@ -79,7 +87,8 @@ def open_below(
                     raise
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(part, mode, dir_fd=fd)
-                    fsync_fd(fd)
+                    if durable:
+                        fsync_fd(fd)
                 child = _open_child(fd, part, here)
             os.close(fd)
             fd = child
@@ -182,6 +191,8 @@ def anchored(path: Path, roots: Sequence[Path | None]) -> tuple[Path, tuple[str,
 EUID = os.geteuid()
 #: work-area folder handles kept open (all work areas together; the oldest are closed)
 MAX_CACHED_HANDLES = 64
+#: how deep below ``.sfwatch`` handles are kept (``work/<instance>``, ``tmp/<instance>``)
+KEPT_DEPTH = 2
 
 
 def is_private(st: os.stat_result) -> bool:
@@ -189,51 +200,103 @@ def is_private(st: os.stat_result) -> bool:
     return stat.S_ISDIR(st.st_mode) and st.st_uid == EUID and not st.st_mode & 0o022
 
 
+@dataclass(eq=False)
+class _Kept:
+    """One kept handle: closed when dropped and no thread is copying it."""
+
+    fd: int
+    area_id: tuple[int, int]
+    users: int = 0
+    dead: bool = False
+
+
 class _Handles:
-    """Open handles of work-area folders: (root, parts) → (handle, ``.sfwatch``'s id)."""
+    """Open handles of work-area folders: (root, parts) → handle and ``.sfwatch``'s id.
+
+    The lock guards only the table (no system call runs under it: 64 upload threads
+    ask at once); a handle being copied is closed by its last user once dropped.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._open: OrderedDict[tuple[Path, tuple[str, ...]], tuple[int, tuple[int, int]]] = (
-            OrderedDict()
-        )
+        self._open: OrderedDict[tuple[Path, tuple[str, ...]], _Kept] = OrderedDict()
+        self._dead: list[_Kept] = []
 
     def get(self, key: tuple[Path, tuple[str, ...]], area: os.stat_result) -> int | None:
         """A new handle of the folder, if it is still where and what it was; else None."""
         with self._lock:
-            entry = self._open.get(key)
-            if entry is None:
+            kept = self._open.get(key)
+            if kept is None:
                 return None
-            fd, area_id = entry
-            if area_id == (area.st_dev, area.st_ino) and os.fstat(fd).st_nlink > 0:
+            if kept.area_id != (area.st_dev, area.st_ino):
+                self._forget(key)
+                kept = None
+            else:
+                kept.users += 1
                 self._open.move_to_end(key)
-                return os.dup(fd)
-            del self._open[key]
-        os.close(fd)
-        return None
+        if kept is None:
+            self._close_dead()
+            return None
+        try:
+            fd = os.dup(kept.fd)
+        finally:
+            with self._lock:
+                kept.users -= 1
+            self._close_dead()
+        if os.fstat(fd).st_nlink == 0:  # the folder was removed (by us, or by root)
+            os.close(fd)
+            with self._lock:
+                if self._open.get(key) is kept:
+                    self._forget(key)
+            self._close_dead()
+            return None
+        return fd
 
     def put(self, key: tuple[Path, tuple[str, ...]], fd: int, area_id: tuple[int, int]) -> None:
         """Keep a copy of ``fd`` (the caller keeps its own)."""
-        kept = os.dup(fd)
+        kept = _Kept(os.dup(fd), area_id)
         with self._lock:
-            old = self._open.pop(key, None)
-            self._open[key] = (kept, area_id)
-            evicted = [old[0]] if old is not None else []
+            if key in self._open:
+                self._forget(key)
+            self._open[key] = kept
             while len(self._open) > MAX_CACHED_HANDLES:
-                evicted.append(self._open.popitem(last=False)[1][0])
-        for stale in evicted:
-            os.close(stale)
+                self._forget(next(iter(self._open)))
+        self._close_dead()
 
     def drop(self, root: Path | None = None) -> None:
         """Close the kept handles of one watched folder's work area (None: of all)."""
         with self._lock:
-            keys = [key for key in self._open if root is None or key[0] == root]
-            fds = [self._open.pop(key)[0] for key in keys]
-        for fd in fds:
-            os.close(fd)
+            for key in [key for key in self._open if root is None or key[0] == root]:
+                self._forget(key)
+        self._close_dead()
+
+    def _forget(self, key: tuple[Path, tuple[str, ...]]) -> None:
+        """Take ``key`` out of the table (with the lock held); closed by ``_close_dead``."""
+        kept = self._open.pop(key)
+        kept.dead = True
+        self._dead.append(kept)
+
+    def _close_dead(self) -> None:
+        """Close the dropped handles nobody is copying (outside the lock)."""
+        if not self._dead:  # (the common case; one left over is closed by the next call)
+            return
+        with self._lock:
+            ready = [kept for kept in self._dead if kept.users == 0]
+            self._dead = [kept for kept in self._dead if kept.users > 0]
+        for kept in ready:
+            os.close(kept.fd)
 
 
 _handles = _Handles()
+
+
+def let_go() -> None:
+    """Close every kept work-area handle (the daemon does when it has nothing in flight).
+
+    A kept handle pins the folders above it: a watched folder removed while we hold
+    one is not gone (its observer hears nothing) until we let go.
+    """
+    _handles.drop()
 
 
 class WorkArea:
@@ -263,14 +326,17 @@ class WorkArea:
         A handle kept from an earlier use is given (a copy) while ``.sfwatch`` is
         still the same private folder (see the module docstring).
         """
-        key = (self.root, tuple(parts))
+        # Kept: ``.sfwatch`` and the two levels below (``work/<instance>``); a job's own
+        # folders come and go, so they are walked from there.
+        kept_parts, below = tuple(parts[:KEPT_DEPTH]), list(parts[KEPT_DEPTH:])
+        key = (self.root, kept_parts)
         try:
             area = self.path.lstat()
         except OSError:
             area = None
         if area is not None and is_private(area):
             if (kept := _handles.get(key, area)) is not None:
-                return kept
+                return self._below(kept, self.path.joinpath(*kept_parts), below, create=create)
         else:
             # Gone or replaced: let go of its folders at once. A kept handle pins the
             # folders above it, so a removed watched folder would not be gone (its
@@ -279,18 +345,33 @@ class WorkArea:
         fd = open_below(self.root, [WORK_AREA], create=create, mode=PRIVATE_DIR)
         try:
             area = self._check(fd, self.path)
-            for part in parts:
-                child = open_below(fd, [part], create=create, mode=PRIVATE_DIR)
-                os.close(fd)
-                fd = child
-                self._check(fd, self.path.joinpath(*parts))
+        except BaseException:
+            os.close(fd)
+            raise
+        fd = self._below(fd, self.path, list(kept_parts), create=create)
+        try:
             _handles.put(key, fd, (area.st_dev, area.st_ino))
         except BaseException:
             os.close(fd)
             raise
+        fd = self._below(fd, self.path.joinpath(*kept_parts), below, create=create)
         if self._refused:
             self._refused = False
             self.log.info("sfwatch.work_area_accepted", path=str(self.path))
+        return fd
+
+    def _below(self, fd: int, where: Path, parts: list[str], *, create: bool) -> int:
+        """Walk ``parts`` down from ``fd`` (at ``where``; consumed), checking every folder."""
+        try:
+            for part in parts:
+                child = open_below(fd, [part], create=create, mode=PRIVATE_DIR)
+                os.close(fd)
+                fd = child
+                where = where / part
+                self._check(fd, where)
+        except BaseException:
+            os.close(fd)
+            raise
         return fd
 
     @contextmanager

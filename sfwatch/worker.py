@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sfwatch.claim import reading, release, write_sidecar
+from sfwatch.claim import make_durable, reading, release, write_sidecar
 from sfwatch.config import Config, WatchConfig
 from sfwatch.config_request import UploadRequest, safe_language
 from sfwatch.errors import Fenced, PrepareError, TranscribeError
@@ -130,6 +130,10 @@ def error_fields(exc: BaseException) -> dict[str, Any]:
     return {"reason": type(exc).__name__, "message": str(exc)}
 
 
+def _nothing() -> None:
+    return None
+
+
 @dataclass
 class Got:
     """What one attempt got so far (filled in by ``Worker._transcript``)."""
@@ -140,13 +144,11 @@ class Got:
     seconds: float | None = None
     #: the plan was recorded with the paid text (the ledger says stage finish)
     planned: bool = False
+    #: frees the upload slot (``Worker.process``'s ``released``)
+    release: Callable[[], None] = _nothing
 
 
 def _no_fence(_job: Job) -> None:
-    return None
-
-
-def _nothing() -> None:
     return None
 
 
@@ -177,7 +179,16 @@ class Worker:
         self.fence = fence
         #: the outbox rows a finished job adds (hooks, webhooks, notifications: §13)
         self.routes = routes
+        #: jobs claimed by this process whose claim is not durable yet (``durable_claim``)
+        self.undurable: set[str] = set()
         self.log = get_logger()
+
+    def durable_claim(self, job: Job) -> None:
+        """Make a claim of ours durable, once, before the job's first durable write
+        (its text, a part's text, a plan: docs/design.md §5.1)."""
+        if job.job_id in self.undurable:
+            make_durable(job)
+            self.undurable.discard(job.job_id)
 
     def model_for(self, job: Job) -> str:
         """The model a job's folder uses."""
@@ -192,9 +203,12 @@ class Worker:
         (the slot may start another upload). ``fresh``: the job was claimed just now,
         its row written at stage prepare (``ready.Claimer``): nothing to read back.
         """
+        if fresh:
+            self.undurable.add(job.job_id)
         outcome = self._attempt(job, released, fresh=fresh)
         if outcome.kind in ("done", "dedup", "failed", "vanished"):
             clean_scratch(job, self.instance)  # the parts are not needed any more
+            self.undurable.discard(job.job_id)
         if outcome.kind in ("done", "dedup", "failed"):
             try:
                 release(outcome.job)
@@ -220,6 +234,7 @@ class Worker:
                 elif job.text is not None and (row is None or row.text is None):
                     # Paid, but the ledger could not record it last time: record it now,
                     # before anything is written for the user.
+                    self.durable_claim(job)
                     self.ledger.transcribed(job, self.model_for(job), None)
         except HOST_ERRORS as exc:
             return Outcome(OutcomeKind.FINISH_ERROR, job, exc)
@@ -257,7 +272,7 @@ class Worker:
         if job.verdict is not None or (job.plan is not None and job.plan.kind == "failed"):
             # Judged already: only the move to failed/ is left.
             return self.fail(job, watch, progress)
-        got = Got(job)
+        got = Got(job, release=released)
         if job.text is None:
             try:
                 with reading(job) as source:
@@ -370,11 +385,13 @@ class Worker:
                 timings.append(result.timing)
                 got.bytes_sent += result.bytes_sent
                 if split:
+                    self.durable_claim(job)
                     self.ledger.part_done(job.job_id, texts, timings)
         except TranscribeError as exc:
             if exc.trace_id:
                 job = job.evolve(trace_ids=(*job.trace_ids, exc.trace_id))
             return Outcome(OutcomeKind.ERROR, job, exc, bytes_sent=got.bytes_sent)
+        got.release()  # answered: the next upload may start while we record and finish
         # Each part's times count from its own start: shifted by where it starts in the
         # original, the joined timeline lines up with the recording.
         offsets = [part.offset for part in prepared.parts]
@@ -394,6 +411,7 @@ class Worker:
         # finish's names go with the text, in one durable write (design §5: both must
         # be durable before any file is written, and one fsync is cheaper than two)
         plan = plan_done(job, watch, self._naming(job, watch))
+        self.durable_claim(job)
         self.ledger.transcribed(job, model, trace_id, plan=plan)
         job = job.evolve(plan=plan)
         progress.append(job)
@@ -468,6 +486,7 @@ class Worker:
     def _record_plan(self, job: Job, plan: Plan, progress: list[Job]) -> None:
         """Durably note where finish is about to put things; tell a would-be adopter too."""
         planned = job.evolve(plan=plan)
+        self.durable_claim(job)
         self.ledger.planned(planned, plan)
         progress.append(planned)
         with contextlib.suppress(OSError):  # only a sibling's convenience
