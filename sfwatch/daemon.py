@@ -141,6 +141,7 @@ class Daemon:
         self.settler = self.intake.settler
         self.watchers = self.intake.watchers
         self.ledger = Ledger.in_state_dir(config.state_dir)
+        self.ledger.start_writer()
         # Hooks, webhooks, notifications (docs/design.md §13). The key is given only
         # to scrub it from what they send, which should never hold it anyway.
         self.outbox = Outbox(

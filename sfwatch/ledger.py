@@ -260,10 +260,35 @@ class _Pending:
 
     op: Callable[[sqlite3.Connection], Any]
     durable: bool
+    #: its writer waits for it (and so commits it, if nobody else is committing)
+    waited: bool = True
     result: Any = None
     error: Exception | None = None
     finished: bool = False
     committed: bool = False
+
+    def outcome(self) -> Any:
+        """What the op returned; its error raised (or that it was never committed)."""
+        if self.error is not None:
+            raise self.error
+        if not self.committed:  # the committing thread was interrupted
+            raise sqlite3.OperationalError("the ledger write was not committed")
+        return self.result
+
+
+class Written:
+    """A write queued by ``Ledger._write_later``."""
+
+    def __init__(self, queue: threading.Condition, pending: _Pending) -> None:
+        self._queue = queue
+        self._pending = pending
+
+    def wait(self) -> None:
+        """Until it is committed; raise what it raised (sqlite3.Error: not written)."""
+        with self._queue:
+            while not self._pending.finished:
+                self._queue.wait()
+        self._pending.outcome()
 
 
 class Ledger:
@@ -279,6 +304,8 @@ class Ledger:
         self._queue = threading.Condition()
         self._waiting: list[_Pending] = []
         self._committing = False
+        self._writer: threading.Thread | None = None
+        self._closing = False
         self._db = sqlite3.connect(path, timeout=10, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -310,6 +337,11 @@ class Ledger:
 
     def close(self) -> None:
         """Close the database."""
+        with self._queue:  # what was queued is committed first
+            self._closing = True
+            self._queue.notify_all()
+        if self._writer is not None:
+            self._writer.join(10)
         with self._read_lock:
             self._reader.close()
         with self._lock:
@@ -333,23 +365,67 @@ class Ledger:
             self._waiting.append(pending)
             while not pending.finished and self._committing:
                 self._queue.wait()
-            if not pending.finished:
-                self._committing = True
-                batch, self._waiting = self._waiting, []
-        if not pending.finished:
-            try:
-                self._commit(batch)
-            finally:
-                with self._queue:
-                    self._committing = False
-                    for item in batch:
-                        item.finished = True
-                    self._queue.notify_all()
-        if pending.error is not None:
-            raise pending.error
-        if not pending.committed:  # the committing thread was interrupted
-            raise sqlite3.OperationalError("the ledger write was not committed")
-        return cast("T", pending.result)
+            batch = self._take_batch() if not pending.finished else []
+        if batch:
+            self._commit_batch(batch)
+        return cast("T", pending.outcome())
+
+    def _write_later(self, op: Callable[[sqlite3.Connection], Any]) -> Written:
+        """Queue ``op`` for the next commit and return at once (``Written.wait`` waits).
+
+        For writes nothing needs before the upload: they leave the way to it. Queued
+        ops are committed in order, before or with any write queued after them, by
+        whoever commits next or else by the ledger's writer thread.
+        """
+        pending = _Pending(op, durable=False, waited=False)
+        with self._queue:
+            self._waiting.append(pending)
+            self.start_writer()
+            self._queue.notify_all()
+        return Written(self._queue, pending)
+
+    def _take_batch(self) -> list[_Pending]:
+        """With the queue's lock held: become the committer of everything queued."""
+        self._committing = True
+        batch, self._waiting = self._waiting, []
+        return batch
+
+    def _commit_batch(self, batch: list[_Pending]) -> None:
+        try:
+            self._commit(batch)
+        finally:
+            with self._queue:
+                self._committing = False
+                for item in batch:
+                    item.finished = True
+                self._queue.notify_all()
+
+    def start_writer(self) -> None:
+        """Start the thread that commits queued ops nobody waits on (if not yet running).
+
+        The daemon starts it with the ledger; it commits only batches that no waiting
+        writer will commit, so that a write someone waits for is committed on that
+        writer's own thread (where its errors belong).
+        """
+        if self._writer is None:
+            self._writer = threading.Thread(
+                target=self._write_queued, name="sfwatch-ledger", daemon=True
+            )
+            self._writer.start()
+
+    def _write_queued(self) -> None:
+        while True:
+            with self._queue:
+                while not self._closing and (
+                    self._committing
+                    or not self._waiting
+                    or any(p.waited for p in self._waiting)  # (that writer commits them)
+                ):
+                    self._queue.wait()
+                if self._closing and not self._waiting:
+                    return
+                batch = self._take_batch()
+            self._commit_batch(batch)
 
     def _commit(self, batch: list[_Pending]) -> None:
         """One transaction for ``batch`` (see ``_write``)."""
@@ -396,6 +472,22 @@ class Ledger:
         even after its folder left the config. ``stage``: a new row starts with
         a worker already at that stage (``set_stage`` in the same write).
         """
+        return _row(self._write(self._insert_claim(job, instance, dirs, stage)))
+
+    def claimed_later(
+        self, job: Job, instance: str, dirs: dict[str, Any] | None = None, *, stage: str
+    ) -> Written:
+        """``claimed`` for a fresh claim, without waiting for its commit (``Written.wait``).
+
+        The row is not needed on the way to the upload: a crash before it is committed
+        leaves a claimed file without a row, which recovery handles (design §5.1).
+        """
+        return self._write_later(self._insert_claim(job, instance, dirs, stage))
+
+    @staticmethod
+    def _insert_claim(
+        job: Job, instance: str, dirs: dict[str, Any] | None, stage: str | None
+    ) -> Callable[[sqlite3.Connection], sqlite3.Row]:
         now = time.time()
 
         def insert(db: sqlite3.Connection) -> sqlite3.Row:
@@ -426,7 +518,7 @@ class Ledger:
             ).fetchone()
             return row
 
-        return _row(self._write(insert))
+        return insert
 
     def set_stage(self, job_id: str, stage: str | None) -> None:
         """A worker is at ``stage`` of the job (None: it let go of it).
@@ -435,6 +527,11 @@ class Ledger:
         file (PyAV crashing or hanging on it); any other stage is not its fault.
         """
         self._update(job_id, running=int(stage is not None), stage=stage, boot_id=boot_id())
+
+    def set_stage_later(self, job_id: str, stage: str) -> Written:
+        """``set_stage`` without waiting for its commit (a later write commits after it)."""
+        fields = {"running": 1, "stage": stage, "boot_id": boot_id()}
+        return self._write_later(lambda db: self._set(db, job_id, **fields))
 
     def crashed(self, job_id: str) -> int:
         """A restart found the job running: count it; return the count."""

@@ -29,7 +29,7 @@ from sfwatch.logs import get_logger
 from sfwatch.scheduler import Scheduler, watch_dirs
 from sfwatch.settle import SettledFile, signature_of
 from sfwatch.watch import PathNotes
-from sfwatch.worker import HOST_ERRORS
+from sfwatch.worker import FreshClaim
 
 
 @dataclass(frozen=True)
@@ -42,14 +42,9 @@ class ToClaim:
 
 @dataclass(frozen=True)
 class ClaimMiss:
-    """A claim that did not give a job to work on; the main thread acts on it.
-
-    ``job`` is set when the file was claimed but its ledger row could not be
-    written (a full state disk): it is resumed once the ledger takes the row.
-    """
+    """A claim that did not give a job to work on; the main thread acts on it."""
 
     settled: SettledFile
-    job: Job | None = None
     error: Exception | None = None
 
 
@@ -65,8 +60,8 @@ class Claimer:
         self.instance = instance
         self.log = get_logger()
 
-    def take(self, item: ToClaim) -> Job | ClaimMiss:
-        """Claim ``item``'s file; its job (row written, at stage prepare), or why not."""
+    def take(self, item: ToClaim) -> tuple[Job, FreshClaim] | ClaimMiss:
+        """Claim ``item``'s file: its job (its row queued, at stage prepare), or why not."""
         settled = item.settled
         watch = self.folders.get(settled.root)
         if watch is None:
@@ -80,18 +75,23 @@ class Claimer:
             return ClaimMiss(settled)
         now = time.monotonic()
         job = claimed.evolve(claimed_at=now, window_start=now)
-        try:
-            # The row says a worker is preparing it: this thread goes on to do so.
-            self.ledger.claimed(job, self.instance, watch_dirs(watch), stage="prepare")
-        except HOST_ERRORS as exc:
-            return ClaimMiss(settled, job, exc)
+        dirs = watch_dirs(watch)
+        # The row says a worker is preparing it: this thread goes on to do so. It is
+        # committed while we prepare and upload; the worker waits for it before the
+        # job's first durable write (``Worker.durable_claim``), and writes it again
+        # then if the ledger failed it.
+        row = self.ledger.claimed_later(job, self.instance, dirs, stage="prepare")
+
+        def rewrite() -> None:
+            self.ledger.claimed(job, self.instance, dirs)
+
         self.log.info(
             "sfwatch.file_claimed",
             job_id=job.job_id,
             file=str(job.source),
             bytes=job.signature.size,
         )
-        return job
+        return job, FreshClaim(row, rewrite)
 
 
 class ReadyQueue:
@@ -151,10 +151,7 @@ class ReadyQueue:
 
     def missed(self, miss: ClaimMiss) -> None:
         """A claim handed to a slot did not give a job (see ``ClaimMiss``)."""
-        job = miss.job
-        if job is not None:
-            self.scheduler.guarded("resume", job, lambda: self.scheduler.resume(job, self.instance))
-        elif miss.error is None and os.path.lexists(miss.settled.path):
+        if miss.error is None and os.path.lexists(miss.settled.path):
             self.notes.note(str(miss.settled.path))  # changed since it settled
 
 

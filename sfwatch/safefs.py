@@ -416,6 +416,9 @@ _areas_lock = threading.Lock()
 
 def work_area(root: Path) -> WorkArea:
     """The ``WorkArea`` of a watched folder (one per folder, so refusals are logged once)."""
+    area = _areas.get(root)  # (the common case needs no lock: entries are never replaced)
+    if area is not None:
+        return area
     with _areas_lock:
         area = _areas.get(root)
         if area is None:

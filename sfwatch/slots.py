@@ -33,7 +33,7 @@ from sfwatch.logs import get_logger
 from sfwatch.pacing import Pacer
 from sfwatch.ready import ClaimMiss, ToClaim
 from sfwatch.scheduler import needs_upload
-from sfwatch.worker import Outcome, Worker
+from sfwatch.worker import FreshClaim, Outcome, Worker
 
 #: an upload running this much longer than api.timeout_seconds means a stuck worker
 STUCK_MARGIN = 60.0
@@ -63,7 +63,7 @@ class UploadSlots:
         pacer: Pacer,
         api: ApiConfig,
         wakeup: threading.Event,
-        take: Callable[[ToClaim], Job | ClaimMiss] | None = None,
+        take: Callable[[ToClaim], tuple[Job, FreshClaim] | ClaimMiss] | None = None,
     ) -> None:
         self.worker = worker
         self.pacer = pacer
@@ -131,8 +131,9 @@ class UploadSlots:
         taken = self.take(item)
         if isinstance(taken, ClaimMiss):
             return taken
-        ticket.job = taken
-        return self.worker.process(taken, released=self._releaser(ticket), fresh=True)
+        job, fresh = taken
+        ticket.job = job
+        return self.worker.process(job, released=self._releaser(ticket), fresh=fresh)
 
     def reap(self) -> Iterator[Outcome | ClaimMiss]:
         """What the attempts that ended gave, one at a time (a raise is ``crash``)."""

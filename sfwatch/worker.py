@@ -34,7 +34,7 @@ from sfwatch.finish import Naming, Placed, finish_done, finish_failed, local_dat
 from sfwatch.folders import Folders
 from sfwatch.fsutil import same_content
 from sfwatch.job import Job, Plan, Verdict
-from sfwatch.ledger import Ledger, OutboxEvent
+from sfwatch.ledger import Ledger, OutboxEvent, Written
 from sfwatch.lifecycle import OutcomeKind
 from sfwatch.logs import get_logger
 from sfwatch.prepare import Part, Prepared, clean_scratch, identify, prepare, scratch_folder
@@ -44,6 +44,15 @@ from sfwatch.transcribe import Transcriber, Transcript, status_class
 
 #: host errors that make a step wait and try again (never the file's fault)
 HOST_ERRORS = (OSError, sqlite3.Error)
+
+
+@dataclass(frozen=True)
+class FreshClaim:
+    """A claim made just now on this thread, whose ledger row may still be on its way."""
+
+    row: Written
+    #: writes the row again, waiting for it (if the queued write failed)
+    rewrite: Callable[[], None]
 
 
 @dataclass(frozen=True)
@@ -180,35 +189,46 @@ class Worker:
         #: the outbox rows a finished job adds (hooks, webhooks, notifications: §13)
         self.routes = routes
         #: jobs claimed by this process whose claim is not durable yet (``durable_claim``)
-        self.undurable: set[str] = set()
+        self.undurable: dict[str, FreshClaim] = {}
         self.log = get_logger()
 
     def durable_claim(self, job: Job) -> None:
         """Make a claim of ours durable, once, before the job's first durable write
-        (its text, a part's text, a plan: docs/design.md §5.1)."""
-        if job.job_id in self.undurable:
-            make_durable(job)
-            self.undurable.discard(job.job_id)
+        (its text, a part's text, a plan: docs/design.md §5.1): its fsyncs, and its
+        ledger row committed (written again, waiting, if the queued write failed)."""
+        fresh = self.undurable.get(job.job_id)
+        if fresh is None:
+            return
+        make_durable(job)
+        try:
+            fresh.row.wait()
+        except HOST_ERRORS:
+            fresh.rewrite()  # (raises if the ledger still fails: the step waits)
+        self.undurable.pop(job.job_id, None)
 
     def model_for(self, job: Job) -> str:
         """The model a job's folder uses."""
         return self.folders.for_root(job.root).model or self.config.api.model
 
     def process(
-        self, job: Job, *, released: Callable[[], None] = _nothing, fresh: bool = False
+        self,
+        job: Job,
+        *,
+        released: Callable[[], None] = _nothing,
+        fresh: FreshClaim | None = None,
     ) -> Outcome:
         """One attempt. Host errors become ``finish_error``; our bugs propagate.
 
-        ``released`` is called once the upload is over and only local steps are left
-        (the slot may start another upload). ``fresh``: the job was claimed just now,
-        its row written at stage prepare (``ready.Claimer``): nothing to read back.
+        ``released`` is called once the upload is answered (the slot may start
+        another upload). ``fresh``: the job was claimed just now, its row queued at
+        stage prepare (``ready.Claimer``): nothing to read back.
         """
-        if fresh:
-            self.undurable.add(job.job_id)
-        outcome = self._attempt(job, released, fresh=fresh)
+        if fresh is not None:
+            self.undurable[job.job_id] = fresh
+        outcome = self._attempt(job, released, fresh=fresh is not None)
         if outcome.kind in ("done", "dedup", "failed", "vanished"):
             clean_scratch(job, self.instance)  # the parts are not needed any more
-            self.undurable.discard(job.job_id)
+            self.undurable.pop(job.job_id, None)
         if outcome.kind in ("done", "dedup", "failed"):
             try:
                 release(outcome.job)
@@ -363,7 +383,8 @@ class Worker:
         timings: list[Timing | None] = self.ledger.part_timings(job.job_id) if split else []
         timings = (timings + [None] * len(texts))[: len(texts)]  # (rows older than timings)
         self.fence(job)  # a sibling that adopted the job pays for it, not us too
-        self.ledger.set_stage(job.job_id, "upload")
+        # Queued, not waited for: it commits before any later write of this job.
+        self.ledger.set_stage_later(job.job_id, "upload")
         self.log.info(
             "sfwatch.upload_started",
             job_id=job.job_id,

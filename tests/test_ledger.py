@@ -86,3 +86,37 @@ def test_a_failed_commit_fails_every_write_of_its_batch(tmp_path: Path) -> None:
     row = ledger.job("job0001")
     assert row is not None
     assert row.stage == "upload"
+
+
+def test_a_queued_write_commits_before_later_ones_and_before_close(tmp_path: Path) -> None:
+    """A claim queued without waiting: a later write sees its row; close commits what is queued."""
+    ledger = Ledger(tmp_path / "ledger.db")
+    row = ledger.claimed_later(_job(1), "me", stage="prepare")
+    ledger.set_stage(_job(1).job_id, "upload")  # waits, and comes after the queued insert
+    row.wait()
+    found = ledger.job(_job(1).job_id)
+    assert found is not None
+    assert found.stage == "upload"
+    ledger.claimed_later(_job(2), "me", stage="prepare")
+    ledger.set_stage_later(_job(2).job_id, "upload")
+    ledger.close()
+    reopened = Ledger(tmp_path / "ledger.db")
+    second = reopened.job(_job(2).job_id)
+    assert second is not None
+    assert second.stage == "upload"
+
+
+def test_a_queued_write_that_fails_raises_when_waited_for(tmp_path: Path) -> None:
+    """The ledger refuses a queued write (a foreign lock): ``wait`` raises, nothing is lost."""
+    path = tmp_path / "ledger.db"
+    ledger = Ledger(path)
+    ledger._db.execute("PRAGMA busy_timeout=50")
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    row = ledger.claimed_later(_job(1), "me", stage="prepare")
+    with pytest.raises(sqlite3.OperationalError):
+        row.wait()
+    other.execute("ROLLBACK")
+    assert ledger.job(_job(1).job_id) is None
+    ledger.claimed(_job(1), "me")  # what ``Worker.durable_claim`` does then
+    assert ledger.job(_job(1).job_id) is not None
