@@ -94,7 +94,10 @@ def format_status(report: dict[str, Any]) -> str:
                 f"waiting {d.get('waiting', 0)}, in flight {d.get('in_flight', 0)} "
                 f"(limit {d.get('limit')})"
             )
-            if d.get("paused"):
+            if d.get("paused") and d.get("paused_reason") == "field_rejected":
+                # A config the server refused: no timer ends it, a reload does.
+                lines.append(f"  paused: {d['paused']}")
+            elif d.get("paused"):
                 lines.append(f"  paused: {d['paused']} (for {d.get('paused_for')} s more)")
     counts = report["counts"]
     lines.append(

@@ -26,6 +26,7 @@ from sfwatch.fsutil import link_or_rename_at
 from sfwatch.job import FileSignature, Job, Plan, new_job_id
 from sfwatch.safefs import PRIVATE_DIR, WORK_AREA, folder, fsync_fd, open_below, work_area
 from sfwatch.settle import SettledFile
+from sfwatch.subtitles import Timing
 
 
 def instance_dir(work_dir: Path, instance: str) -> Path:
@@ -245,6 +246,7 @@ def _with_sidecar(job: Job, sidecar: dict[str, Any] | None) -> Job:
     return job.evolve(
         sha256=sidecar.get("sha256"),
         text=sidecar.get("text"),
+        timing=Timing.from_dict(sidecar.get("timing")),
         attempts=int(sidecar.get("attempts") or 0),
         trace_ids=tuple(sidecar.get("trace_ids") or ()),
         plan=Plan.from_json(sidecar["plan"]) if sidecar.get("plan") else None,
@@ -292,6 +294,7 @@ def write_sidecar(job: Job) -> None:
         "device": job.signature.device,
         "sha256": job.sha256,
         "text": job.text,
+        "timing": job.timing.to_dict() if job.timing is not None else None,
         "attempts": job.attempts,
         "trace_ids": list(job.trace_ids),
         "plan": job.plan.to_json() if job.plan else None,

@@ -31,12 +31,19 @@ from sfwatch.config import (
     load_config,
     shown_url,
 )
-from sfwatch.errors import ConfigError, RateLimited, SfwatchError, TransientError
+from sfwatch.errors import (
+    ConfigError,
+    RateLimited,
+    SfwatchError,
+    TranscribeError,
+    TransientError,
+)
 from sfwatch.finish import transcript_bytes
 from sfwatch.fsutil import free_stems, write_new_file
 from sfwatch.job import Job, new_job_id
 from sfwatch.logs import configure, get_logger
 from sfwatch.prepare import prepare
+from sfwatch.probe_fields import probe_requests, run_probes
 from sfwatch.settle import signature_of
 from sfwatch.text import printable
 from sfwatch.transcribe import Transcriber
@@ -139,23 +146,30 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"  watching {printable(watch.path)} (settle {watch.settle_seconds:g} s)")
     if not args.online:
         return EXIT_OK
+    probes = probe_requests(config)
     with Transcriber(config.api.base_url, key, timeout_seconds=30) as client:
         try:
             info = client.check_account()
         except SfwatchError as exc:
             message = printable(_scrub(str(exc), key))
-            print(f"sfwatch: online check failed: {message}", file=sys.stderr)
-            return EXIT_FAILED
-    balance = info.get("balance") or info.get("totalBalance")
-    print(
-        f"online ok: {printable(shown_url(config.api.base_url))} accepts the key"
-        + (
-            f" (balance {printable(_scrub(str(balance), key))[:100]})"
-            if balance is not None
-            else ""
-        )
-    )
-    return EXIT_OK
+            no_info = isinstance(exc, TranscribeError) and exc.http_status in (404, 405)
+            if not (probes and no_info):
+                print(f"sfwatch: online check failed: {message}", file=sys.stderr)
+                return EXIT_FAILED
+            # OpenAI, Groq, speaches, whisper.cpp have no /user/info: the probes tell.
+            print(f"online: no /user/info here ({message}); probing the uploads instead")
+            info = None
+        if info is not None:
+            balance = info.get("balance") or info.get("totalBalance")
+            print(
+                f"online ok: {printable(shown_url(config.api.base_url))} accepts the key"
+                + (
+                    f" (balance {printable(_scrub(str(balance), key))[:100]})"
+                    if balance is not None
+                    else ""
+                )
+            )
+        return run_probes(client, probes, key)
 
 
 def _warn(config: Config) -> None:

@@ -16,7 +16,7 @@ import hmac
 import ipaddress
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -37,6 +37,21 @@ from sfwatch.config_extras import (
     parse_webhooks,
 )
 from sfwatch.config_folders import check_folders, check_state_dir
+from sfwatch.config_request import (
+    DEFAULT_OUTPUTS,
+    DEFAULT_TRANSCRIPT_NAME,
+    PROMPT_WARN_CHARS,
+    REQUEST_KEYS,
+    RequestConfig,
+    UploadRequest,
+    build_request,
+    check_answer_fits,
+    merge_request,
+    parse_outputs,
+    parse_request,
+    parse_transcript_name,
+    upload_request,
+)
 from sfwatch.config_section import HOOK_PATH, Section, show, shown_url
 from sfwatch.errors import ConfigError
 
@@ -99,6 +114,13 @@ class ApiConfig:
     requests_per_minute: float | None = None
     max_upload_bytes: int = 50_000_000
     max_audio_seconds: float = 3600.0
+    # The watches' defaults (docs/design.md §9). Each watch holds the merged result, so
+    # a reload applies them like a watch's own keys: they are left out of ==, which is
+    # how the daemon tells the api changes that need a restart.
+    #: the api's own ``request`` keys, as parsed (``watch[].request`` overrides them)
+    request: dict[str, Any] = field(default_factory=dict, compare=False)
+    outputs: tuple[str, ...] = field(default=DEFAULT_OUTPUTS, compare=False)
+    transcript_name: str = field(default=DEFAULT_TRANSCRIPT_NAME, compare=False)
 
 
 @dataclass(frozen=True)
@@ -134,6 +156,12 @@ class WatchConfig:
     #: hooks for this folder's files (argv); None: ``hooks.on_done``/``on_failed``; (): none
     on_done: tuple[str, ...] | None = None
     on_failed: tuple[str, ...] | None = None
+    #: the form fields of its uploads, merged over ``api.request`` (config_request.py)
+    request: RequestConfig = RequestConfig()  # noqa: RUF009 - frozen
+    #: the files written per recording: txt, srt, vtt, json
+    outputs: tuple[str, ...] = DEFAULT_OUTPUTS
+    #: the outputs' name before the extension: {stem}, {lang}, {date}, {model}
+    transcript_name: str = DEFAULT_TRANSCRIPT_NAME
 
     def __post_init__(self) -> None:
         # Lets tests and callers write WatchConfig(path=...) and get docs/design.md §3.
@@ -141,6 +169,11 @@ class WatchConfig:
             object.__setattr__(self, "done_dir", self.path / "done")
         if self.failed_dir == _DERIVED:
             object.__setattr__(self, "failed_dir", self.path / "failed")
+
+    @property
+    def upload(self) -> UploadRequest:
+        """Exactly the form fields its uploads send besides file and model."""
+        return upload_request(self.request, self.outputs)
 
     @property
     def work_dir(self) -> Path:
@@ -174,9 +207,13 @@ def default_config_dict() -> dict[str, Any]:
     watch = asdict(WatchConfig(path=Path("inbox")))
     watch.update(path="./inbox", poll="auto", done_dir=None, failed_dir=None)
     watch.update(include=list(DEFAULT_INCLUDE), exclude=[])
+    # null: the api's value (every key of a watch's request falls back to the api's)
+    watch.update(request=None, outputs=None, transcript_name=None)
+    api = asdict(ApiConfig())
+    api.update(request=dict.fromkeys(REQUEST_KEYS), outputs=list(DEFAULT_OUTPUTS))
     notify = NotifyConfig()
     return {
-        "api": asdict(ApiConfig()),
+        "api": api,
         "state_dir": None,
         "log": asdict(LogConfig()),
         "prepare": asdict(PrepareConfig()),
@@ -288,7 +325,7 @@ def parse_config(
     explicit_state = state_dir is not None
     state_dir = state_dir or default_state_dir(env)
     log = _parse_log(top.data.get("log"))
-    watches = _parse_watches(top.data.get("watch"), base_dir)
+    watches = _parse_watches(top.data.get("watch"), base_dir, api)
     check_state_dir(state_dir, watches, explicit=explicit_state)
     return Config(
         api=api,
@@ -323,6 +360,7 @@ def config_warnings(config: Config) -> list[str]:
             "host on that port can read the metrics and health (counts and states, never "
             "file names or the key); firewall it, or listen on 127.0.0.1"
         )
+    warnings.extend(_prompt_warnings(config))
     for index, hook in enumerate(config.webhooks):
         parts = urlsplit(hook.url)
         if parts.scheme == "http" and not _is_loopback(parts.hostname or ""):
@@ -331,6 +369,20 @@ def config_warnings(config: Config) -> list[str]:
                 "machine: transcripts cross the network unencrypted; use https://"
             )
     return warnings
+
+
+def _prompt_warnings(config: Config) -> list[str]:
+    """A prompt longer than Groq takes: said once per key that set it."""
+    said: dict[str, str] = {}
+    for watch in config.watch:
+        prompt = watch.request.prompt
+        key = watch.request.origin("prompt")
+        if prompt is not None and len(prompt) > PROMPT_WARN_CHARS and key not in said:
+            said[key] = (
+                f"{key}: the prompt is {len(prompt)} characters; Groq refuses prompts over "
+                f"{PROMPT_WARN_CHARS} (a 400) and OpenAI reads only its last 224 tokens"
+            )
+    return list(said.values())
 
 
 def _is_loopback(host: str) -> bool:
@@ -368,6 +420,9 @@ def _parse_api(data: object, base_dir: Path) -> ApiConfig:
             api.key("base_url"), f"must be an http(s) URL, got {shown_url(base_url)!r}"
         )
     return ApiConfig(
+        request=parse_request(api.data.get("request"), api.key("request"), base_dir),
+        outputs=parse_outputs(api) or DEFAULT_OUTPUTS,
+        transcript_name=parse_transcript_name(api) or DEFAULT_TRANSCRIPT_NAME,
         base_url=base_url,
         model=api.string("model", DEFAULT_MODEL),
         api_key_file=api.optional_path("api_key_file", base_dir),
@@ -393,7 +448,7 @@ def _parse_log(data: object) -> LogConfig:
     )
 
 
-def _parse_watches(data: object, base_dir: Path) -> tuple[WatchConfig, ...]:
+def _parse_watches(data: object, base_dir: Path, api: ApiConfig) -> tuple[WatchConfig, ...]:
     if data is None:
         raise ConfigError("watch", "required: list at least one folder to watch")
     if not isinstance(data, list):
@@ -405,7 +460,7 @@ def _parse_watches(data: object, base_dir: Path) -> tuple[WatchConfig, ...]:
         where = f"watch[{index}]"
         if not isinstance(entry, dict):
             raise ConfigError(where, f"must be a mapping with a 'path' key, got {show(entry)}")
-        watch = _parse_watch(Section(entry, where, _WATCH_KEYS), base_dir)
+        watch = _parse_watch(Section(entry, where, _WATCH_KEYS), base_dir, api)
         # Nested watches would see each other's files, done/ and work areas twice over.
         for earlier_index, earlier in enumerate(watches):
             other = f"watch[{earlier_index}].path"
@@ -420,7 +475,7 @@ def _parse_watches(data: object, base_dir: Path) -> tuple[WatchConfig, ...]:
     return tuple(watches)
 
 
-def _parse_watch(watch: Section, base_dir: Path) -> WatchConfig:
+def _parse_watch(watch: Section, base_dir: Path, api: ApiConfig) -> WatchConfig:
     path = watch.optional_path("path", base_dir)
     if path is None:
         raise ConfigError(watch.key("path"), "required: the folder to watch")
@@ -457,7 +512,24 @@ def _parse_watch(watch: Section, base_dir: Path) -> WatchConfig:
         rescan_seconds=watch.positive("rescan_seconds", 60.0),
         on_done=watch.argv("on_done", base_dir),
         on_failed=watch.argv("on_failed", base_dir),
+        **_watch_outputs(watch, base_dir, api),
     )
+
+
+def _watch_outputs(watch: Section, base_dir: Path, api: ApiConfig) -> dict[str, Any]:
+    """A watch's request, outputs and transcript_name, each key over the api's."""
+    own = parse_request(watch.data.get("request"), watch.key("request"), base_dir)
+    outputs = parse_outputs(watch)
+    outputs_key = watch.key("outputs") if outputs is not None else "api.outputs"
+    request = build_request(merge_request(api.request, own), outputs_key)
+    outputs = outputs if outputs is not None else api.outputs
+    check_answer_fits(request, outputs, outputs_key)
+    name = parse_transcript_name(watch)
+    return {
+        "request": request,
+        "outputs": outputs,
+        "transcript_name": name if name is not None else api.transcript_name,
+    }
 
 
 def load_api_key(config: Config, env: Mapping[str, str] | None = None) -> Secret:
@@ -516,7 +588,9 @@ __all__ = [
     "MetricsConfig",
     "NotifyConfig",
     "PrepareConfig",
+    "RequestConfig",
     "Secret",
+    "UploadRequest",
     "WatchConfig",
     "WebhookConfig",
     "config_warnings",

@@ -15,7 +15,9 @@ daemon decides what to do with a file by looking at one hierarchy::
         │   │   ├── RateLimited  429: the whole client slows down (limits are per account)
         │   │   └── UnusableResponse  a 200 without a usable ``text``: once is the
         │   │                    service's fault, twice for one file is the file's
-        │   └── AccountError     401/402/403/404: pause every upload until a probe succeeds
+        │   ├── AccountError     401/402/403/404: pause every upload until a probe succeeds
+        │   └── FieldRejected    a 400/422 naming a form field the config sends: hold
+        │                        every upload until a reload (no probe can fix a config)
         └── FileRejected         the file's own fault (400/413/415/422, unusable 200):
                                  the file goes to failed/ with the reason
 
@@ -118,6 +120,21 @@ class AccountError(ServiceError):
     """Bad key, no balance, disabled model or wrong base URL: pause all uploads."""
 
     reason = "account"
+
+
+class FieldRejected(ServiceError):
+    """A 400/422 whose message names a field the config sends (``language``, ...).
+
+    Not the file's fault: every file would get the same answer. ``field`` is the
+    form field, ``key`` the config key path that set it (``watch[0].request.language``).
+    """
+
+    reason = "field_rejected"
+
+    def __init__(self, message: str, *, field: str, key: str, **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.field = field
+        self.key = key
 
 
 class FileRejected(TranscribeError):

@@ -11,6 +11,13 @@ is made (docs/design.md §5). Then, for a transcribed file:
 For a failed file the error file is written first and the original moved
 second, so an original in failed/ always has its ``.error.json``.
 
+A watch may ask for more than the ``.txt`` (``outputs: [txt, srt, vtt, json]``):
+every output of one recording shares one stem with the original (``a (1).srt``
+beside ``a (1).txt`` and ``done/a (1).mp3``; a name taken for any of them moves
+them all), and they are made all or nothing: each is written to its tagged temp
+first, and only when all are written are they linked into place (docs/design.md
+§5.3). A kill between two links leaves a plan that the next run completes.
+
 Each step is idempotent, so a killed or failed finish is simply run again with
 the same plan: a name that already holds what the step would put there (the
 job's inode, or its size and SHA-256; our transcript's bytes; an error file
@@ -23,10 +30,11 @@ transcript and the original always share one stem: ``a (1).txt`` beside
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -34,16 +42,20 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sfwatch.config import WatchConfig
+from sfwatch.config_request import render_name
 from sfwatch.fsutil import (
     free_stems,
+    link_or_rename_at,
     make_dirs,
     move_no_replace_at,
+    numbered,
     same_content_at,
     temp_leaf,
     write_new_at,
 )
 from sfwatch.job import Job, Plan
 from sfwatch.safefs import anchored, folder, fsync_fd, read_at, work_area
+from sfwatch.subtitles import Timing, render
 
 #: a longer "suffix" is part of the stem, so that derived names can be cut to fit
 MAX_SUFFIX_BYTES = 32
@@ -64,6 +76,34 @@ class Placed:
     original: Path
     transcript: Path | None = None
     error_file: Path | None = None
+    #: the outputs beside the transcript (``a.srt``, ``a.json``)
+    outputs: tuple[Path, ...] = ()
+
+
+def local_date(wall: float) -> str:
+    """YYYY-MM-DD of the wall-clock time ``wall`` in this host's time zone."""
+    return datetime.fromtimestamp(wall, UTC).astimezone().strftime("%Y-%m-%d")
+
+
+@dataclass(frozen=True)
+class Naming:
+    """The values of ``transcript_name``'s placeholders other than ``{stem}``."""
+
+    #: request.language, else what the server heard, else ``und`` (made file-name safe)
+    lang: str = "und"
+    #: YYYY-MM-DD, the local date of the claim
+    date: str = ""
+    model: str = ""
+
+    def fill(self, template: str, stem: str) -> str:
+        """``template`` with ``stem`` and these values."""
+        return render_name(
+            template,
+            stem=stem,
+            lang=self.lang,
+            date=self.date or local_date(datetime.now(UTC).timestamp()),
+            model=self.model,
+        )
 
 
 def transcript_folder(job: Job, watch: WatchConfig) -> Path:
@@ -95,15 +135,61 @@ def _always() -> None:
 # -- plans -------------------------------------------------------------------------------
 
 
-def plan_done(job: Job, watch: WatchConfig) -> Plan:
-    """Free names for the transcript and the original in done/, sharing one stem."""
+def output_formats(watch: WatchConfig, timing: Timing | None) -> tuple[str, ...]:
+    """The formats to write, the transcript's first (txt when asked for).
+
+    A transcript paid for without segments (before ``outputs`` changed, or a
+    server that sent none where none were needed) gets the outputs it can have:
+    its txt; at least that.
+    """
+    wanted = [f for f in watch.outputs if f == "txt" or timing is not None] or ["txt"]
+    return tuple(sorted(wanted, key=lambda f: f != "txt"))
+
+
+def plan_done(job: Job, watch: WatchConfig, naming: Naming | None = None) -> Plan:
+    """Free names for every output and the original in done/, all sharing one stem.
+
+    The outputs are ``transcript_name`` filled in plus each format's extension. A
+    stem is free only when *every* name is: ``a.srt`` alone taken moves all of them
+    to ``a (1).*``. A template without ``{stem}`` (``"{date} notes"``) shares nothing
+    with the original: its outputs and the original are each numbered on their own.
+    """
+    naming = naming or Naming()
     stem, suffix = _split(job.name)
     tdir = transcript_folder(job, watch)
     ddir = watch.done_dir / job.rel.parent
-    candidate = next(free_stems(stem, [(tdir, ".txt"), (ddir, suffix)]))
-    return Plan(
-        "done", original=ddir / f"{candidate}{suffix}", transcript=tdir / f"{candidate}.txt"
-    )
+    exts = [f".{f}" for f in output_formats(watch, job.timing)]
+    template = watch.transcript_name
+    around = naming.fill(template, "")  # what the template adds to the stem
+    longest_ext = max(exts, key=lambda e: len(os.fsencode(e)))
+    if "{stem}" not in template:
+        # Nothing to share: the outputs and the original each take their first free name.
+        base = naming.fill(template, stem)
+        outputs = _first_free(
+            lambda n: [tdir / f"{numbered(base, n, '', longest_ext)}{ext}" for ext in exts]
+        )
+        (original,) = _first_free(lambda n: [ddir / numbered(stem, n, suffix)])
+        return Plan("done", original=original, transcript=outputs[0], outputs=tuple(outputs[1:]))
+    # One cut for all, so the stem fits beside the longest name it is part of.
+    longest = max((suffix, around + longest_ext), key=lambda x: len(os.fsencode(x)))
+
+    def named(n: int) -> list[Path]:
+        candidate = numbered(stem, n, "", longest)
+        base = naming.fill(template, candidate)
+        return [ddir / f"{candidate}{suffix}", *(tdir / f"{base}{ext}" for ext in exts)]
+
+    original, *outputs = _first_free(named)
+    return Plan("done", original=original, transcript=outputs[0], outputs=tuple(outputs[1:]))
+
+
+def _first_free(names: Callable[[int], list[Path]]) -> list[Path]:
+    """``names(n)`` for the first n (0, 1, …) where none of them exists."""
+    for n in itertools.count():
+        candidates = names(n)
+        if not any(os.path.lexists(p) for p in candidates):
+            return candidates
+    raise AssertionError("unreachable")  # pragma: no cover - count() never ends
+    raise AssertionError("unreachable")  # pragma: no cover - count() never ends
 
 
 def plan_failed(job: Job, watch: WatchConfig, error: dict[str, Any]) -> Plan:
@@ -131,22 +217,24 @@ def finish_done(
     plan: Plan | None = None,
     record: Callable[[Plan], None] = _nothing,
     guard: Callable[[], None] = _always,
+    naming: Naming | None = None,
 ) -> Placed:
-    """Write the transcript, then move the original to done/, following ``plan``.
+    """Write the outputs, then move the original to done/, following ``plan``.
 
     Without a plan (or when a stranger took a planned name) a new one is made
     and passed to ``record`` before any file is written under it. ``guard`` is
-    called before each visible step (it raises to stop them).
+    called before each visible step (it raises to stop them). The outputs are
+    rendered from ``text`` and ``job.timing``; ``naming`` fills ``transcript_name``.
     """
-    data = transcript_bytes(text)
     for _ in range(MAX_PLANS):
         if plan is None or plan.kind != "done":
-            plan = plan_done(job, watch)
+            plan = plan_done(job, watch, naming)
             record(plan)
+        files = output_files(plan, text, job.timing)
         try:
-            return _carry_out_done(job, data, plan, watch, guard)
+            return _carry_out_done(job, files, plan, watch, guard)
         except PlanConflict:
-            undo(job, plan, data, watch)
+            undo(job, plan, files, watch)
             plan = None
     raise PlanConflict(f"no free name for {job.rel} after {MAX_PLANS} tries")
 
@@ -168,22 +256,82 @@ def finish_failed(
         try:
             return _carry_out_failed(job, plan, watch, guard)
         except PlanConflict:
-            undo(job, plan, b"", watch)
+            undo(job, plan, [], watch)
             plan = None
     raise PlanConflict(f"no free name for {job.rel} after {MAX_PLANS} tries")
 
 
+def output_files(plan: Plan, text: str, timing: Timing | None) -> list[tuple[Path, bytes]]:
+    """Each name a done plan writes, with its bytes (the format is the name's extension).
+
+    Rendering is deterministic, so a run after a crash makes the same bytes and
+    recognises the files the killed run wrote. A timed name without segments to
+    fill it (a plan older than a lost timing) gets the text, never nothing.
+    """
+    files: list[tuple[Path, bytes]] = []
+    for path in plan.written():
+        fmt = path.suffix.removeprefix(".")
+        try:
+            files.append((path, render(fmt, text, timing)))
+        except ValueError:
+            files.append((path, transcript_bytes(text)))
+    return files
+
+
 def _carry_out_done(
-    job: Job, data: bytes, plan: Plan, watch: WatchConfig, guard: Callable[[], None]
+    job: Job,
+    files: Sequence[tuple[Path, bytes]],
+    plan: Plan,
+    watch: WatchConfig,
+    guard: Callable[[], None],
 ) -> Placed:
     assert plan.transcript is not None  # noqa: S101 - a done plan always names one
     guard()
     mode = _source_mode(job, watch)
-    with target_folder(plan.transcript, watch) as dfd:
-        _write_once(dfd, plan.transcript.name, data, tag=job.job_id, mode=mode, ours=_holds(data))
+    with target_folder(plan.transcript, watch) as dfd:  # (all outputs share its folder)
+        _write_all_once(dfd, [(p.name, data) for p, data in files], tag=job.job_id, mode=mode)
     guard()
     original = place_original(job, plan.original, watch)
-    return Placed(original=original, transcript=plan.transcript)
+    return Placed(original=original, transcript=plan.transcript, outputs=plan.outputs)
+
+
+def _write_all_once(dfd: int, files: Sequence[tuple[str, bytes]], *, tag: str, mode: int) -> None:
+    """Create every ``name`` that does not already hold its bytes, all or nothing.
+
+    Every missing one is first written to its tagged temp (fsynced); only when all
+    are written are they linked into place, so a kill or an error while writing
+    leaves no new visible output, and a kill between links leaves names that the
+    next run (same plan, same bytes) accepts and completes. A name held by anything
+    else is a ``PlanConflict``: the caller removes what is ours and plans anew.
+    """
+    for name, _ in files:  # a killed earlier run's leftovers (remade below if needed)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp_leaf(name, tag), dir_fd=dfd)
+    missing = [(name, data) for name, data in files if not _holds(data)(dfd, name)]
+    try:
+        for name, data in missing:
+            _write_temp(dfd, temp_leaf(name, tag), data, mode)
+        for name, _ in missing:
+            try:
+                link_or_rename_at(dfd, temp_leaf(name, tag), dfd, name)
+            except FileExistsError as exc:
+                raise PlanConflict(name) from exc
+        if missing:
+            fsync_fd(dfd)
+    finally:
+        for name, _ in missing:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp_leaf(name, tag), dir_fd=dfd)
+
+
+def _write_temp(dfd: int, leaf: str, data: bytes, mode: int) -> None:
+    """``data`` in the tagged temp ``leaf`` (a killed run's leftover is overwritten), fsynced."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(leaf, flags, mode, dir_fd=dfd)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
 
 
 def _carry_out_failed(
@@ -290,9 +438,15 @@ def place_original(job: Job, target: Path, watch: WatchConfig) -> Path:
     return target
 
 
-def undo(job: Job, plan: Plan, transcript: bytes, watch: WatchConfig) -> None:
-    """Remove what an abandoned plan made of ours (never a stranger's file), and its temps."""
-    made = [(plan.transcript, _holds(transcript)), (plan.error_file, _ours(job.job_id))]
+def undo(job: Job, plan: Plan, written: Sequence[tuple[Path, bytes]], watch: WatchConfig) -> None:
+    """Remove what an abandoned plan made of ours (never a stranger's file), and its temps.
+
+    ``written``: each output of a done plan with the bytes that make it ours.
+    """
+    made: list[tuple[Path | None, Callable[[int, str], bool]]] = [
+        (path, _holds(data)) for path, data in written
+    ]
+    made.append((plan.error_file, _ours(job.job_id)))
     for path, ours in made:
         if path is None:
             continue

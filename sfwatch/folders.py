@@ -39,6 +39,8 @@ class Folders:
     def __init__(self, watches: Iterable[WatchConfig]) -> None:
         self._current: dict[Path, WatchConfig] = {w.path: w for w in watches}
         self._retired: dict[Path, WatchConfig] = {}
+        #: how many reloads replaced the settings (a hold "until a reload" compares it)
+        self.generation = 0
 
     def watched(self) -> list[WatchConfig]:
         """The folders watched now, in config order."""
@@ -73,6 +75,7 @@ class Folders:
         self._retired = {**self._retired, **{w.path: w for w in removed}}
         self._current = fresh
         self._retired = {p: w for p, w in self._retired.items() if p not in fresh}
+        self.generation += 1
         return FolderChange(
             added=[w for path, w in fresh.items() if path not in old],
             removed=removed,

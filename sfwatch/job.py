@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Self
 
+from sfwatch.subtitles import Timing
+
 
 @dataclass(frozen=True)
 class FileSignature:
@@ -49,6 +51,8 @@ class Plan:
     error_file: Path | None = None
     #: for "failed": the fields of the error file
     error: dict[str, Any] | None = None
+    #: for "done": the other outputs beside ``transcript`` (``a.srt``, ``a.json``), one stem
+    outputs: tuple[Path, ...] = ()
 
     def to_json(self) -> str:
         """The ledger's (and the job sidecar's) form."""
@@ -59,6 +63,7 @@ class Plan:
                 "transcript": str(self.transcript) if self.transcript else None,
                 "error_file": str(self.error_file) if self.error_file else None,
                 "error": self.error,
+                "outputs": [str(p) for p in self.outputs],
             },
             ensure_ascii=False,
         )
@@ -73,11 +78,18 @@ class Plan:
             transcript=Path(data["transcript"]) if data.get("transcript") else None,
             error_file=Path(data["error_file"]) if data.get("error_file") else None,
             error=data.get("error"),
+            # (plans written before outputs existed have none)
+            outputs=tuple(Path(p) for p in data.get("outputs") or ()),
         )
 
     def paths(self) -> tuple[Path, ...]:
         """Every name this plan makes."""
-        return tuple(p for p in (self.transcript, self.error_file, self.original) if p)
+        named = (self.transcript, *self.outputs, self.error_file, self.original)
+        return tuple(p for p in named if p)
+
+    def written(self) -> tuple[Path, ...]:
+        """The files a done plan writes beside the audio: the transcript, then the others."""
+        return tuple(p for p in (self.transcript, *self.outputs) if p)
 
 
 @dataclass(frozen=True)
@@ -98,6 +110,8 @@ class Job:
     trace_ids: tuple[str, ...] = ()
     #: the transcript, once an upload returned it (so a failed finish never pays twice)
     text: str | None = None
+    #: the transcript's segments, language and duration, when timed outputs asked for them
+    timing: Timing | None = None
     #: service-side failures in a row (drives this file's backoff; not charged)
     failures: int = 0
     #: why the last attempt failed, if it did

@@ -41,6 +41,7 @@ from typing import Any, TypeVar, cast
 
 from sfwatch.job import Job, Plan
 from sfwatch.logs import get_logger
+from sfwatch.subtitles import Timing
 
 T = TypeVar("T")
 
@@ -114,6 +115,12 @@ ADDED_COLUMNS = {
     "work_path": "TEXT",  # where the claimed file is
     "inode": "INTEGER",
     "device": "INTEGER",
+    "timing": "TEXT",  # JSON subtitles.Timing of the paid transcript (timed outputs)
+    "part_timings": "TEXT",  # JSON: per finished part, its Timing (or null), as parts
+}
+#: columns added to ``transcripts`` after the first release
+ADDED_TRANSCRIPT_COLUMNS = {
+    "timing": "TEXT",  # JSON subtitles.Timing: a dedup can write srt/vtt/json too
 }
 
 
@@ -174,6 +181,10 @@ class JobRow:
     work_path: str | None = None
     inode: int | None = None
     device: int | None = None
+    #: the paid transcript's segments (timed outputs), with ``text``
+    timing: Timing | None = None
+    #: wall-clock time of the claim (``transcript_name``'s ``{date}``)
+    created: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -308,6 +319,10 @@ class Ledger:
             for name, kind in ADDED_COLUMNS.items():
                 if name not in have:
                     self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+            have = {row["name"] for row in self._db.execute("PRAGMA table_info(transcripts)")}
+            for name, kind in ADDED_TRANSCRIPT_COLUMNS.items():
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE transcripts ADD COLUMN {name} {kind}")
         # Reads have a connection of their own: in WAL mode they see every committed
         # write and never wait for a commit's fsync (which holds the writer's lock).
         self._read_lock = threading.Lock()
@@ -568,18 +583,21 @@ class Ledger:
         """
         assert job.text is not None  # noqa: S101 - called only with a transcript
         now = time.time()
+        timing = job.timing.to_json() if job.timing is not None else None
 
         def record(db: sqlite3.Connection) -> None:
             if job.sha256:
                 db.execute(
-                    "INSERT OR REPLACE INTO transcripts VALUES (?, ?, ?, ?, ?)",
-                    (job.sha256, model, job.text, trace_id, now),
+                    "INSERT OR REPLACE INTO transcripts (sha256, model, text, trace_id, created,"
+                    " timing) VALUES (?, ?, ?, ?, ?, ?)",
+                    (job.sha256, model, job.text, trace_id, now, timing),
                 )
             db.execute(
-                "UPDATE jobs SET text = ?, sha256 = ?, attempts = ?, trace_ids = ?, updated = ?"
-                " WHERE job_id = ?",
+                "UPDATE jobs SET text = ?, timing = ?, sha256 = ?, attempts = ?, trace_ids = ?,"
+                " updated = ? WHERE job_id = ?",
                 (
                     job.text,
+                    timing,
                     job.sha256,
                     job.attempts,
                     json.dumps(list(job.trace_ids)),
@@ -592,9 +610,22 @@ class Ledger:
 
         self._write(record, durable=True)  # what we paid for must never be paid again
 
-    def part_done(self, job_id: str, texts: list[str]) -> None:
-        """The transcripts of the parts finished so far (durable: they were paid for)."""
-        self._update(job_id, durable=True, parts=json.dumps(texts))
+    def part_done(
+        self, job_id: str, texts: list[str], timings: Sequence[Timing | None] = ()
+    ) -> None:
+        """The transcripts of the parts finished so far (durable: they were paid for).
+
+        ``timings``: each part's segments (times within the part), when asked for.
+        """
+        stored = [t.to_dict() if t is not None else None for t in timings]
+        self._update(job_id, durable=True, parts=json.dumps(texts), part_timings=json.dumps(stored))
+
+    def part_timings(self, job_id: str) -> list[Timing | None]:
+        """The segments of the parts finished so far (None for a part without them)."""
+        rows = self._query("SELECT part_timings FROM jobs WHERE job_id = ?", (job_id,))
+        if not rows or rows[0]["part_timings"] is None:
+            return []
+        return [Timing.from_dict(item) for item in json.loads(rows[0]["part_timings"])]
 
     def parts(self, job_id: str) -> list[str]:
         """Texts of the parts finished so far."""
@@ -788,10 +819,17 @@ class Ledger:
 
     def known_text(self, sha256: str, model: str) -> str | None:
         """A transcript already paid for, for this content and model."""
+        known = self.known(sha256, model)
+        return known[0] if known is not None else None
+
+    def known(self, sha256: str, model: str) -> tuple[str, Timing | None] | None:
+        """A transcript already paid for, for this content and model, with its segments."""
         rows = self._query(
-            "SELECT text FROM transcripts WHERE sha256 = ? AND model = ?", (sha256, model)
+            "SELECT text, timing FROM transcripts WHERE sha256 = ? AND model = ?", (sha256, model)
         )
-        return str(rows[0]["text"]) if rows else None
+        if not rows:
+            return None
+        return str(rows[0]["text"]), Timing.from_json(rows[0]["timing"])
 
     def text_of(self, job_id: str, model: str) -> str | None:
         """A finished job's transcript: its own, or (dedup) the one paid for its content."""
@@ -922,4 +960,6 @@ def _row(row: sqlite3.Row) -> JobRow:
         work_path=row["work_path"],
         inode=row["inode"],
         device=row["device"],
+        timing=Timing.from_json(row["timing"]),
+        created=float(row["created"]),
     )

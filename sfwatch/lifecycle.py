@@ -24,6 +24,7 @@ The decision table (``f`` = failures in a row, this one included, ``base`` =
     error         FileRejected            Fail(None)               attempts+1         succeeded
     error         UnusableResponse twice  Fail(None)               attempts+1         succeeded
     error         AccountError            Park                     -                  account
+    error         FieldRejected           Park                     -                  field_rejected
     error         RateLimited             Retry(retry_after or 0)  last_reason        rate_limited
     error         other TransientError    Retry(max(retry_after,   f+1, last_reason,  failed
                                             jitter(f, base, 60)))  window_start=now,
@@ -47,6 +48,11 @@ crash: the file keeps its paid transcript and the step is simply tried again. On
 ``crash`` (a bug of ours) counts towards ``crash_limit``; a judged job (one whose
 only step left is the move to failed/) is never re-judged as ``internal_error``.
 
+``FieldRejected`` (a 400/422 naming a form field the config sends) is the
+config's fault, not the file's: every file would get the same answer, so the file
+is parked like for an account fault, nothing is charged, and the pacer holds every
+upload until a reload (no probe can fix a config).
+
 ``fenced``: the owner found its lease stale, or the job's folder gone, before a
 visible step, and did not take the step. That is not a failure of the file and
 says nothing about the service, so nothing is charged or signalled: ``Recheck``
@@ -67,6 +73,7 @@ from typing import Self, TypeAlias, assert_never
 from sfwatch.backoff import full_jitter
 from sfwatch.errors import (
     AccountError,
+    FieldRejected,
     FileRejected,
     RateLimited,
     TranscribeError,
@@ -143,6 +150,7 @@ class Signal(StrEnum):
     RATE_LIMITED = "rate_limited"  # Pacer.rate_limited(retry_after)
     FAILED = "failed"  # Pacer.failed(reason, retry_after)
     ACCOUNT = "account"  # Pacer.account_failed(reason)
+    FIELD_REJECTED = "field_rejected"  # Pacer.hold_for_config(...): until a reload
 
 
 @dataclass(frozen=True)
@@ -172,6 +180,11 @@ class PacerSignal:
     def account(cls, reason: str) -> PacerSignal:
         """An account fault: pause every upload."""
         return cls(Signal.ACCOUNT, reason)
+
+    @classmethod
+    def field_rejected(cls, key: str) -> PacerSignal:
+        """The server refused a configured field (``key``): hold every upload until a reload."""
+        return cls(Signal.FIELD_REJECTED, key)
 
 
 NO_SIGNAL = PacerSignal()
@@ -295,6 +308,8 @@ def _upload_failed(error: TranscribeError, state: RetryState, ctx: Context) -> D
         return Fail(None, state.evolve(attempts=state.attempts + 1), PacerSignal.succeeded())
     if isinstance(error, AccountError):
         return Park(state, PacerSignal.account(error.reason))
+    if isinstance(error, FieldRejected):
+        return Park(state, PacerSignal.field_rejected(error.key))
     if not isinstance(error, TransientError):  # pragma: no cover - the hierarchy is closed
         raise TypeError(error)
     if isinstance(error, RateLimited):

@@ -11,7 +11,11 @@ limits are per account, not per file:
   with no success between them, a circuit opens: nothing starts until a capped
   backoff has passed, then one upload is let through as a probe;
 - **account faults** (401/402/403/404): every upload pauses; the daemon probes
-  ``GET /user/info`` with a capped backoff and resumes once it answers.
+  ``GET /user/info`` with a capped backoff and resumes once it answers;
+- **a rejected field** (a 400/422 naming a form field the config sends): every
+  upload is held until the config changes. No probe can tell a config was fixed,
+  so the hold asks its ``lifted`` callback (the scheduler's: "has a reload
+  happened since?") and ends only when that says so.
 """
 
 from __future__ import annotations
@@ -69,13 +73,15 @@ class Pacer:
         self._account_probes = 0
         self.probe_at = 0.0
         self.last_success = float("-inf")
+        #: (why, key path, lifted): a held config; uploads wait until ``lifted()``
+        self._config_hold: tuple[str, str, Callable[[], bool]] | None = None
 
     # -- questions -----------------------------------------------------------------
 
     def allowed(self, in_flight: int) -> bool:
         """May one more upload start now, with ``in_flight`` already running?"""
         now = self.clock()
-        if self.account_fault is not None or now < self._hold_until:
+        if self.account_fault is not None or now < self._hold_until or self.config_held():
             return False
         limit = 1 if self._half_open else self.limit
         if in_flight >= limit:
@@ -105,6 +111,9 @@ class Pacer:
     def state(self) -> PaceState:
         """A snapshot for status reports."""
         now = self.clock()
+        if self.config_held() and self._config_hold is not None:
+            why = self._config_hold[0]
+            return PaceState(self.limit, why, None, "field_rejected")
         if self.account_fault is not None:
             return PaceState(self.limit, self.account_fault, self.probe_at, self.account_fault)
         if now < self._hold_until:
@@ -167,6 +176,22 @@ class Pacer:
         wait = min(MAX_PAUSE, 5.0 * self.base * 2.0 ** min(self._account_probes - 1, 10))
         self.probe_at = self.clock() + wait
         return wait
+
+    def hold_for_config(self, why: str, key: str, lifted: Callable[[], bool]) -> bool:
+        """The server refused the field ``key`` sets: hold every upload until ``lifted()``.
+
+        False when a hold is already on (the caller logs the first one only).
+        """
+        if self.config_held():
+            return False
+        self._config_hold = (why, key, lifted)
+        return True
+
+    def config_held(self) -> bool:
+        """Are uploads held for a rejected field? (Asks ``lifted`` and ends the hold.)"""
+        if self._config_hold is not None and self._config_hold[2]():
+            self._config_hold = None
+        return self._config_hold is not None
 
     def account_ok(self) -> None:
         """A probe answered: resume, cautiously (one upload until one succeeds)."""

@@ -43,6 +43,8 @@ class Part:
 
     path: Path
     upload_name: str
+    #: where it starts in the original, in seconds: its segment times are shifted by it
+    offset: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,10 @@ def prepare(job: Job, config: Config, instance: str, scratch: Path | None = None
     if len(paths) == 1:
         parts: tuple[Part, ...] = (Part(paths[0], f"{stem}.mp3"),)
     else:
-        parts = tuple(Part(p, f"{stem}.part{i + 1:03d}.mp3") for i, p in enumerate(paths))
+        # Part i starts at cut i-1 (cuts at or past the end make no part).
+        offsets = [0.0, *cuts]
+        parts = tuple(
+            Part(p, f"{stem}.part{i + 1:03d}.mp3", offsets[i]) for i, p in enumerate(paths)
+        )
     how = "stream_copy_split" if copy_only else ("split" if len(parts) > 1 else "transcoded")
     return Prepared(job, parts, duration, how)

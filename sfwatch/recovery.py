@@ -31,6 +31,7 @@ from pathlib import Path, PurePosixPath
 
 from sfwatch.claim import adopted_by, claimed_files, instance_dir
 from sfwatch.config import WatchConfig
+from sfwatch.config_request import DEFAULT_OUTPUTS, DEFAULT_TRANSCRIPT_NAME
 from sfwatch.errors import Fenced
 from sfwatch.folders import Folders
 from sfwatch.job import FileSignature, Job
@@ -212,4 +213,7 @@ def retired_watch(row: JobRow) -> WatchConfig:
         model=dirs.get("model"),
         on_done=hook("on_done"),
         on_failed=hook("on_failed"),
+        # (the request no longer matters: a retired folder's claims are only finished)
+        outputs=hook("outputs") or DEFAULT_OUTPUTS,
+        transcript_name=str(dirs.get("transcript_name") or DEFAULT_TRANSCRIPT_NAME),
     )

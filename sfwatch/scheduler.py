@@ -26,7 +26,7 @@ from typing import Any, assert_never
 
 from sfwatch.claim import adopted_by, release
 from sfwatch.config import Config, WatchConfig
-from sfwatch.errors import TranscribeError
+from sfwatch.errors import FieldRejected, TranscribeError
 from sfwatch.events import Events
 from sfwatch.job import Job, Verdict
 from sfwatch.ledger import TERMINAL, JobStatus, Ledger, boot_id
@@ -72,6 +72,8 @@ def watch_dirs(watch: WatchConfig) -> dict[str, Any]:
         "model": watch.model,
         "on_done": list(watch.on_done) if watch.on_done is not None else None,
         "on_failed": list(watch.on_failed) if watch.on_failed is not None else None,
+        "outputs": list(watch.outputs),
+        "transcript_name": watch.transcript_name,
     }
 
 
@@ -182,6 +184,7 @@ class Scheduler:
             attempts=max(row.attempts, job.attempts),
             trace_ids=row.trace_ids or job.trace_ids,
             text=row.text if row.text is not None else job.text,
+            timing=row.timing if row.text is not None else job.timing,
             sha256=row.sha256 if row.text is not None else job.sha256,
             plan=row.plan or job.plan,
         )
@@ -254,13 +257,7 @@ class Scheduler:
                 )
                 self.wait(job, delay)
             case Park(state):
-                exc = _upload_error(outcome)
-                if not paused:
-                    fields = {**_upload_fields(job, exc), "probe_in": round(hold, 1)}
-                    self.log.error("sfwatch.uploads_paused", **fields)
-                    if self.announce is not None:
-                        self.announce("paused", fields)
-                self._record_wait(with_state(job, state), exc, 0.0)
+                self._park(with_state(job, state), decision, _upload_error(outcome), paused, hold)
             case Retry(delay, state) if kind is OutcomeKind.ERROR:
                 exc = _upload_error(outcome)
                 fields = _upload_fields(job, exc)
@@ -351,9 +348,53 @@ class Scheduler:
                 self.pacer.failed(signal.reason or "transient", signal.retry_after)
             case Signal.ACCOUNT:
                 return self.pacer.account_failed(signal.reason or "account")
-            case Signal.NONE:
+            case Signal.NONE | Signal.FIELD_REJECTED:  # (the latter: _hold_for_config)
                 pass
         return 0.0
+
+    def _park(
+        self, job: Job, decision: Park, exc: TranscribeError, paused: bool, hold: float
+    ) -> None:
+        """Wait for the pause to lift: the account's (a probe), or a config hold (a reload)."""
+        if decision.signal.kind is Signal.FIELD_REJECTED:
+            self._hold_for_config(job, exc)
+            return
+        if not paused:
+            fields = {**_upload_fields(job, exc), "probe_in": round(hold, 1)}
+            self.log.error("sfwatch.uploads_paused", **fields)
+            if self.announce is not None:
+                self.announce("paused", fields)
+        self._record_wait(job, exc, 0.0)
+
+    def _hold_for_config(self, job: Job, exc: TranscribeError) -> None:
+        """Hold every upload until a reload: the server refused a field the config sends.
+
+        One error line names the key to change and the server's message; the file is
+        not charged and not failed (every file would get the same answer). The hold
+        ends at the next reload (SIGHUP), which ``Folders.generation`` counts, or a
+        restart; no probe can tell that a config was fixed.
+        """
+        key = exc.key if isinstance(exc, FieldRejected) else "request"
+        generation = self.folders.generation
+
+        def lifted() -> bool:
+            if self.folders.generation == generation:
+                return False
+            self.log.info("sfwatch.uploads_resumed", why="reload", key=key)
+            return True
+
+        self._record_wait(job, exc, 0.0)  # parked: the pacer lets it go after the reload
+        server_said = exc.api_message or exc.message
+        why = f"{key}: refused by the server ({server_said}); change it, then reload (SIGHUP)"
+        if self.pacer.hold_for_config(why, key, lifted):
+            self.log.error(
+                "sfwatch.field_rejected",
+                **_upload_fields(job, exc),
+                key=key,
+                field=exc.field if isinstance(exc, FieldRejected) else None,
+                api_message=exc.api_message,
+                held="every upload, until a reload (SIGHUP) or a restart",
+            )
 
     def _record_wait(self, job: Job, exc: TranscribeError, delay: float) -> None:
         self.ledger.attempt_failed(job, error_fields(exc), time.time() + delay)

@@ -28,9 +28,7 @@ key, and one that does must not carry it into a file the share can read.
 from __future__ import annotations
 
 import contextlib
-import json
 import mimetypes
-import re
 import socket
 import threading
 import time
@@ -43,29 +41,36 @@ from typing import Any, BinaryIO, cast
 import httpx
 
 from sfwatch import __version__
+from sfwatch.answers import (
+    CONTROLS,
+    MAX_JSON_DEPTH,
+    MAX_RESPONSE,
+    MAX_SMALL_RESPONSE,
+    SURROGATES,
+    JSONTooDeep,
+    api_code,
+    api_message,
+    parse_json,
+    read_answer,
+    rejected_field,
+    shown_size,
+    too_deep,
+)
 from sfwatch.backoff import parse_retry_after
-from sfwatch.config import Secret
+from sfwatch.config import Secret, UploadRequest
 from sfwatch.errors import (
     AccountError,
+    FieldRejected,
     FileRejected,
     RateLimited,
     TranscribeError,
     TransientError,
     UnusableResponse,
 )
+from sfwatch.subtitles import Segment, Timing
 
 TRACE_HEADER = "x-siliconcloud-trace-id"
 CONNECT_TIMEOUT = 10.0
-#: The most of a 200 answer read, counted on the wire and again after decompression.
-#: A transcript is text: an hour of speech (``api.max_audio_seconds``) is ~60 KB,
-#: under 1 MB even as verbose JSON with timestamps, so 8 MiB leaves over 8x room for
-#: the largest while one upload thread never holds more than about twice this.
-MAX_RESPONSE = 8 * 1024 * 1024
-#: The most of an error answer, or of ``GET /user/info``, read: a message, not a document.
-MAX_SMALL_RESPONSE = 64 * 1024
-#: JSON nested deeper than this is refused unparsed (the API's answers nest 1 to 4
-#: deep; Python's parser would recurse into a 100,000-deep one until RecursionError).
-MAX_JSON_DEPTH = 32
 #: The account probe's whole-request deadline: ``GET /user/info`` answers in well
 #: under a second, and a probe that hangs holds every upload paused.
 PROBE_TIMEOUT = 15.0
@@ -95,11 +100,6 @@ AUDIO_TYPES = {
 _FILE_FAULT = {400, 413, 415, 422}
 _ACCOUNT = {401, 402, 403, 404, 405}
 _TRANSIENT = {408, 409, 425, 429, 500, 502, 503, 504}
-#: one JSON string (closed, or running to the end), or a run of brackets
-_JSON_TOKENS = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"?|[\[{]++|[\]}]++', re.DOTALL)
-_SURROGATES = re.compile(r"[\ud800-\udfff]")
-#: C0 and C1 controls but tab and newline: a server's message must not drive a terminal
-_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,19 @@ class Transcript:
     http_status: int
     seconds: float
     bytes_sent: int
+    #: the answer's segments (times in this upload's audio), when a timed format was asked
+    segments: tuple[Segment, ...] | None = None
+    #: the language the server says it heard (verbose_json), cleaned
+    language: str | None = None
+    #: the audio's duration as the server measured it, in seconds
+    duration: float | None = None
+
+    @property
+    def timing(self) -> Timing | None:
+        """Segments, language and duration together; None when no segments came."""
+        if self.segments is None:
+            return None
+        return Timing(self.segments, self.language, self.duration)
 
 
 def status_class(http_status: int | None) -> str:
@@ -126,75 +139,34 @@ def audio_mime(name: str) -> str:
     return AUDIO_TYPES.get(suffix) or mimetypes.guess_type(name)[0] or "application/octet-stream"
 
 
-class JSONTooDeep(ValueError):
-    """A body whose JSON nests deeper than ``MAX_JSON_DEPTH``; it is not parsed."""
+def classify(
+    status: int, headers: httpx.Headers, body: bytes, request: UploadRequest | None = None
+) -> TranscribeError:
+    """The error for a non-200 answer (see the retry classes in api-reference.md).
 
-
-def too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
-    """Whether ``body``'s brackets (outside strings) nest deeper than ``limit``.
-
-    One regular-expression pass; nothing is parsed, so no depth can exhaust the stack.
+    ``request``: the fields the upload sent; a 400/422 naming one of them is the
+    config's fault (``FieldRejected``), not the file's.
     """
-    depth = 0
-    for match in _JSON_TOKENS.finditer(body):
-        token = match.group()
-        if token[0] in b"[{":
-            depth += len(token)
-            if depth > limit:
-                return True
-        elif token[0] in b"]}":
-            depth -= len(token)
-    return False
-
-
-def parse_json(body: bytes) -> Any:
-    """``body`` as JSON; ``ValueError`` when it is not, ``JSONTooDeep`` when it nests too deep."""
-    if too_deep(body):
-        raise JSONTooDeep(f"JSON nested deeper than {MAX_JSON_DEPTH}")
-    try:
-        return json.loads(body)
-    except RecursionError as exc:  # not reached below the limit; kept as a second guard
-        raise JSONTooDeep("JSON nested too deep") from exc
-
-
-def api_message(body: bytes) -> str:
-    """The service's message from an error body: a JSON object, a JSON string, or text."""
-    text = body.decode("utf-8", errors="replace").strip()
-    try:
-        parsed: Any = parse_json(body)
-    except ValueError:
-        return text[:500]
-    if isinstance(parsed, str):
-        return parsed[:500]
-    if isinstance(parsed, dict):
-        for field in (parsed.get("message"), parsed.get("error"), parsed.get("detail")):
-            candidate = field.get("message") if isinstance(field, dict) else field
-            if isinstance(candidate, str) and candidate:
-                return candidate[:500]
-    return text[:500]
-
-
-def _api_code(body: bytes) -> int | None:
-    try:
-        parsed = parse_json(body)
-    except ValueError:
-        return None
-    code = parsed.get("code") if isinstance(parsed, dict) else None
-    return code if isinstance(code, int) else None
-
-
-def classify(status: int, headers: httpx.Headers, body: bytes) -> TranscribeError:
-    """The error for a non-200 answer (see the retry classes in api-reference.md)."""
     trace_id = headers.get(TRACE_HEADER)
     message = api_message(body)
     kwargs: dict[str, Any] = {"http_status": status, "trace_id": trace_id, "api_message": message}
     what = f"HTTP {status}: {message}" if message else f"HTTP {status}"
+    if status in (400, 422) and request is not None:
+        field = rejected_field(body, message, request)
+        if field is not None:
+            key = request.key_of(field) or field
+            return FieldRejected(
+                f"the server refused the field {field!r} ({key}): {what}",
+                field=field,
+                key=key,
+                **kwargs,
+            )
     if status in _FILE_FAULT:
         return FileRejected(what, reason="api_rejected", **kwargs)
     if status == 429:
         return RateLimited(what, retry_after=parse_retry_after(dict(headers)), **kwargs)
     if status in _TRANSIENT or status >= 500:
-        reason = "overloaded" if _api_code(body) == 50505 else "server_error"
+        reason = "overloaded" if api_code(body) == 50505 else "server_error"
         if status in {408, 504}:
             reason = "timeout"
         return TransientError(
@@ -208,7 +180,7 @@ def classify(status: int, headers: httpx.Headers, body: bytes) -> TranscribeErro
             404: "not_found",
             405: "not_found",
         }[status]
-        if status == 403 and _api_code(body) == 30001:
+        if status == 403 and api_code(body) == 30001:
             reason = "no_balance"
         return AccountError(what, reason=reason, **kwargs)
     # Any other 4xx is unexplained: pause and report rather than fail a file for it.
@@ -471,7 +443,7 @@ class Transcriber:
         """
         if text is None:
             return None
-        text = _CONTROLS.sub("\ufffd", _SURROGATES.sub("\ufffd", self._scrub(text)))
+        text = CONTROLS.sub("\ufffd", SURROGATES.sub("\ufffd", self._scrub(text)))
         return text[:limit] if limit is not None else text
 
     def _redact(self, exc: TranscribeError) -> None:
@@ -483,15 +455,23 @@ class Transcriber:
 
     # -- the upload ------------------------------------------------------------------------
 
-    def transcribe(self, path: Path, upload_name: str, model: str) -> Transcript:
-        """Upload ``path`` (as ``upload_name``) once; return its transcript or raise."""
+    def transcribe(
+        self, path: Path, upload_name: str, model: str, request: UploadRequest | None = None
+    ) -> Transcript:
+        """Upload ``path`` (as ``upload_name``) once; return its transcript or raise.
+
+        ``request``: the form fields to send besides file and model (exactly these),
+        and how to read the answer; None sends nothing more and reads ``{"text"}``.
+        """
         try:
-            return self._transcribe(path, upload_name, model)
+            return self._transcribe(path, upload_name, model, request or UploadRequest())
         except TranscribeError as exc:
             self._redact(exc)
             raise
 
-    def _transcribe(self, path: Path, upload_name: str, model: str) -> Transcript:
+    def _transcribe(
+        self, path: Path, upload_name: str, model: str, request: UploadRequest
+    ) -> Transcript:
         started = time.monotonic()
         deadline = started + self.timeout_seconds
         with (
@@ -503,7 +483,7 @@ class Transcriber:
             with self._client.stream(
                 "POST",
                 "/audio/transcriptions",
-                data={"model": model},
+                data={"model": model, **{f.name: f.value for f in request.fields}},
                 files={"file": (upload_name, audio, audio_mime(upload_name))},
             ) as response:
                 status, headers = response.status_code, response.headers
@@ -512,8 +492,9 @@ class Transcriber:
         body = self._scrub_body(body)
         trace_id = headers.get(TRACE_HEADER)
         if status != 200:
-            raise classify(status, headers, body)  # a cut error body still has its status
-        text, why_not = _transcript_text(body, complete=complete)
+            # (a cut error body still has its status)
+            raise classify(status, headers, body, request)
+        text, timing, why_not = read_answer(body, complete=complete, request=request)
         if text is None:
             raise UnusableResponse(
                 f"HTTP 200 without a usable text field: {why_not}",
@@ -521,12 +502,18 @@ class Transcriber:
                 trace_id=trace_id,
                 api_message=api_message(body[:MAX_SMALL_RESPONSE]),
             )
+        segments = None
+        if timing is not None:  # also a key the JSON spelt with escapes, in every segment
+            segments = tuple(Segment(s.start, s.end, self._scrub(s.text)) for s in timing.segments)
         return Transcript(
             text=self._scrub(text),  # also a key the JSON spelt with escapes
             trace_id=self._clean(trace_id, MAX_TRACE_ID),
             http_status=200,
             seconds=time.monotonic() - started,
             bytes_sent=size,
+            segments=segments,
+            language=self._clean(timing.language, 64) if timing is not None else None,
+            duration=timing.duration if timing is not None else None,
         )
 
     # -- the account probe -----------------------------------------------------------------
@@ -566,7 +553,7 @@ class Transcriber:
         trace_id = response.headers.get(TRACE_HEADER)
         if response.status_code != 200:
             raise classify(response.status_code, response.headers, body)
-        problem = None if complete else f"it is larger than {_size(MAX_SMALL_RESPONSE)}"
+        problem = None if complete else f"it is larger than {shown_size(MAX_SMALL_RESPONSE)}"
         info: Any = None
         if problem is None:
             try:
@@ -708,7 +695,7 @@ class WebhookPoster:
                 answer, _ = _read_body(response, deadline, WEBHOOK_ANSWER)
         finally:
             self._watchdog.disarm()
-        text = _CONTROLS.sub("\ufffd", answer.decode("utf-8", errors="replace")).strip()
+        text = CONTROLS.sub("\ufffd", answer.decode("utf-8", errors="replace")).strip()
         return Posted(
             status=response.status_code,
             retry_after=parse_retry_after(dict(response.headers)),
@@ -720,23 +707,23 @@ class WebhookPoster:
         self._client.close()
 
 
-def _size(limit: int) -> str:
-    return f"{limit // 1048576} MiB" if limit >= 1048576 else f"{limit // 1024} KiB"
-
-
-def _transcript_text(body: bytes, *, complete: bool) -> tuple[str | None, str]:
-    """The ``text`` of a 200's JSON, or None and why there is none to use."""
-    if not complete:
-        return None, f"it is larger than {_size(MAX_RESPONSE)}"
-    try:
-        parsed = parse_json(body)
-    except JSONTooDeep as exc:
-        return None, str(exc)
-    except ValueError as exc:
-        return None, f"not JSON ({type(exc).__name__})"
-    text = parsed.get("text") if isinstance(parsed, dict) else None
-    if not isinstance(text, str):
-        return None, "no text"
-    if _SURROGATES.search(text):
-        return None, "the text holds a lone surrogate (it is not Unicode)"
-    return text, ""
+# Moved to answers.py; importable from here as before.
+__all__ = [
+    "MAX_JSON_DEPTH",
+    "MAX_RESPONSE",
+    "MAX_SMALL_RESPONSE",
+    "REDACTED",
+    "JSONTooDeep",
+    "Posted",
+    "Transcriber",
+    "Transcript",
+    "WebhookPoster",
+    "api_message",
+    "audio_mime",
+    "classify",
+    "opened_socket",
+    "parse_json",
+    "rejected_field",
+    "status_class",
+    "too_deep",
+]

@@ -27,9 +27,10 @@ from typing import Any
 
 from sfwatch.claim import make_durable, reading, release, write_sidecar
 from sfwatch.config import Config, WatchConfig
+from sfwatch.config_request import UploadRequest, safe_language
 from sfwatch.errors import Fenced, PrepareError, TranscribeError
 from sfwatch.events import Events
-from sfwatch.finish import Placed, finish_done, finish_failed, plan_done
+from sfwatch.finish import Naming, Placed, finish_done, finish_failed, local_date, plan_done
 from sfwatch.folders import Folders
 from sfwatch.fsutil import same_content
 from sfwatch.job import Job, Plan, Verdict
@@ -38,6 +39,7 @@ from sfwatch.lifecycle import OutcomeKind
 from sfwatch.logs import get_logger
 from sfwatch.prepare import Part, Prepared, clean_scratch, identify, prepare, scratch_folder
 from sfwatch.settle import signature_of
+from sfwatch.subtitles import Timing, join
 from sfwatch.transcribe import Transcriber, Transcript, status_class
 
 #: host errors that make a step wait and try again (never the file's fault)
@@ -108,6 +110,8 @@ def finished_fields(
             fields["transcript"] = str(placed.transcript)
         if placed.error_file is not None:
             fields["error_file"] = str(placed.error_file)
+        if placed.outputs:
+            fields["outputs"] = [str(p) for p in placed.outputs]
     for key, value in (error or {}).items():
         if fields.get(key) is None and value is not None:
             fields[key] = value
@@ -244,7 +248,9 @@ class Worker:
                 row = self.ledger.job(job.job_id)
                 if row is not None and row.plan is not None:
                     # A finish is under way (an earlier try, or before a restart): keep to it.
-                    job = job.evolve(plan=row.plan, text=job.text or row.text)
+                    job = job.evolve(
+                        plan=row.plan, text=job.text or row.text, timing=job.timing or row.timing
+                    )
                 elif job.text is not None and (row is None or row.text is None):
                     # Paid, but the ledger could not record it last time: record it now,
                     # before anything is written for the user.
@@ -345,8 +351,11 @@ class Worker:
         progress.append(job)
         got.job = job
         model = self.model_for(job)
-        if (known := self.ledger.known_text(job.sha256 or "", model)) is not None:
-            got.job, got.kind = job.evolve(text=known), OutcomeKind.DEDUP
+        known = self.ledger.known(job.sha256 or "", model)
+        # Paid for already; but one paid without segments cannot make the subtitles
+        # a timed output asks for: that content is uploaded again, once.
+        if known is not None and (known[1] is not None or not watch.upload.timed):
+            got.job, got.kind = job.evolve(text=known[0], timing=known[1]), OutcomeKind.DEDUP
             return None
         try:
             with scratch_folder(job, self.instance) as scratch:
@@ -366,9 +375,13 @@ class Worker:
         got: Got,
     ) -> Outcome | None:
         model, watch = target
+        request = watch.upload
         got.seconds = prepared.audio_seconds
         # Parts whose transcripts the ledger holds (an earlier, interrupted try).
-        texts = self.ledger.parts(job.job_id) if len(prepared.parts) > 1 else []
+        split = len(prepared.parts) > 1
+        texts = self.ledger.parts(job.job_id) if split else []
+        timings: list[Timing | None] = self.ledger.part_timings(job.job_id) if split else []
+        timings = (timings + [None] * len(texts))[: len(texts)]  # (rows older than timings)
         self.fence(job)  # a sibling that adopted the job pays for it, not us too
         # Queued, not waited for: it commits before any later write of this job.
         self.ledger.set_stage_later(job.job_id, "upload")
@@ -386,20 +399,29 @@ class Worker:
         trace_id: str | None = None
         try:
             for part in prepared.parts[len(texts) :]:
-                result = self._send(job, part, model, len(texts) + 1)
+                result = self._send(job, part, (model, request), len(texts) + 1)
                 trace_id = result.trace_id
                 job = job.evolve(trace_ids=(*job.trace_ids, result.trace_id or ""))
                 texts.append(result.text)
+                timings.append(result.timing)
                 got.bytes_sent += result.bytes_sent
-                if len(prepared.parts) > 1:
+                if split:
                     self.durable_claim(job)
-                    self.ledger.part_done(job.job_id, texts)
+                    self.ledger.part_done(job.job_id, texts, timings)
         except TranscribeError as exc:
             if exc.trace_id:
                 job = job.evolve(trace_ids=(*job.trace_ids, exc.trace_id))
             return Outcome(OutcomeKind.ERROR, job, exc, bytes_sent=got.bytes_sent)
         got.release()  # answered: the next upload may start while we record and finish
-        job = job.evolve(attempts=job.attempts + 1, text="\n".join(t.strip() for t in texts))
+        # Each part's times count from its own start: shifted by where it starts in the
+        # original, the joined timeline lines up with the recording.
+        offsets = [part.offset for part in prepared.parts]
+        timing = join(list(zip(offsets, timings, strict=True))) if request.timed else None
+        job = job.evolve(
+            attempts=job.attempts + 1,
+            text="\n".join(t.strip() for t in texts),
+            timing=timing,
+        )
         progress.append(job)  # paid: from here on, errors keep the text
         got.job = job
         if signature_of(job.path) != job.signature:
@@ -409,7 +431,7 @@ class Worker:
             return Outcome(OutcomeKind.CHANGED, job.evolve(text=None, sha256=None))
         # finish's names go with the text, in one durable write (design §5: both must
         # be durable before any file is written, and one fsync is cheaper than two)
-        plan = plan_done(job, watch)
+        plan = plan_done(job, watch, self._naming(job, watch))
         self.durable_claim(job)
         self.ledger.transcribed(job, model, trace_id, plan=plan)
         job = job.evolve(plan=plan)
@@ -419,11 +441,14 @@ class Worker:
             write_sidecar(job)
         return None
 
-    def _send(self, job: Job, part: Part, model: str, number: int) -> Transcript:
+    def _send(
+        self, job: Job, part: Part, how: tuple[str, UploadRequest], number: int
+    ) -> Transcript:
         """One HTTP attempt for one part; tell how it went (``sfwatch.upload_finished``)."""
         started = time.monotonic()
+        model, request = how
         try:
-            result = self.transcriber.transcribe(part.path, part.upload_name, model)
+            result = self.transcriber.transcribe(part.path, part.upload_name, model, request)
         except TranscribeError as exc:
             sent = 0
             if exc.http_status is not None:  # answered: the request went out whole
@@ -463,6 +488,20 @@ class Worker:
             plan=job.plan,
             record=lambda plan: self._record_plan(job, plan, progress),
             guard=lambda: self.fence(job),
+            naming=self._naming(job, watch),
+        )
+
+    def _naming(self, job: Job, watch: WatchConfig) -> Naming:
+        """``transcript_name``'s values: the language asked for or heard, the claim's day."""
+        claimed = time.time()
+        if "{date}" in watch.transcript_name:  # (a ledger read only when the name needs it)
+            row = self.ledger.job(job.job_id)
+            claimed = row.created if row is not None and row.created else claimed
+        heard = job.timing.language if job.timing is not None else None
+        return Naming(
+            lang=safe_language(watch.request.language or heard),
+            date=local_date(claimed),
+            model=self.model_for(job),
         )
 
     def _record_plan(self, job: Job, plan: Plan, progress: list[Job]) -> None:

@@ -6,12 +6,20 @@
   the bare JSON string ``"Invalid token"``), parses the multipart body *streaming*, hashing
   the ``file`` part as it arrives (Content-Length or chunked bodies), and answers
   ``{"text": FakeAPI.text_for(sha256)}``; without a ``file`` part, 400 code 20015.
+  Like OpenAI-compatible servers it honours a ``response_format`` field: ``json`` (the
+  default), ``text``, ``verbose_json`` (text, language, duration, segments), ``srt`` and
+  ``vtt``. Segments split the upload's duration evenly into pieces of at most
+  ``SEGMENT_SECONDS`` (the duration is read from a WAV header or an MP3 frame's bitrate,
+  else ``FIXED_SEGMENTS`` are sent); the language is the ``language`` field, else "en".
 - ``GET /v1/user/info`` (the key check), ``GET /v1/models``; anything else is a plain-text
   ``404 page not found``. Every response carries a fresh ``x-siliconcloud-trace-id``.
 
-Every transcription request is recorded as an `Upload`, errors included. What a request
-gets is decided in this order: a bad key -> 401; the next `script`-ed `Reply`; no file
-part -> 400; the `rate_limit` -> 429; the `responder` hook; the `set_default` reply; success.
+Every transcription request is recorded as an `Upload`, errors included, with every form
+field it carried besides ``model`` (``Upload.extra_fields``). What a request gets is
+decided in this order: a bad key -> 401; the next `script`-ed `Reply`; no file part ->
+400; a field named by `reject_field` -> 400 naming it the way OpenAI does
+(``{"error": {"message": "... 'language' ...", "param": "language"}}``); the
+`rate_limit` -> 429; the `responder` hook; the `set_default` reply; success.
 
 `Reply` bodies: ``None`` is the transcript JSON for a 200 (the reason phrase otherwise);
 ``bytes`` are sent as-is; a ``str`` is plain text unless ``json_body=True``, which sends it
@@ -32,6 +40,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import re
 import secrets
 import select
@@ -57,6 +66,17 @@ MODELS = ("FunAudioLLM/SenseVoiceSmall", "TeleAI/TeleSpeechASR")
 _READ = 1 << 16  # bytes per read from the socket
 _FIELD_CAP = 1 << 20  # text parts are kept up to this size
 _RESET_BUDGET = 1 << 16  # a RESET reads this much of the file part before the RST
+_HEAD = 4096  # the start of the file part kept to read its duration
+SEGMENT_SECONDS = 5.0  # the longest segment a timed answer has
+FIXED_SEGMENTS = ((0.0, 1.0), (1.0, 2.0))  # the segments of audio whose length is unknown
+#: kbit/s by bitrate index: MPEG-1 Layer III, and MPEG-2/2.5 Layer III
+_MP3_RATES = {
+    3: (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
+    2: (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
+    0: (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
+}
+#: Hz by sample-rate index: MPEG-1, MPEG-2, MPEG-2.5
+_MP3_SAMPLE_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
 
 
 @dataclass(frozen=True)
@@ -274,6 +294,7 @@ class _Form:
     has_file: bool = False  # a complete `file` part was received
     fields: dict[str, str] = field(default_factory=dict)
     data: bytearray | None = None  # the file part itself, when the fake keeps bodies
+    head: bytearray = field(default_factory=bytearray)  # its first _HEAD bytes
 
 
 class _Multipart:
@@ -347,6 +368,8 @@ class _Multipart:
         def hash_it(data: bytes) -> None:
             digest.update(data)
             form.size += len(data)
+            if len(form.head) < _HEAD:
+                form.head += data[: _HEAD - len(form.head)]
             if form.data is not None:
                 form.data += data
 
@@ -531,10 +554,11 @@ class _Handler(BaseHTTPRequestHandler):
                 reply = R400_MISSING_FILE
             else:
                 reply = (
-                    api._rate_check()
+                    api._field_check(fields)
+                    or api._rate_check()
                     or (api.responder and api.responder(upload))
                     or api._default
-                    or Reply()
+                    or api.success(form.sha256, fields, audio_seconds(bytes(form.head), form.size))
                 )
             self._answer(reply, api.text_for(form.sha256), lambda s: record(upload, s), api.latency)
         finally:
@@ -643,6 +667,7 @@ class FakeAPI:
         self._retry_after: float | None = None
         self._window = 60.0
         self._admitted: deque[float] = deque()
+        self._rejected: set[str] = set()
         self._stopping = threading.Event()
         self._conns: dict[socket.socket, threading.Thread] = {}
         self._server: _Server | None = None
@@ -725,6 +750,74 @@ class FakeAPI:
                 raise TimeoutError(f"{len(self._uploads)} uploads after {timeout}s, wanted {n}")
             return list(self._uploads)
 
+    def reject_field(self, *names: str) -> None:
+        """Answer 400 naming the field, OpenAI's way, to any upload that sends one of ``names``.
+
+        ``reject_field()`` with no names accepts every field again.
+        """
+        with self._cond:
+            self._rejected = set(names)
+
+    def _field_check(self, fields: Mapping[str, str]) -> Reply | None:
+        with self._cond:
+            rejected = sorted(n for n in fields if n.removesuffix("[]") in self._rejected)
+        if not rejected:
+            return None
+        name = rejected[0].removesuffix("[]")
+        return Reply(
+            400,
+            {
+                "error": {
+                    "message": f"Unsupported value for parameter: '{name}'.",
+                    "type": "invalid_request_error",
+                    "param": name,
+                    "code": "unsupported_value",
+                }
+            },
+        )
+
+    @classmethod
+    def segments_for(cls, seconds: float | None) -> list[tuple[float, float]]:
+        """The (start, end) of each segment a timed answer gives for audio this long."""
+        if seconds is None or seconds <= 0:
+            return list(FIXED_SEGMENTS)
+        count = max(1, math.ceil(seconds / SEGMENT_SECONDS))
+        step = seconds / count
+        return [(round(i * step, 3), round((i + 1) * step, 3)) for i in range(count)]
+
+    def success(self, sha256: str, fields: Mapping[str, str], seconds: float | None) -> Reply:
+        """The 200 for an upload, in the ``response_format`` it asked for."""
+        text = self.text_for(sha256)
+        fmt = fields.get("response_format", "json")
+        language = fields.get("language", "en")
+        spans = self.segments_for(seconds)
+        said = [f"segment {i + 1} of {sha256[:8]}" for i in range(len(spans))]
+        segments = [
+            {"id": i, "start": a, "end": b, "text": said[i]} for i, (a, b) in enumerate(spans)
+        ]
+        if fmt == "text":
+            return Reply(200, text)
+        if fmt == "verbose_json":
+            duration = seconds if seconds is not None else spans[-1][1]
+            body = {
+                "task": "transcribe",
+                "language": language,
+                "duration": duration,
+                "text": text,
+                "segments": segments,
+            }
+            return Reply(200, body)
+        if fmt in ("srt", "vtt"):
+            sep = "," if fmt == "srt" else "."
+            cues = [
+                (f"{i + 1}\n" if fmt == "srt" else "")
+                + f"{_stamp(a, sep)} --> {_stamp(b, sep)}\n{said[i]}\n"
+                for i, (a, b) in enumerate(spans)
+            ]
+            head = [] if fmt == "srt" else ["WEBVTT\n"]
+            return Reply(200, "\n".join([*head, *cues]), content_type="text/plain")
+        return Reply()
+
     @staticmethod
     def text_for(sha256: str) -> str:
         """The default transcript for content with this sha256 (with non-ASCII on purpose)."""
@@ -773,6 +866,54 @@ class FakeAPI:
             if self._retry_after is None:
                 return R429
             return replace(R429, headers={"Retry-After": f"{self._retry_after:g}"})
+
+
+def _stamp(seconds: float, separator: str) -> str:
+    millis = round(seconds * 1000)
+    hours, millis = divmod(millis, 3_600_000)
+    minutes, millis = divmod(millis, 60_000)
+    secs, millis = divmod(millis, 1000)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}{separator}{millis:03d}"
+
+
+def audio_seconds(head: bytes, size: int) -> float | None:
+    """How long an uploaded file plays, from its first bytes and its size; None if unknown.
+
+    A WAV's byte rate comes from its ``fmt `` chunk; an MP3's bitrate from its first
+    frame header (after an ID3v2 tag), assuming a constant bitrate (what sfwatch's
+    transcoder writes). Anything else is unknown.
+    """
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        pos, byte_rate = 12, 0
+        while pos + 8 <= len(head):
+            chunk, length = head[pos : pos + 4], struct.unpack("<I", head[pos + 4 : pos + 8])[0]
+            if chunk == b"fmt " and pos + 20 <= len(head):
+                byte_rate = struct.unpack("<I", head[pos + 16 : pos + 20])[0]
+            if chunk == b"data":
+                return (size - pos - 8) / byte_rate if byte_rate else None
+            pos += 8 + length + (length & 1)
+        return None
+    pos = 0
+    if head[:3] == b"ID3" and len(head) >= 10:
+        pos = 10 + ((head[6] << 21) | (head[7] << 14) | (head[8] << 7) | head[9])
+    while pos < len(head) - 4:
+        if head[pos] != 0xFF or head[pos + 1] & 0xE0 != 0xE0:
+            pos += 1
+            continue
+        version, layer = (head[pos + 1] >> 3) & 3, (head[pos + 1] >> 1) & 3
+        index, rate_index = head[pos + 2] >> 4, (head[pos + 2] >> 2) & 3
+        if layer != 1 or version not in _MP3_RATES or not 0 < index < 15 or rate_index == 3:
+            pos += 1
+            continue
+        bitrate = _MP3_RATES[version][index] * 1000
+        if b"Info" in head[pos : pos + 64] or b"Xing" in head[pos : pos + 64]:
+            # LAME's header frame (often at another bitrate): the audio starts after it.
+            rate = _MP3_SAMPLE_RATES[version][rate_index]
+            per_frame = 144 if version == 3 else 72
+            pos += per_frame * bitrate // rate + ((head[pos + 2] >> 1) & 1)
+            continue
+        return (size - pos) * 8 / bitrate
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

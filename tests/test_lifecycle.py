@@ -18,6 +18,7 @@ import pytest
 from sfwatch.config import Secret, load_config
 from sfwatch.errors import (
     AccountError,
+    FieldRejected,
     FileRejected,
     RateLimited,
     TransientError,
@@ -78,6 +79,9 @@ E429 = RateLimited("HTTP 429", http_status=429, retry_after=7.0)
 E429_NO_HINT = RateLimited("HTTP 429", http_status=429)
 E400 = FileRejected("HTTP 400", http_status=400, reason="api_rejected")
 E401 = AccountError("HTTP 401", http_status=401, reason="invalid_key")
+E400_FIELD = FieldRejected(
+    "HTTP 400: 'language'", http_status=400, field="language", key="watch[0].request.language"
+)
 NO_TEXT = UnusableResponse("a 200 without text", http_status=200)
 DISK_FULL = OSError(28, "No space left on device")
 BUG = KeyError("oops")
@@ -150,6 +154,15 @@ ROWS: list[tuple[str, OutcomeKind, BaseException | None, RetryState, dict[str, A
         RetryState(attempts=1),
         SUCCESS_SINCE,
         Park(RetryState(attempts=1), PacerSignal.account("invalid_key")),
+    ),
+    # -- the config: a field the server refuses is no file's fault -----------------------
+    (
+        "400-field-rejected",
+        OutcomeKind.ERROR,
+        E400_FIELD,
+        RetryState(attempts=1),
+        SUCCESS_SINCE,
+        Park(RetryState(attempts=1), PacerSignal.field_rejected("watch[0].request.language")),
     ),
     # -- rate limits: never charged -----------------------------------------------------
     (

@@ -295,6 +295,27 @@ def test_account_fault_pauses_everything_until_account_ok(clock: Clock) -> None:
     assert pacer.state().paused == "unauthorized"
 
 
+def test_a_rejected_field_holds_every_start_until_lifted(clock: Clock) -> None:
+    """hold_for_config: no start, no probe time, no timer ends it; only lifted() does."""
+    pacer = Pacer(4, clock=clock)
+    reloaded = [False]
+    assert pacer.hold_for_config("watch[0].request.language: refused", "k", lambda: reloaded[0])
+    assert not pacer.hold_for_config("again", "k", lambda: True), "one hold at a time"
+    assert not pacer.allowed(0)
+    state = pacer.state()
+    assert (state.paused, state.paused_until, state.reason) == (
+        "watch[0].request.language: refused",
+        None,
+        "field_rejected",
+    )
+    assert pacer.account_fault is None, "the account probe has nothing to do with it"
+    clock.advance(86_400)
+    assert not pacer.allowed(0)
+    reloaded[0] = True
+    assert pacer.allowed(0)
+    assert pacer.state().paused is None
+
+
 def test_account_probe_backs_off_to_a_cap(clock: Clock) -> None:
     """Probes wait 5, 10, 20, … s, capped at MAX_PAUSE; probe_at follows the clock."""
     pacer = Pacer(4, clock=clock)

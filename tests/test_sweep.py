@@ -27,8 +27,10 @@ from strace's own trace, so every report names it.
   strace until it exits (bounded), then the judge;
 - error sweep: EIO (ENOSPC for write/fsync, EXDEV for rename/link) at the point,
   the daemon left running: it must converge by itself within ``CONVERGE`` s;
-- scenarios: ``disk`` (one file system) and ``tmpfs`` (``done_dir`` and
-  ``failed_dir`` on /dev/shm, so every move is a cross-file-system copy).
+- scenarios: ``disk`` (one file system), ``tmpfs`` (``done_dir`` and
+  ``failed_dir`` on /dev/shm, so every move is a cross-file-system copy) and
+  ``outputs`` (one file system, each file written as .txt, .srt and .json: a kill
+  or an error between two outputs must still leave all of them or none).
 
 Budget: by default each test runs a deterministic sample of its points (a
 stride with a seeded offset): 2 kill points and 1 error point per test, about
@@ -96,7 +98,9 @@ ERRORS: dict[str, tuple[str, ...]] = {
     "fsync": ("EIO", "ENOSPC"),
     "write": ("EIO", "ENOSPC"),
 }
-SCENARIOS = ("disk", "tmpfs")
+SCENARIOS = ("disk", "tmpfs", "outputs")
+#: what the ``outputs`` scenario writes per file (the others: txt only)
+OUTPUTS = ("txt", "srt", "json")
 THREADS = ("main", "worker")
 KILL = "KILL"
 
@@ -207,6 +211,8 @@ class Case:
     failed_dir: Path
     shm: Path | None
     originals: list[Original] = field(default_factory=list)
+    #: the formats written beside each file in done/
+    outputs: tuple[str, ...] = ("txt",)
 
     def drop(self, original: Original) -> None:
         """Write ``original`` into the inbox (complete at once: tiny files)."""
@@ -235,11 +241,12 @@ def new_case(root: Path, api: FakeAPI, scenario: str, shm: Path | None) -> Case:
         assert shm is not None
         shm.mkdir(parents=True, exist_ok=True)
         dirs = {"done_dir": str(shm / "done"), "failed_dir": str(shm / "failed")}
+    outputs = OUTPUTS if scenario == "outputs" else ("txt",)
     config = write_config(
         root,
         api.url,
         api={"concurrency": 1},
-        watch={"settle_seconds": 0.1, "rescan_seconds": 1, **dirs},
+        watch={"settle_seconds": 0.1, "rescan_seconds": 1, "outputs": list(outputs), **dirs},
         log_level="info",
     )
     inbox = root / "inbox"
@@ -252,6 +259,7 @@ def new_case(root: Path, api: FakeAPI, scenario: str, shm: Path | None) -> Case:
         Path(dirs.get("done_dir", inbox / "done")),
         Path(dirs.get("failed_dir", inbox / "failed")),
         shm if scenario == "tmpfs" else None,
+        outputs=outputs,
     )
 
 
@@ -420,9 +428,10 @@ def _under(path: Path, folder: Path) -> bool:
     return folder == path or folder in path.parents
 
 
-def _transcript_of(case: Case, original: Path) -> Path:
-    """Where the transcript of an original in done/ stands: beside where it arrived."""
-    return case.inbox / original.relative_to(case.done_dir).parent / f"{original.stem}.txt"
+def _transcript_of(case: Case, original: Path, fmt: str = "txt") -> Path:
+    """Where the transcript (or another output) of an original in done/ stands: beside
+    where it arrived."""
+    return case.inbox / original.relative_to(case.done_dir).parent / f"{original.stem}.{fmt}"
 
 
 def judge(case: Case, uploads: list[Upload], *, status: bool = True) -> Verdict:
@@ -452,7 +461,7 @@ def judge(case: Case, uploads: list[Upload], *, status: bool = True) -> Verdict:
         real = [p for p in found if not p.name.endswith(".sfwatch-tmp")]  # temps: see below
         for path in real:  # a copy's transcript or error file is not "unexpected" too
             if _under(path, case.done_dir):
-                accounted.add(_transcript_of(case, path))
+                accounted.update(_transcript_of(case, path, fmt) for fmt in case.outputs)
             if _under(path, case.failed_dir):
                 accounted.add(path.with_name(f"{path.name}.error.json"))
         if len(real) != 1:
@@ -481,6 +490,10 @@ def judge(case: Case, uploads: list[Upload], *, status: bool = True) -> Verdict:
                 problems.append(f"{original.rel}: no transcript {case.short(str(transcript))}")
             elif transcript.read_text(encoding="utf-8", errors="replace") != want:
                 problems.append(f"{original.rel}: transcript {transcript.name} is not its text")
+            for fmt in case.outputs[1:]:  # all of them beside it, or it is not done
+                other = _transcript_of(case, path, fmt)
+                if not other.is_file() or not other.stat().st_size:
+                    problems.append(f"{original.rel}: no {fmt} output {case.short(str(other))}")
         else:
             error_file = path.with_name(f"{path.name}.error.json")
             try:
