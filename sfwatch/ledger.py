@@ -34,11 +34,12 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
+from sfwatch.commits import GroupCommit, Written
 from sfwatch.job import Job, Plan
 from sfwatch.logs import get_logger
 from sfwatch.subtitles import Timing
@@ -254,42 +255,6 @@ def make_private(path: Path) -> None:
             )
 
 
-@dataclass(eq=False)
-class _Pending:
-    """One write waiting for a group commit (``Ledger._write``)."""
-
-    op: Callable[[sqlite3.Connection], Any]
-    durable: bool
-    #: its writer waits for it (and may be handed the next commit)
-    waited: bool = True
-    result: Any = None
-    error: Exception | None = None
-    finished: bool = False
-    committed: bool = False
-    #: set when it is finished, or (a waited op) when its writer is to commit next
-    wake: threading.Event = field(default_factory=threading.Event)
-
-    def outcome(self) -> Any:
-        """What the op returned; its error raised (or that it was never committed)."""
-        if self.error is not None:
-            raise self.error
-        if not self.committed:  # the committing thread was interrupted
-            raise sqlite3.OperationalError("the ledger write was not committed")
-        return self.result
-
-
-class Written:
-    """A write queued by ``Ledger._write_later``."""
-
-    def __init__(self, pending: _Pending) -> None:
-        self._pending = pending
-
-    def wait(self) -> None:
-        """Until it is committed; raise what it raised (sqlite3.Error: not written)."""
-        self._pending.wake.wait()
-        self._pending.outcome()
-
-
 class Ledger:
     """One SQLite file shared by the daemon's threads (serialised by a lock)."""
 
@@ -299,15 +264,6 @@ class Ledger:
         #: called after a commit that added outbox rows (the dispatcher's wake-up)
         self.on_outbox: Callable[[], None] | None = None
         self._lock = threading.Lock()
-        #: group commit (``_write``): the ops queued, and whether a thread is committing
-        self._queue_lock = threading.Lock()
-        self._waiting: list[_Pending] = []
-        self._committing = False
-        #: the thread that commits queued ops nobody waits for, and its turn to
-        self._writer: threading.Thread | None = None
-        self._writer_wake = threading.Event()
-        self._writer_turn = False
-        self._closing = False
         self._db = sqlite3.connect(path, timeout=10, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -323,6 +279,7 @@ class Ledger:
             for name, kind in ADDED_TRANSCRIPT_COLUMNS.items():
                 if name not in have:
                     self._db.execute(f"ALTER TABLE transcripts ADD COLUMN {name} {kind}")
+        self._commits = GroupCommit(self._db, self._lock)
         # Reads have a connection of their own: in WAL mode they see every committed
         # write and never wait for a commit's fsync (which holds the writer's lock).
         self._read_lock = threading.Lock()
@@ -339,131 +296,24 @@ class Ledger:
 
     def close(self) -> None:
         """Close the database."""
-        with self._queue_lock:  # what was queued is committed first
-            self._closing = True
-            if self._waiting and not self._committing:
-                self._committing = self._writer_turn = True
-        self._writer_wake.set()
-        if self._writer is not None:
-            self._writer.join(10)
+        self._commits.close()  # what was queued is committed first
         with self._read_lock:
             self._reader.close()
         with self._lock:
             self._db.close()
 
     def _write(self, op: Callable[[sqlite3.Connection], T], *, durable: bool = False) -> T:
-        """Run ``op`` in a transaction and return what it returned; committed (and, if
-        ``durable``, fsynced) before this returns.
-
-        Group commit: writers that arrive while a commit is under way queue up; when
-        it ends, the committing thread hands the next commit to the first of them,
-        which commits the whole queue in one transaction, each op in a savepoint of
-        its own (an op that raises is undone alone and raises in its caller). With
-        32 upload threads this turns hundreds of commits a second, each taking the
-        lock and many an fsync, into a few dozen, with the same orderings: an op
-        returns only after its commit, which is all the orderings in docs/design.md
-        §5 rely on. ``durable`` ops make their batch's commit ``synchronous=FULL``;
-        the others ride along. Each op has an event of its own, so a commit wakes
-        only its own writers (not every thread waiting).
-        """
-        pending = _Pending(op, durable)
-        with self._queue_lock:
-            self._waiting.append(pending)
-            lead = not self._committing
-            self._committing = True
-        if not lead:
-            pending.wake.wait()  # finished by another commit, or our turn to commit
-        if not pending.finished:
-            self._lead()
-        return cast("T", pending.outcome())
+        """``op`` in a transaction, committed (and if ``durable`` fsynced) when this
+        returns; several threads' writes share commits (commits.py)."""
+        return self._commits.write(op, durable=durable)
 
     def _write_later(self, op: Callable[[sqlite3.Connection], Any]) -> Written:
-        """Queue ``op`` for the next commit and return at once (``Written.wait`` waits).
-
-        For writes nothing needs before the upload: they leave the way to it. Queued
-        ops are committed in order, before or with any write queued after them, by
-        whoever commits next, else by the ledger's writer thread.
-        """
-        pending = _Pending(op, durable=False, waited=False)
-        with self._queue_lock:
-            self.start_writer()
-            self._waiting.append(pending)
-            if not self._committing:
-                self._committing = self._writer_turn = True
-                self._writer_wake.set()
-        return Written(pending)
-
-    def _lead(self) -> None:
-        """Commit everything queued (this thread's turn), then hand the next turn on."""
-        with self._queue_lock:
-            batch, self._waiting = self._waiting, []
-        try:
-            self._commit(batch)
-        finally:
-            for item in batch:
-                item.finished = True
-                item.wake.set()
-            with self._queue_lock:
-                after = next((p for p in self._waiting if p.waited), None)
-                if after is not None:
-                    after.wake.set()  # its writer commits next (``_committing`` stays)
-                elif self._waiting:
-                    self._writer_turn = True  # only queued ops: the writer thread's turn
-                    self._writer_wake.set()
-                else:
-                    self._committing = False
-                    if self._closing:
-                        self._writer_wake.set()
+        """``op`` queued for the next commit; returns at once (commits.py)."""
+        return self._commits.write_later(op)
 
     def start_writer(self) -> None:
-        """Start the thread that commits queued ops nobody waits for (if not yet running).
-
-        The daemon starts it with the ledger. It commits only when no waiting writer
-        will, so that a write someone waits for is committed on that writer's own
-        thread (where its errors belong).
-        """
-        if self._writer is None:
-            self._writer = threading.Thread(
-                target=self._write_queued, name="sfwatch-ledger", daemon=True
-            )
-            self._writer.start()
-
-    def _write_queued(self) -> None:
-        while True:
-            self._writer_wake.wait()
-            self._writer_wake.clear()
-            with self._queue_lock:
-                turn, self._writer_turn = self._writer_turn, False
-            if turn:
-                self._lead()
-            with self._queue_lock:
-                if self._closing and not self._committing and not self._waiting:
-                    return
-
-    def _commit(self, batch: list[_Pending]) -> None:
-        """One transaction for ``batch`` (see ``_write``)."""
-        with self._lock:
-            try:
-                durable = any(item.durable for item in batch)
-                self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-                self._db.execute("BEGIN IMMEDIATE")
-                for item in batch:
-                    self._db.execute("SAVEPOINT op")
-                    try:
-                        item.result = item.op(self._db)
-                    except Exception as exc:  # noqa: BLE001 - raised again in the op's thread
-                        self._db.execute("ROLLBACK TO op")
-                        item.error = exc
-                    self._db.execute("RELEASE op")
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:  # (a full disk): nothing of the batch was kept
-                with contextlib.suppress(sqlite3.Error):
-                    self._db.execute("ROLLBACK")
-                for item in batch:
-                    item.error = item.error or exc
-                return
-            for item in batch:
-                item.committed = item.error is None
+        """Start the thread that commits queued writes nobody waits for."""
+        self._commits.start_writer()
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self._read_lock:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sfwatch.claim import make_durable, reading, release, write_sidecar
+from sfwatch.commits import Written
 from sfwatch.config import Config, WatchConfig
 from sfwatch.config_request import UploadRequest, safe_language
 from sfwatch.errors import Fenced, PrepareError, TranscribeError
@@ -34,7 +35,7 @@ from sfwatch.finish import Naming, Placed, finish_done, finish_failed, local_dat
 from sfwatch.folders import Folders
 from sfwatch.fsutil import same_content
 from sfwatch.job import Job, Plan, Verdict
-from sfwatch.ledger import Ledger, OutboxEvent, Written
+from sfwatch.ledger import Ledger, OutboxEvent
 from sfwatch.lifecycle import OutcomeKind
 from sfwatch.logs import get_logger
 from sfwatch.prepare import Part, Prepared, clean_scratch, identify, prepare, scratch_folder

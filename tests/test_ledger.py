@@ -28,7 +28,7 @@ def _batched(ledger: Ledger, writers: list[threading.Thread]) -> None:
     with ledger._lock:  # the connection is busy: every writer must queue behind the first
         for thread in writers:
             thread.start()
-        poll_until(lambda: len(ledger._waiting) >= len(writers) - 1, timeout=10)
+        poll_until(lambda: len(ledger._commits._waiting) >= len(writers) - 1, timeout=10)
     for thread in writers:
         thread.join(10)
 
