@@ -265,6 +265,8 @@ class _Handles:
 
     def drop(self, root: Path | None = None) -> None:
         """Close the kept handles of one watched folder's work area (None: of all)."""
+        if not self._open:  # (an idle daemon asks at every tick)
+            return
         with self._lock:
             for key in [key for key in self._open if root is None or key[0] == root]:
                 self._forget(key)
