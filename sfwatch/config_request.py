@@ -243,20 +243,7 @@ def build_request(parts: dict[str, Any], outputs_key: str) -> RequestConfig:
 
 def parse_outputs(section: Section) -> tuple[str, ...] | None:
     """``outputs``: a non-empty list of txt, srt, vtt, json without repeats; None if unset."""
-    value = section.data.get("outputs")
-    if value is None:
-        return None
-    key = section.key("outputs")
-    if not isinstance(value, list) or not value:
-        raise ConfigError(key, f"must list at least one of {', '.join(OUTPUT_FORMATS)}")
-    for index, item in enumerate(value):
-        if item not in OUTPUT_FORMATS:
-            raise ConfigError(
-                f"{key}[{index}]", f"must be one of {', '.join(OUTPUT_FORMATS)}; got {show(item)}"
-            )
-    if len(set(value)) != len(value):
-        raise ConfigError(key, "names a format twice")
-    return tuple(value)
+    return section.choices("outputs", OUTPUT_FORMATS, noun="format")
 
 
 def check_answer_fits(request: RequestConfig, outputs: tuple[str, ...], outputs_key: str) -> None:

@@ -185,19 +185,25 @@ class Section:
         self, name: str, default: tuple[str, ...], allowed: tuple[str, ...]
     ) -> tuple[str, ...]:
         """A list of event names, each one of ``allowed``, at least one, no repeats."""
+        chosen = self.choices(name, allowed, noun="event")
+        return default if chosen is None else chosen
+
+    def choices(self, name: str, allowed: tuple[str, ...], *, noun: str) -> tuple[str, ...] | None:
+        """A list of ``noun``s, each one of ``allowed``, at least one, no repeats; None if
+        the key is not set."""
         value = self.data.get(name)
         if value is None:
-            return default
+            return None
         key = self.key(name)
         if not isinstance(value, list) or not value:
-            raise ConfigError(key, f"must list events out of {', '.join(allowed)}")
+            raise ConfigError(key, f"must list at least one {noun} out of {', '.join(allowed)}")
         for index, item in enumerate(value):
             if item not in allowed:
                 raise ConfigError(
                     f"{key}[{index}]", f"must be one of {', '.join(allowed)}; got {show(item)}"
                 )
         if len(set(value)) != len(value):
-            raise ConfigError(key, "names an event twice")
+            raise ConfigError(key, f"names {'an' if noun[0] in 'aeiou' else 'a'} {noun} twice")
         return tuple(value)
 
 
