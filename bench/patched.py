@@ -12,6 +12,9 @@ the tree's own figures. Patches:
 - ``hash-chunk=N``: read N bytes at a time when hashing a file (1 MiB in the tree).
 - ``claim-no-fsync``: the claim's two directory fsyncs are skipped.
 - ``no-running-flag``: skip the ledger's ``stage`` writes per attempt.
+- ``watch-root-only``: the inotify observer watches the watched folder alone, not
+  its subfolders (so not the work area, ``done/`` and ``failed/`` either): what a
+  watch that leaves out the daemon's own folders would cost, for a flat inbox.
 - ``switch-interval=S``: ``sys.setswitchinterval(S)`` (how long a thread may hold the
   GIL while others wait; 0.005 by default).
 """
@@ -23,7 +26,7 @@ from typing import Any
 
 from watchdog.observers import inotify_move_event_grouper as grouper
 
-from sfwatch import claim, fsutil, ledger
+from sfwatch import claim, fsutil, ledger, watch
 from sfwatch.cli import main as sfwatch_main
 
 
@@ -49,6 +52,14 @@ def apply(spec: str) -> None:
             claim.__dict__["fsync_dir"] = lambda _path: None
         elif name == "switch-interval":
             sys.setswitchinterval(float(value))
+        elif name == "watch-root-only":
+            original_schedule = watch.Observer.schedule
+
+            def schedule(self: Any, handler: Any, path: str, **kwargs: Any) -> Any:
+                kwargs["recursive"] = False
+                return original_schedule(self, handler, path, **kwargs)
+
+            watch.Observer.schedule = schedule  # type: ignore[method-assign]
         elif name == "no-running-flag":
             ledger.Ledger.set_stage = lambda *_a, **_k: None  # type: ignore[method-assign]
         else:
