@@ -25,8 +25,9 @@ import sys
 from typing import Any
 
 from watchdog.observers import inotify_move_event_grouper as grouper
+from watchdog.observers.inotify import InotifyObserver
 
-from sfwatch import claim, fsutil, ledger, watch
+from sfwatch import claim, fsutil, ledger
 from sfwatch.cli import main as sfwatch_main
 
 
@@ -53,13 +54,15 @@ def apply(spec: str) -> None:
         elif name == "switch-interval":
             sys.setswitchinterval(float(value))
         elif name == "watch-root-only":
-            original_schedule = watch.Observer.schedule
+            original_schedule = InotifyObserver.schedule
 
-            def schedule(self: Any, handler: Any, path: str, **kwargs: Any) -> Any:
+            def schedule(
+                self: Any, handler: Any, path: str, _orig: Any = original_schedule, **kwargs: Any
+            ) -> Any:
                 kwargs["recursive"] = False
-                return original_schedule(self, handler, path, **kwargs)
+                return _orig(self, handler, path, **kwargs)
 
-            watch.Observer.schedule = schedule  # type: ignore[method-assign]
+            InotifyObserver.schedule = schedule  # type: ignore[method-assign,assignment]
         elif name == "no-running-flag":
             ledger.Ledger.set_stage = lambda *_a, **_k: None  # type: ignore[method-assign]
         else:
