@@ -1,20 +1,18 @@
 """Try a proposed fix without editing sfwatch/: run ``sfwatch`` with patches applied.
 
-``BENCH_PATCHES=grouper-delay=0.05,ledger-sync=NORMAL .venv/bin/python -m bench b``
+``BENCH_PATCHES=ledger-sync=NORMAL,hash-chunk=65536 .venv/bin/python -m bench b``
 makes every daemon the benchmarks start run as
-``python -m bench.patched grouper-delay=0.05,ledger-sync=NORMAL run -c ...``.
+``python -m bench.patched ledger-sync=NORMAL,hash-chunk=65536 run -c ...``.
 Results record the patches (``machine.patches``), so they are never mistaken for
 the tree's own figures. Patches:
 
-- ``grouper-delay=S``: watchdog holds an unpaired IN_MOVED_FROM for S seconds (0.5
-  by default) at the head of its event queue, holding back every later event.
 - ``ledger-sync=MODE``: ``PRAGMA synchronous=MODE`` for the ledger (FULL in the tree).
 - ``hash-chunk=N``: read N bytes at a time when hashing a file (1 MiB in the tree).
 - ``claim-no-fsync``: the claim's two directory fsyncs are skipped.
 - ``no-running-flag``: skip the ledger's ``stage`` writes per attempt.
-- ``watch-root-only``: the inotify observer watches the watched folder alone, not
-  its subfolders (so not the work area, ``done/`` and ``failed/`` either): what a
-  watch that leaves out the daemon's own folders would cost, for a flat inbox.
+
+(``grouper-delay`` and ``watch-root-only`` patched watchdog's inotify observer, which
+the daemon no longer uses: ``sfwatch.inotify`` replaced it.)
 - ``switch-interval=S``: ``sys.setswitchinterval(S)`` (how long a thread may hold the
   GIL while others wait; 0.005 by default).
 """
@@ -24,9 +22,6 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from watchdog.observers import inotify_move_event_grouper as grouper
-from watchdog.observers.inotify import InotifyObserver
-
 from sfwatch import claim, fsutil, ledger
 from sfwatch.cli import main as sfwatch_main
 
@@ -35,9 +30,7 @@ def apply(spec: str) -> None:
     """Apply a comma-separated list of patches."""
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, _, value = item.partition("=")
-        if name == "grouper-delay":
-            grouper.InotifyMoveEventGrouper.delay = float(value)
-        elif name == "ledger-sync":
+        if name == "ledger-sync":
             original = ledger.Ledger.__init__
 
             def init(
@@ -53,16 +46,6 @@ def apply(spec: str) -> None:
             claim.__dict__["fsync_dir"] = lambda _path: None
         elif name == "switch-interval":
             sys.setswitchinterval(float(value))
-        elif name == "watch-root-only":
-            original_schedule = InotifyObserver.schedule
-
-            def schedule(
-                self: Any, handler: Any, path: str, _orig: Any = original_schedule, **kwargs: Any
-            ) -> Any:
-                kwargs["recursive"] = False
-                return _orig(self, handler, path, **kwargs)
-
-            InotifyObserver.schedule = schedule  # type: ignore[method-assign,assignment]
         elif name == "no-running-flag":
             ledger.Ledger.set_stage = lambda *_a, **_k: None  # type: ignore[method-assign]
         else:

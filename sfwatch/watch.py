@@ -1,20 +1,20 @@
 """watch: notice paths that may hold new files; nothing more.
 
-One watchdog observer per watched folder (inotify on local disks, polling on
-network and FUSE mounts, where inotify sees only local writers). The event
-handler only notes paths in a ``PathNotes`` set; the scheduler drains it. A scan
-at start-up and a periodic rescan catch whatever events missed (files present
-before start, an inotify queue overflow, a network share's remote writers).
+One watch per watched folder: our own inotify reader on local disks
+(``inotify.InotifyTree``: it leaves out the work area, ``done/`` and ``failed/``,
+which watchdog's recursive watch cannot), watchdog's polling observer on network
+and FUSE mounts, where inotify sees only local writers. Either only notes paths
+in a ``PathNotes`` set; the scheduler drains it. A scan at start-up and a
+periodic rescan catch whatever events missed (files present before start, an
+inotify queue overflow, a network share's remote writers).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import functools
-import logging
 import os
 import re
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,30 +29,10 @@ from watchdog.events import (
     FileSystemEvent,
     FileSystemEventHandler,
 )
-from watchdog.observers import Observer
-from watchdog.observers.api import BaseObserver
-from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
 from watchdog.observers.polling import PollingObserverVFS
 
 from sfwatch.config import WatchConfig
-
-# watchdog holds each unpaired IN_MOVED_FROM at the head of its event queue for
-# `delay` seconds, and every later event waits behind it. A claim renames the file
-# into a job folder inotify does not watch yet, so that event is never paired, and
-# each claim would delay the next arrival by 0.5 s (docs/benchmarks.md, b). sfwatch
-# notes both ends of a move itself and needs no pairing.
-InotifyMoveEventGrouper.delay = 0.05
-
-
-class _StopNoise(logging.Filter):
-    """Drops the error watchdog logs when an observer is stopped while reading."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "called when the thread is inactive" not in record.getMessage()
-
-
-# A clean stop must not leave an error line in the user's log.
-logging.getLogger("watchdog.observers.inotify").addFilter(_StopNoise())
+from sfwatch.inotify import InotifyTree
 
 #: names that are never audio we should take: temp files, OS and NAS litter
 IGNORED_NAMES = (
@@ -70,7 +50,7 @@ IGNORED_NAMES = (
 )
 #: file systems where inotify misses other machines' writes
 NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "afs")
-#: the events worth noting; opens and reads (ours included) are not
+#: the events worth noting when polling; opens and reads (ours included) are not
 _EVENTS: list[type[FileSystemEvent]] = [
     FileCreatedEvent,
     FileModifiedEvent,
@@ -79,16 +59,11 @@ _EVENTS: list[type[FileSystemEvent]] = [
     DirCreatedEvent,
     DirMovedEvent,
 ]
-#: the message watchdog logs when the kernel drops inotify events
-_OVERFLOW_LOGGER = "watchdog.observers.inotify_c"
 #: folder levels below a watched path that are looked into: ``inbox/1/…/64/a.mp3`` is
 #: taken, anything deeper is not (``sfwatch.file_skipped`` reason ``too_deep``, naming
 #: the first folder not looked into). No walk, watch or path of ours grows with a tree
 #: someone made a thousand levels deep.
 MAX_DEPTH = 64
-#: deepest walk watchdog can make: its walks join whole paths, and a path longer than
-#: PATH_MAX (4096 bytes) cannot be opened, so each level costs at least 2 bytes
-_WATCHDOG_MAX_LEVELS = 4096 // 2
 
 
 class PathNotes:
@@ -123,8 +98,7 @@ class _NoteHandler(FileSystemEventHandler):
     def __init__(self, notes: PathNotes, ignored: tuple[Path, ...]) -> None:
         self.notes = notes
         # Our own work area and done/failed folders churn with every file; their
-        # events must not wake the work loop. (inotify watches them regardless:
-        # watchdog's recursive watch cannot leave out a subtree.)
+        # changes must not wake the work loop.
         self.ignored = tuple(f"{p}{os.sep}" for p in ignored)
 
     def on_any_event(self, event: FileSystemEvent) -> None:
@@ -133,24 +107,6 @@ class _NoteHandler(FileSystemEventHandler):
             path = os.fsdecode(raw)
             if path and not path.startswith(self.ignored):
                 self.notes.note(path)
-
-
-class _OverflowHook(logging.Handler):
-    """Asks for a rescan when watchdog reports an inotify queue overflow.
-
-    watchdog rebuilds its watches after an overflow but only logs it; the events
-    the kernel dropped can only be recovered by looking at the folder again.
-    """
-
-    def __init__(self, notes: PathNotes) -> None:
-        super().__init__(logging.WARNING)
-        self.notes = notes
-
-    def emit(self, record: logging.LogRecord) -> None:
-        """Request a rescan on the overflow message."""
-        if "overflow" in record.getMessage().lower():
-            self.notes.rescan_requested.set()
-            self.notes.wakeup.set()
 
 
 def mount_fstype(path: Path, mountinfo: str | None = None) -> str:
@@ -367,77 +323,76 @@ def listdir_to_depth(root: Path) -> Callable[[str | None], Iterator[os.DirEntry[
     return listdir
 
 
-def _allow_watchdog_walks() -> None:
-    """Let watchdog's inotify walks reach any depth a path can have.
+def enters(path: str, level: int, *, watch: WatchConfig, pruned: frozenset[str]) -> bool:
+    """Would a scan go into the folder ``path``, ``level`` folders below the watched one?
 
-    On Python 3.11 ``os.walk`` recurses once per folder level, and watchdog walks
-    every folder moved in to add its watches, on its reader thread: a tree deeper
-    than the recursion limit (1,000) ends that thread, and the events with it.
-    Its walks join whole paths, so they cannot go deeper than ``PATH_MAX`` allows
-    (``_WATCHDOG_MAX_LEVELS``); a limit above that keeps the thread alive. Each
-    level takes under 0.5 KiB of C stack: 2,048 levels fit in 1 MiB of the 8 MiB
-    a thread has. (Python 3.12's ``os.walk`` uses a stack; there is nothing to do.)
+    ``pruned``: the ``excluded_dirs`` of ``watch``, as strings. The same rules as
+    ``_walk``: recursive watches only, not below ``MAX_DEPTH``, not an excluded
+    folder, not an ignored or excluded name.
     """
-    if sys.version_info < (3, 12):
-        sys.setrecursionlimit(max(sys.getrecursionlimit(), _WATCHDOG_MAX_LEVELS + 1000))
+    if not watch.recursive or level > MAX_DEPTH or path in pruned:
+        return False
+    return not is_ignored_name(os.path.basename(path), watch)  # noqa: PTH119 - str, per event
 
 
 class Watcher:
-    """The observer for one watched folder."""
+    """The watch of one folder: our inotify reader, or watchdog's polling observer."""
 
     def __init__(self, watch: WatchConfig, notes: PathNotes) -> None:
         self.watch = watch
         self.notes = notes
         self.polling = needs_polling(watch)
-        # Polling with lstat: watchdog's default (stat) would walk into symlinked folders.
-        self.observer: BaseObserver = (
-            PollingObserverVFS(os.lstat, listdir_to_depth(watch.path), polling_interval=2)
-            if self.polling
-            else Observer()
-        )
-        self._overflow = _OverflowHook(notes)
+        self.observer: PollingObserverVFS | InotifyTree
+        if self.polling:
+            # Polling with lstat: watchdog's default (stat) would walk into symlinked folders.
+            self.observer = PollingObserverVFS(
+                os.lstat, listdir_to_depth(watch.path), polling_interval=2
+            )
+        else:
+            pruned = frozenset(str(d) for d in excluded_dirs(watch))
+            self.observer = InotifyTree(
+                str(watch.path),
+                enters=functools.partial(enters, watch=watch, pruned=pruned),
+                note=notes.note,
+                overflowed=self._overflowed,
+            )
 
     def start(self) -> None:
         """Create the folder if needed and start observing it."""
-        _allow_watchdog_walks()
         self.watch.path.mkdir(parents=True, exist_ok=True)
+        if isinstance(self.observer, InotifyTree):
+            self.observer.start()
+            return
         self.observer.schedule(
             _NoteHandler(self.notes, excluded_dirs(self.watch)),
             str(self.watch.path),
             recursive=self.watch.recursive,
             event_filter=_EVENTS,
         )
-        logging.getLogger(_OVERFLOW_LOGGER).addHandler(self._overflow)
         self.observer.start()
 
-    def alive(self) -> bool:
-        """Are the observer thread, its emitters and its inotify reader all running?
+    def _overflowed(self) -> None:
+        """The kernel dropped events: only looking at the folder again recovers them."""
+        self.notes.rescan_requested.set()
+        self.notes.wakeup.set()
 
-        Each can end while the others live on, and events stop with any of them:
-        the emitter ends by itself when the watched folder is deleted; the inotify
-        reader (one thread per observer, which also adds the watches of folders
-        moved in) ends on any exception, such as a RecursionError in a walk.
+    def alive(self) -> bool:
+        """Is everything that reports events running?
+
+        The inotify reader ends on any exception and when the watched folder is
+        deleted or moved; a polling observer's emitter ends when the folder is deleted.
         """
-        threads = [self.observer, *self.observer.emitters, *self._readers()]
-        return all(thread.is_alive() for thread in threads)
+        if isinstance(self.observer, InotifyTree):
+            return self.observer.is_alive()
+        return all(t.is_alive() for t in (self.observer, *self.observer.emitters))
 
     def failure(self) -> str | None:
         """What ended the inotify reader, if an exception did (for the log line)."""
-        for reader in self._readers():
-            error = getattr(reader, "_dispatch_error", None)
-            if error is not None:
-                return f"{type(error).__name__}: {error}"
-        return None
-
-    def _readers(self) -> list[threading.Thread]:
-        # watchdog >= 7.1 gives each inotify observer its own reader thread
-        # (``InotifyFD``); it has no public name, and polling observers have none.
-        reader = getattr(self.observer, "_inotify_fd", None)
-        return [reader] if isinstance(reader, threading.Thread) else []
+        error = getattr(self.observer, "error", None)
+        return None if error is None else f"{type(error).__name__}: {error}"
 
     def stop(self) -> None:
-        """Stop observing (returns once the observer thread has ended)."""
-        logging.getLogger(_OVERFLOW_LOGGER).removeHandler(self._overflow)
+        """Stop observing (returns once the reader or observer thread has ended)."""
         self.observer.stop()
-        if self.observer.is_alive():
+        if isinstance(self.observer, PollingObserverVFS) and self.observer.is_alive():
             self.observer.join(timeout=5)

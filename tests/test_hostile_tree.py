@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
-from watchdog.observers.inotify import InotifyWatchGroup
 
+from sfwatch.inotify import InotifyTree
 from sfwatch.watch import MAX_DEPTH, Watcher
 from tests.audiogen import wav_bytes
 from tests.conftest import Running, running_daemon, wait_until, write_config
@@ -255,21 +255,21 @@ def test_file_at_the_depth_limit_is_taken(tmp_path: Path, fake_api: FakeAPI) -> 
 
 @pytest.fixture
 def reader_dies_on_boom(monkeypatch: pytest.MonkeyPatch) -> None:
-    """watchdog's reader thread ends as on a deep tree: RecursionError adding a folder "boom"."""
-    original: Callable[[InotifyWatchGroup, bytes], None] = InotifyWatchGroup._add_all_callbacks
+    """The inotify reader thread ends on an exception: RecursionError watching a folder "boom"."""
+    original: Callable[[InotifyTree, str, int], None] = InotifyTree._add_tree
 
-    def add_all_callbacks(group: InotifyWatchGroup, path: bytes) -> None:
-        if path.endswith(b"/boom"):
+    def add_tree(tree: InotifyTree, path: str, level: int) -> None:
+        if path.endswith("/boom"):
             raise RecursionError("maximum recursion depth exceeded (simulated)")
-        original(group, path)
+        original(tree, path, level)
 
-    monkeypatch.setattr(InotifyWatchGroup, "_add_all_callbacks", add_all_callbacks)
+    monkeypatch.setattr(InotifyTree, "_add_tree", add_tree)
 
 
 @pytest.mark.usefixtures("reader_dies_on_boom")
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_dead_inotify_reader_is_restarted(tmp_path: Path, fake_api: FakeAPI) -> None:
-    """The reader thread dies, the observer and emitter live on: watch_died, restart, events."""
+    """The reader thread dies: watch_died, a restart, a rescan, and events flow again."""
     config = write_config(tmp_path, fake_api.url, watch={"rescan_seconds": 3600})
     with capture_logs() as logs, running_daemon(config, **FAST) as daemon:
         intake = daemon.daemon.intake
@@ -279,7 +279,7 @@ def test_dead_inotify_reader_is_restarted(tmp_path: Path, fake_api: FakeAPI) -> 
         (died,) = wait_until(lambda: _events(logs, "sfwatch.watch_died"), 10, "watch_died")
         assert died["path"] == str(daemon.inbox)
         assert "RecursionError" in died["error"]
-        assert first.observer.is_alive() is False, "the old observer was stopped"
+        assert first.alive() is False, "the old reader has ended"
         wait_until(lambda: len(_events(logs, "sfwatch.scan_finished")) >= 2, 10, "a rescan")
         assert intake.watchers[daemon.inbox] is not first
         assert daemon.daemon.healthy()
