@@ -9,7 +9,9 @@ cannot be restarted makes the daemon unhealthy, so systemd's watchdog acts.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import threading
 import time
 from pathlib import Path
@@ -34,6 +36,10 @@ from sfwatch.watch import (
 
 #: how long to wait before trying again to restart an observer that failed to start
 WATCH_RETRY = 30.0
+
+
+#: lstat errors that mean the path is not there (any more): nothing to take, nothing to say
+_GONE = {errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EBADF}
 
 
 class Intake:
@@ -209,9 +215,18 @@ class Intake:
         if (cut := too_deep(path, watch.path)) is not None:
             self._too_deep(cut, watch)  # below a folder the scan does not enter either
             return
+        # One lstat per noted path: the work loop looks at every path an event names,
+        # most often the source of our own claim's rename, which is gone by now.
+        try:
+            st = os.lstat(path)
+        except OSError as exc:
+            if exc.errno not in _GONE:
+                raise  # EACCES: take_notes says why the file is not taken
+            self.settler.forget(path)
+            return
         if under_link(path, watch.path):
             return  # a path through a symlinked folder: links are not followed
-        if path.is_dir() and not path.is_symlink():
+        if stat.S_ISDIR(st.st_mode):
             if (cut := too_deep(path, watch.path, folder=True)) is not None:
                 self._too_deep(cut, watch)
             elif not os.access(path, os.R_OK | os.X_OK):
@@ -224,7 +239,7 @@ class Intake:
             return
         if not utf8_name(path, watch.path):  # the ledger, logs and uploads need UTF-8
             self._skip(path, watch, "name_not_utf8")
-        elif not self.settler.note(path, watch.path, watch.settle_seconds):
+        elif not self.settler.note(path, watch.path, watch.settle_seconds, st):
             self._skip(path, watch)
 
     def _too_deep(self, folder: Path, watch: WatchConfig) -> None:

@@ -42,12 +42,16 @@ class _Pending:
     due: float
 
 
-def signature_of(path: Path) -> FileSignature | None:
-    """The signature of a regular file at ``path`` (links not followed), else None."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
+def signature_of(path: Path, st: os.stat_result | None = None) -> FileSignature | None:
+    """The signature of a regular file at ``path`` (links not followed), else None.
+
+    ``st``: its ``os.lstat`` result, when the caller has just made it.
+    """
+    if st is None:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None
     if not stat.S_ISREG(st.st_mode):
         return None
     return FileSignature(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
@@ -68,9 +72,14 @@ class Settler:
     def __contains__(self, path: object) -> bool:
         return path in self._pending
 
-    def note(self, path: Path, root: Path, settle_seconds: float) -> bool:
-        """Start or restart the wait for ``path``; False if it is not a regular file."""
-        sig = signature_of(path)
+    def note(
+        self, path: Path, root: Path, settle_seconds: float, st: os.stat_result | None = None
+    ) -> bool:
+        """Start or restart the wait for ``path``; False if it is not a regular file.
+
+        ``st``: the path's ``os.lstat``, if the caller has just made it.
+        """
+        sig = signature_of(path, st)
         if sig is None:
             self._pending.pop(path, None)
             return False

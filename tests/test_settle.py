@@ -258,10 +258,10 @@ def test_thousand_files_cost_one_check_each(
     calls = 0
     real = sfwatch.settle.signature_of
 
-    def counting(path: Path) -> FileSignature | None:
+    def counting(path: Path, st: os.stat_result | None = None) -> FileSignature | None:
         nonlocal calls
         calls += 1
-        return real(path)
+        return real(path, st)
 
     monkeypatch.setattr(sfwatch.settle, "signature_of", counting)
     settler = Settler(clock=clock)
