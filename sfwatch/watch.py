@@ -271,10 +271,20 @@ def _walk(
                         on_path(entry.path)  # too deep to look into: the daemon logs it
                     else:
                         stack.append((entry.path, level + 1))
-            elif wants(Path(entry.path), watch):
-                on_path(entry.path)
+            elif entry.path not in pruned and _wanted_name(entry.name, watch):
+                on_path(entry.path)  # (``wants``, minus what entering the folder checked)
                 count += 1
     return count
+
+
+def _wanted_name(name: str, watch: WatchConfig) -> bool:
+    """``wants`` for a file in a folder a walk entered: its name decides.
+
+    A rescan asks this of every file in the tree, so it is two regex matches,
+    include first (most names in a big tree are transcripts and other files).
+    """
+    lowered = name.lower()
+    return _matcher(watch.include).match(lowered) is not None and not is_ignored_name(name, watch)
 
 
 def utf8_name(path: Path, root: Path) -> bool:

@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -173,6 +174,34 @@ def test_scan_finds_wanted_files_and_prunes(tmp_path: Path) -> None:
     )
     assert scanned(WatchConfig(path=inbox)) == ["a.mp3", "sub/b.WAV", "sub/deeper/c.flac"]
     assert scanned(WatchConfig(path=inbox, recursive=False)) == ["a.mp3"]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"recursive": False},
+        {"include": ("*",), "exclude": ("*.bak", "skip*")},
+        {"include": ("rec_*.WAV",), "done_dir": "archive/done"},
+    ],
+)
+def test_scan_reports_exactly_what_wants_takes(tmp_path: Path, settings: dict[str, Any]) -> None:
+    """The rescan's own name check agrees with ``wants`` on every file of a mixed tree."""
+    inbox = tmp_path / "inbox"
+    if "done_dir" in settings:
+        settings = {**settings, "done_dir": inbox / settings["done_dir"]}
+    rels = [
+        "a.mp3", "B.MP3", "rec_1.wav", "sub/rec_2.Wav", "sub/x.pdf", "sub/.hidden.mp3",
+        "x.mp3.part", "~$y.mp3", "Thumbs.db", "failed", "n.bak", "skipme.mp3", "skipdir/c.mp3",
+        "archive/done/d.mp3", "archive/e.mp3", "done/f.mp3", "@eaDir/h.mp3",
+        ".sfwatch/work/i/j.mp3", "deep/er/still/k.flac", "sub/notes.txt",
+    ]  # fmt: skip
+    make_tree(inbox, rels)
+    watch = WatchConfig(path=inbox, **settings)
+    everything = sorted(p.relative_to(inbox).as_posix() for p in inbox.rglob("*") if p.is_file())
+    taken = [rel for rel in everything if wants(inbox / rel, watch)]
+    assert taken, "the tree has files to take"
+    assert scanned(watch) == taken
 
 
 def test_scan_does_not_even_read_pruned_folders(tmp_path: Path) -> None:
