@@ -315,20 +315,31 @@ def wants_dir(path: Path, watch: WatchConfig) -> bool:
     return not is_ignored_name(path.name, watch)
 
 
-def listdir_to_depth(root: Path) -> Callable[[str | None], Iterator[os.DirEntry[str]]]:
-    """``os.scandir`` that lists nothing in folders below ``MAX_DEPTH`` under ``root``.
+def polling_listdir(watch: WatchConfig) -> Callable[[str | None], Iterator[os.DirEntry[str]]]:
+    """``os.scandir`` for the polling observer: folders and wanted files, where a scan goes.
 
-    The polling observer's snapshot recurses once per folder level; given this,
-    it stops where the scan stops, however deep the tree is.
+    watchdog's snapshot stats every entry of every folder it lists, every poll
+    (twice: ``lstat`` and ``statx``). Listing nothing in the work area, ``done/``,
+    ``failed/``, ignored folders and below ``MAX_DEPTH``, and only the names a scan
+    would take elsewhere, keeps a poll to what can be work (and stops its
+    recursion where the scan stops, however deep the tree is). A transcript, a
+    picture or a ``.part`` renamed to ``.mp3`` is still seen: by its new name.
     """
+    root = str(watch.path)
     prefix = f"{root}{os.sep}"
+    pruned = frozenset(str(d) for d in excluded_dirs(watch))
+    wanted = functools.partial(_wanted_name, watch=watch)
 
     def listdir(path: str | None) -> Iterator[os.DirEntry[str]]:
         if path is None:
             return os.scandir()
-        if path.startswith(prefix) and path.count(os.sep, len(prefix)) + 1 > MAX_DEPTH:
-            return iter(())
-        return os.scandir(path)
+        if path.startswith(prefix):
+            level = path.count(os.sep, len(prefix)) + 1
+            if not enters(path, level, watch=watch, pruned=pruned):
+                return iter(())
+        with os.scandir(path) as entries:
+            kept = [e for e in entries if e.is_dir(follow_symlinks=False) or wanted(e.name)]
+        return iter(kept)
 
     return listdir
 
@@ -355,9 +366,7 @@ class Watcher:
         self.observer: PollingObserverVFS | InotifyTree
         if self.polling:
             # Polling with lstat: watchdog's default (stat) would walk into symlinked folders.
-            self.observer = PollingObserverVFS(
-                os.lstat, listdir_to_depth(watch.path), polling_interval=2
-            )
+            self.observer = PollingObserverVFS(os.lstat, polling_listdir(watch), polling_interval=2)
         else:
             pruned = frozenset(str(d) for d in excluded_dirs(watch))
             self.observer = InotifyTree(

@@ -17,9 +17,9 @@ from sfwatch.watch import (
     PathNotes,
     Watcher,
     is_ignored_name,
-    listdir_to_depth,
     mount_fstype,
     needs_polling,
+    polling_listdir,
     scan,
     too_deep,
     walk_dir,
@@ -282,11 +282,25 @@ def test_polling_lists_nothing_below_max_depth(tmp_path: Path) -> None:
     inbox = tmp_path / "inbox"
     levels = "/".join(["d"] * MAX_DEPTH)
     make_tree(inbox, [f"{levels}/ok.mp3", f"{levels}/x/deep.mp3"])
-    listdir = listdir_to_depth(inbox)
+    listdir = polling_listdir(WatchConfig(path=inbox))
     last = inbox / levels
+    assert sorted(e.name for e in listdir(str(last))) == ["ok.mp3", "x"]
+    (last / "notes.txt").write_bytes(b"x")  # not listed: only folders and wanted names
     assert sorted(e.name for e in listdir(str(last))) == ["ok.mp3", "x"]
     assert list(listdir(str(last / "x"))) == []
     assert [e.name for e in listdir(str(inbox))] == ["d"]
+
+
+def test_polling_lists_nothing_in_our_folders_or_ignored_ones(tmp_path: Path) -> None:
+    """done/, failed/, .sfwatch/ and an ignored folder are never listed by a poll."""
+    inbox = tmp_path / "inbox"
+    rels = ["done/a.mp3", "failed/b.mp3", ".sfwatch/work/c.mp3", "@eaDir/d.mp3", "sub/e.mp3"]
+    make_tree(inbox, rels)
+    listdir = polling_listdir(WatchConfig(path=inbox))
+    for folder in ("done", "failed", ".sfwatch", "@eaDir"):  # (so nothing below them either)
+        assert list(listdir(str(inbox / folder))) == [], folder
+    assert [e.name for e in listdir(str(inbox / "sub"))] == ["e.mp3"]
+    assert list(polling_listdir(WatchConfig(path=inbox, recursive=False))(str(inbox / "sub"))) == []
 
 
 # --- mount table ------------------------------------------------------------------------
