@@ -38,6 +38,8 @@ from sfwatch.watch import (
 WATCH_RETRY = 30.0
 
 
+#: noted paths looked at per turn of the work loop (about 20 ms of work)
+NOTES_PER_TICK = 500
 #: lstat errors that mean the path is not there (any more): nothing to take, nothing to say
 _GONE = {errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EBADF}
 
@@ -187,8 +189,13 @@ class Intake:
         return self.scan_done.is_set() and len(self.notes) == 0 and len(self.settler) == 0
 
     def take_notes(self, queued: set[Path]) -> None:
-        """Look at every noted path (``queued``: settled files waiting for a claim)."""
-        for raw in self.notes.drain():
+        """Look at the noted paths, ``NOTES_PER_TICK`` at most (``queued``: settled files).
+
+        A start-up scan of a big backlog notes thousands of paths at once; looked at
+        in one go, they would hold the work loop for seconds while the first of them
+        settled long ago (docs/benchmarks.md, d). The rest wait for the next turn.
+        """
+        for raw in self.notes.drain(NOTES_PER_TICK):
             path = Path(raw)
             watch = self._watch_for(path)
             if watch is None or path in queued:

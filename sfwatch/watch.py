@@ -85,10 +85,14 @@ class PathNotes:
         with self._lock:
             return len(self._paths)
 
-    def drain(self) -> set[str]:
-        """Take every noted path."""
+    def drain(self, limit: int | None = None) -> set[str]:
+        """Take every noted path, or up to ``limit`` of them (the wakeup stays set for the rest)."""
         with self._lock:
-            paths, self._paths = self._paths, set()
+            if limit is None or len(self._paths) <= limit:
+                paths, self._paths = self._paths, set()
+                return paths
+            paths = {self._paths.pop() for _ in range(limit)}
+        self.wakeup.set()
         return paths
 
 

@@ -487,3 +487,19 @@ def test_polling_watcher_notes_created_file(tmp_path: Path) -> None:
         target.parent.mkdir()
         target.write_bytes(b"x")
         wait_until(lambda: seen.has(target), 10, "polled.m4a noted")
+
+
+def test_notes_drain_in_bounded_batches() -> None:
+    """drain(limit) takes at most limit paths and leaves the wakeup set for the rest."""
+    notes = PathNotes()
+    for i in range(1200):
+        notes.note(f"/in/{i}.wav")
+    notes.wakeup.clear()
+    first = notes.drain(500)
+    assert len(first) == 500
+    assert notes.wakeup.is_set(), "the work loop comes back for the rest"
+    assert len(notes) == 700
+    rest = notes.drain(500) | notes.drain(500)
+    assert len(rest) == 700
+    assert first | rest == {f"/in/{i}.wav" for i in range(1200)}
+    assert len(notes) == 0
