@@ -23,9 +23,15 @@ What each event means here:
 - a queue overflow → the missing watches are added again and a rescan requested.
 
 A folder that cannot be watched (no permission, gone, replaced by a file or a
-link) is skipped: intake logs why when it looks at the noted path. Reaching the
-kernel's watch limit is logged once (``sfwatch.watch_limit_reached``); the
-periodic rescan still finds the files of folders without a watch.
+link) is skipped: intake logs why when it looks at the noted path; any other
+error for one folder (a path too long, EIO) is logged (``sfwatch.watch_failed``)
+and that folder skipped, never the whole watch ended. Reaching the kernel's watch
+limit is logged once (``sfwatch.watch_limit_reached``); the periodic rescan still
+finds the files of folders without a watch.
+
+Watches are added by *path* when an event is handled, which may be later than
+the event: a rename is trusted to have moved a watched folder only if its new
+path still holds the watched inode (``_moved``).
 """
 
 from __future__ import annotations
@@ -57,8 +63,8 @@ FOLDER_MASK = (
 )
 #: the watched folder itself is gone: its watch ends, and with it this reader
 _ROOT_GONE = flags.DELETE_SELF | flags.MOVE_SELF | flags.UNMOUNT | flags.IGNORED
-#: add_watch errors that mean "this folder is not there to watch any more"
-_SKIPPABLE = {errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.ELOOP}
+#: add_watch errors that mean "this folder is not there to watch any more": not logged
+_GONE = {errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.ELOOP}
 
 
 class InotifyTree:
@@ -91,6 +97,8 @@ class InotifyTree:
         self._limit_logged = False
         self._renames: dict[int, tuple[str, int]] = {}  # cookie → (old path, level)
         self._stopped = False
+        self._closed = False
+        self._close_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._thread = threading.Thread(target=self._run, name="sfwatch-inotify", daemon=True)
 
@@ -120,30 +128,45 @@ class InotifyTree:
         return self._thread.is_alive()
 
     def stop(self) -> None:
-        """End the reader (it returns within a read) and release the inotify instance."""
+        """End the reader (it returns within a read) and release its descriptors.
+
+        A reader busy past the join's timeout (re-adding a big tree's watches) closes
+        them itself when it ends: closed under it, their numbers could be reused.
+        """
         if self._stopped:
             return
         self._stopped = True
         os.write(self._wake_w, b"x")
-        if self._thread.is_alive():
+        if self._thread.ident is not None:
             self._thread.join(timeout=5)
-        self._inotify.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        if not self._thread.is_alive():
+            self._close()
+
+    def _close(self) -> None:
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._inotify.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
     def _run(self) -> None:
         poller = select.poll()
         poller.register(self._inotify.fileno(), select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         try:
-            while True:
+            while not self._stopped:
                 ready = {fd for fd, _ in poller.poll()}
-                if self._wake_r in ready:
+                if self._wake_r in ready or self._stopped:
                     return
                 if not self._handle(self._inotify.read(timeout=0)):
                     return
         except Exception as exc:  # noqa: BLE001 - the thread ends; intake restarts the watch
             self.error = exc
+        finally:
+            if self._stopped:
+                self._close()  # stop() gave up waiting for us
 
     # -- events ----------------------------------------------------------------------
 
@@ -152,7 +175,7 @@ class InotifyTree:
         for i, (wd, mask, cookie, name) in enumerate(events):
             if mask & flags.Q_OVERFLOW:
                 self.log.warning("sfwatch.events_overflowed", path=self.root)
-                self._add_below(self.root, 0)
+                self._rebuild()
                 self.overflowed()
                 continue
             folder = self._paths.get(wd)
@@ -195,17 +218,36 @@ class InotifyTree:
             self._remove_tree(path)
 
     def _moved(self, old: str, old_level: int, new: str, level: int) -> None:
-        """A watched folder renamed within the tree: re-label its watches, or redo them."""
-        if old not in self._wds:
-            self._add_tree(new, level)  # it was not watched (an ignored name, say)
-        elif level == old_level and self.enters(new, level):
-            prefix = f"{old}{os.sep}"
-            for path in [p for p in self._wds if p == old or p.startswith(prefix)]:
-                wd = self._wds.pop(path)
-                self._remember(wd, new + path[len(old) :], self._levels[wd])
-        else:
+        """A folder renamed within the tree: re-label its watches, or redo them.
+
+        Re-labelling is right only if ``new`` still holds the inode watched as
+        ``old`` (``mkdir x; mv x y; mkdir x`` before we read: the watch added "for
+        x" is the second x's). Otherwise the old watches go and ``new`` gets its
+        own; intake walks ``new`` (it is noted) for what arrived in between.
+        """
+        wd = self._wds.get(old)
+        if wd is None or level != old_level or not self.enters(new, level):
             self._remove_tree(old)
             self._add_tree(new, level)
+            return
+        try:
+            same = self._inotify.add_watch(new, FOLDER_MASK) == wd
+        except OSError:
+            same = False
+        if not same:
+            self._remove_tree(old)
+            self._add_tree(new, level)
+            return
+        prefix = f"{old}{os.sep}"
+        moved = sorted(p for p in self._wds if p == old or p.startswith(prefix))
+        for path in moved:
+            wd = self._wds.pop(path)
+            self._remember(wd, new + path[len(old) :], self._levels[wd])
+        for path in moved:  # parents first: a subfolder may now be, say, the done_dir
+            relabelled = new + path[len(old) :]
+            kept = self._wds.get(relabelled)
+            if kept is not None and not self.enters(relabelled, self._levels[kept]):
+                self._remove_tree(relabelled)
 
     # -- watches ---------------------------------------------------------------------
 
@@ -236,14 +278,27 @@ class InotifyTree:
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 self._limit_reached(path)
-            elif exc.errno not in _SKIPPABLE:
-                raise
+            elif exc.errno not in _GONE:
+                self.log.warning("sfwatch.watch_failed", path=path, error=str(exc))
             return False
         old = self._paths.get(wd)
         if old is not None and old != path:
             self._wds.pop(old, None)  # the same folder, moved: it has one watch
         self._remember(wd, path, level)
         return True
+
+    def _rebuild(self) -> None:
+        """After an overflow: every watch below the root again, from what is there now.
+
+        The events lost may have moved folders in, out or around; only a fresh
+        look knows where they are. The old watches' last events are dropped as stale.
+        """
+        root_wd = self._wds[self.root]
+        for wd in [wd for wd in self._paths if wd != root_wd]:
+            self._forget(wd)
+            with contextlib.suppress(OSError):
+                self._inotify.rm_watch(wd)
+        self._add_below(self.root, 0)
 
     def _remember(self, wd: int, path: str, level: int) -> None:
         self._paths[wd], self._levels[wd], self._wds[path] = path, level, wd

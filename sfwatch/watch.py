@@ -382,7 +382,11 @@ class Watcher:
 
     def start(self) -> None:
         """Create the folder if needed and start observing it."""
-        self.watch.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.watch.path.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            self.stop()  # intake retries every WATCH_RETRY: leave no descriptor behind
+            raise
         if isinstance(self.observer, InotifyTree):
             self.observer.start()
             return

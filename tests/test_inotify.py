@@ -25,10 +25,11 @@ from tests.conftest import wait_until
 from tests.test_watch import Collector, start_watcher
 
 
-def watched_inodes(watcher: Watcher) -> set[int]:
-    """The inodes the kernel watches for ``watcher``'s inotify instance."""
-    assert isinstance(watcher.observer, InotifyTree)
-    info = Path(f"/proc/self/fdinfo/{watcher.observer.fileno()}").read_text(encoding="ascii")
+def watched_inodes(watcher: Watcher | InotifyTree) -> set[int]:
+    """The inodes the kernel watches for this watcher's (or tree's) inotify instance."""
+    tree = watcher if isinstance(watcher, InotifyTree) else watcher.observer
+    assert isinstance(tree, InotifyTree)
+    info = Path(f"/proc/self/fdinfo/{tree.fileno()}").read_text(encoding="ascii")
     fields = (line.split() for line in info.splitlines() if line.startswith("inotify wd:"))
     return {int(f.split(":")[1], 16) for line in fields for f in line if f.startswith("ino:")}
 
@@ -166,7 +167,7 @@ def test_queue_overflow_asks_for_a_rescan(tmp_path: Path) -> None:
     if limit > 100_000:
         pytest.skip(f"max_queued_events is {limit}: too many files to write")
     inbox = tmp_path / "inbox"
-    inbox.mkdir()
+    (inbox / "sub").mkdir(parents=True)
     release, held, rescans = threading.Event(), threading.Event(), []
     notes = PathNotes()
 
@@ -187,11 +188,15 @@ def test_queue_overflow_asks_for_a_rescan(tmp_path: Path) -> None:
         wait_until(held.is_set, 5, "the reader holds in note()")
         for i in range(limit // 3 + 100):  # create + modify + close_write each
             (inbox / f"f{i}.wav").write_bytes(b"x")
+        (inbox / "sub").rename(tmp_path / "away")  # its MOVED_FROM is lost in the overflow
+        (inbox / "new").mkdir()  # and so is this CREATE
         with capture_logs() as logs:
             release.set()
             wait_until(lambda: rescans, 10, "a rescan requested")
         assert [e["event"] for e in logs].count("sfwatch.events_overflowed") == 1
         assert tree.is_alive()
+        # the watches were rebuilt from what is there now, not patched
+        wait_until(lambda: watched_inodes(tree) == {ino(inbox), ino(inbox / "new")}, 10, "rebuilt")
     finally:
         release.set()
         tree.stop()
@@ -248,4 +253,82 @@ def test_a_failed_start_leaves_no_descriptor_open(tmp_path: Path) -> None:
         )
         with pytest.raises(NotADirectoryError):
             tree.start()
+    assert len(list(Path("/proc/self/fd").iterdir())) == before
+
+
+def test_renamed_folder_keeps_a_watch_when_the_reader_is_behind(tmp_path: Path) -> None:
+    """mkdir x; mv x y; mkdir x, all read late: both y and the new x end up watched."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    release, held = threading.Event(), threading.Event()
+    notes = PathNotes()
+    seen = Collector(notes)
+
+    def note(path: str) -> None:
+        held.set()
+        release.wait(30)
+        notes.note(path)
+
+    tree = InotifyTree(str(inbox), enters=lambda _p, _l: True, note=note, overflowed=lambda: None)
+    tree.start()
+    try:
+        (inbox / "first.wav").write_bytes(b"x")
+        wait_until(held.is_set, 5, "the reader holds in note()")
+        (inbox / "x").mkdir()
+        (inbox / "x").rename(inbox / "y")
+        (inbox / "x").mkdir()
+        release.set()
+        wait_until(lambda: seen.has(inbox / "x") and seen.has(inbox / "y"), 5, "both noted")
+        wait_until(
+            lambda: watched_inodes(tree) == {ino(inbox), ino(inbox / "x"), ino(inbox / "y")},
+            5,
+            "x and y watched",
+        )
+        (inbox / "y" / "late.wav").write_bytes(b"x")
+        (inbox / "x" / "later.wav").write_bytes(b"x")
+        wait_until(lambda: seen.has(inbox / "y" / "late.wav"), 5, "y/late.wav noted")
+        wait_until(lambda: seen.has(inbox / "x" / "later.wav"), 5, "x/later.wav noted")
+    finally:
+        release.set()
+        tree.stop()
+
+
+def test_a_path_too_long_to_watch_skips_that_folder_only(tmp_path: Path) -> None:
+    """A folder whose path passes PATH_MAX: watch_failed once, the rest watched, reader alive."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    fd = os.open(inbox, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(18):  # 18 times 251 bytes: past 4,096, far from MAX_DEPTH
+            os.mkdir("d" * 250, dir_fd=fd)
+            inner = os.open("d" * 250, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+    finally:
+        os.close(fd)
+    noted: list[str] = []
+    with capture_logs() as logs:
+        tree = InotifyTree(
+            str(inbox), enters=lambda _p, _l: True, note=noted.append, overflowed=lambda: None
+        )
+        tree.start()
+        try:
+            (inbox / "root.wav").write_bytes(b"x")
+            wait_until(lambda: str(inbox / "root.wav") in noted, 5, "root.wav noted")
+            assert tree.is_alive()
+        finally:
+            tree.stop()
+    assert [e["event"] for e in logs] == ["sfwatch.watch_failed"]
+    assert "File name too long" in logs[0]["error"]
+
+
+def test_a_watch_that_cannot_start_leaves_no_descriptor_open(tmp_path: Path) -> None:
+    """Watcher.start on a path a file holds: FileExistsError each retry, no fd left behind."""
+    squatter = tmp_path / "inbox"
+    squatter.write_bytes(b"not a folder")
+    before = len(list(Path("/proc/self/fd").iterdir()))
+    for _ in range(20):
+        watcher = Watcher(WatchConfig(path=squatter, poll=False), PathNotes())
+        with pytest.raises(FileExistsError):
+            watcher.start()
     assert len(list(Path("/proc/self/fd").iterdir())) == before
