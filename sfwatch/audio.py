@@ -20,10 +20,15 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import av
-import numpy as np
+
+if TYPE_CHECKING:
+    # numpy is imported where loudness is measured (only long files are cut): it is
+    # a fifth of the daemon's start-up time (docs/benchmarks.md, d). PyAV's own
+    # to_ndarray and from_ndarray import it the same way.
+    import numpy as np
 
 from sfwatch.errors import PrepareError
 
@@ -157,6 +162,8 @@ def _mono_blocks(path: Path) -> Iterator[np.ndarray[Any, np.dtype[np.int16]]]:
 
 def loudness(path: Path) -> np.ndarray[Any, np.dtype[np.float64]]:
     """Root-mean-square level of each 0.1 s block of the file (decoded once)."""
+    import numpy as np  # noqa: PLC0415 - see the import at the top
+
     block = int(TARGET_RATE * BLOCK_SECONDS)
     levels: list[float] = []
     carry = np.zeros(0, dtype=np.int16)
@@ -190,6 +197,8 @@ def choose_cuts(
     short silence before a plosive does not pass for a pause. Cuts fall on
     block boundaries (multiples of ``BLOCK_SECONDS``).
     """
+    import numpy as np  # noqa: PLC0415 - see the import at the top
+
     levels = np.asarray(levels, dtype=np.float64)
     max_blocks = _blocks(max_seconds)
     if max_blocks < 2:
@@ -220,6 +229,8 @@ def _blocks(seconds: float) -> int:
 
 def _quietest(levels: np.ndarray[Any, np.dtype[np.float64]], lo: int, hi: int) -> int:
     """The block in ``[lo, hi)`` at the middle of the longest quietest stretch."""
+    import numpy as np  # noqa: PLC0415 - see the import at the top
+
     reach = _blocks(PAUSE_SECONDS / 2)
     index = np.arange(lo, hi)
     neighbours = np.clip(index[None, :] + np.arange(-reach, reach + 1)[:, None], 0, len(levels) - 1)
