@@ -5,7 +5,7 @@ watchdog's recursive inotify watch cannot leave out a subtree
 every move into ``done/`` went through its three threads (reader, emitter,
 observer) only to be dropped by our handler: about 1 ms of CPU a file at high
 concurrency (docs/benchmarks.md). This watch adds an inotify watch to exactly the
-folders a scan would enter (``watch.wants_dir``: not the work area, ``done/``,
+folders a scan would enter (``watch.enters``: not the work area, ``done/``,
 ``failed/``, ignored names or links, nothing below ``MAX_DEPTH``) and turns each
 event into a noted path on one thread. ``inotify_simple`` is the thin layer over
 the system calls.
@@ -253,7 +253,7 @@ class InotifyTree:
 
     def _add_tree(self, path: str, level: int) -> None:
         """Watch ``path`` (a folder just made or moved in) and the folders below it."""
-        if self.enters(path, level) and self._add(path, level):
+        if self._enter(path, level):
             self._add_below(path, level)
 
     def _add_below(self, top: str, top_level: int) -> None:
@@ -268,11 +268,13 @@ class InotifyTree:
             for entry in entries:
                 if not entry.is_dir(follow_symlinks=False):
                     continue
-                if self.enters(entry.path, level + 1) and self._add(entry.path, level + 1):
+                if self._enter(entry.path, level + 1):
                     stack.append((entry.path, level + 1))
 
-    def _add(self, path: str, level: int) -> bool:
-        """Watch one folder; False if it cannot be watched (see the module docstring)."""
+    def _enter(self, path: str, level: int) -> bool:
+        """Watch one folder if a scan would enter it; False if not, or if it cannot be."""
+        if not self.enters(path, level):
+            return False
         try:
             wd = self._inotify.add_watch(path, FOLDER_MASK)
         except OSError as exc:
@@ -295,9 +297,7 @@ class InotifyTree:
         """
         root_wd = self._wds[self.root]
         for wd in [wd for wd in self._paths if wd != root_wd]:
-            self._forget(wd)
-            with contextlib.suppress(OSError):
-                self._inotify.rm_watch(wd)
+            self._unwatch(wd)
         self._add_below(self.root, 0)
 
     def _remember(self, wd: int, path: str, level: int) -> None:
@@ -313,11 +313,13 @@ class InotifyTree:
         """Stop watching ``path`` and everything below it (it moved away)."""
         prefix = f"{path}{os.sep}"
         for folder in [p for p in self._wds if p == path or p.startswith(prefix)]:
-            wd = self._wds[folder]
-            self._forget(wd)
-            # EINVAL: the kernel ended the watch already (the folder is gone)
-            with contextlib.suppress(OSError):
-                self._inotify.rm_watch(wd)
+            self._unwatch(self._wds[folder])
+
+    def _unwatch(self, wd: int) -> None:
+        self._forget(wd)
+        # EINVAL: the kernel ended the watch already (the folder is gone)
+        with contextlib.suppress(OSError):
+            self._inotify.rm_watch(wd)
 
     def _limit_reached(self, path: str) -> None:
         if self._limit_logged:

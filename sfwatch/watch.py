@@ -154,6 +154,11 @@ def excluded_dirs(watch: WatchConfig) -> tuple[Path, ...]:
     return tuple(dict.fromkeys((watch.done_dir, watch.failed_dir, watch.work_dir, *defaults)))
 
 
+def pruned_dirs(watch: WatchConfig) -> frozenset[str]:
+    """``excluded_dirs`` as strings: what walks, polls and inotify watches never enter."""
+    return frozenset(str(d) for d in excluded_dirs(watch))
+
+
 def never_looks_into(folder: Path, watch: WatchConfig) -> bool:
     """Would this watch never take a file below ``folder``, a subfolder of its path?
 
@@ -251,7 +256,7 @@ def _walk(
     Never recursion: a tree can be deeper than Python's recursion limit. Nor does
     it go below ``MAX_DEPTH``, so its cost does not grow with a tree's depth.
     """
-    pruned = {str(d) for d in excluded_dirs(watch)}
+    pruned = pruned_dirs(watch)
     count = 0
     stack = [(str(start), len(start.relative_to(watch.path).parts))]
     while stack:
@@ -331,7 +336,7 @@ def polling_listdir(watch: WatchConfig) -> Callable[[str | None], Iterator[os.Di
     """
     root = str(watch.path)
     prefix = f"{root}{os.sep}"
-    pruned = frozenset(str(d) for d in excluded_dirs(watch))
+    pruned = pruned_dirs(watch)
     wanted = functools.partial(_wanted_name, watch=watch)
 
     def listdir(path: str | None) -> Iterator[os.DirEntry[str]]:
@@ -351,7 +356,7 @@ def polling_listdir(watch: WatchConfig) -> Callable[[str | None], Iterator[os.Di
 def enters(path: str, level: int, *, watch: WatchConfig, pruned: frozenset[str]) -> bool:
     """Would a scan go into the folder ``path``, ``level`` folders below the watched one?
 
-    ``pruned``: the ``excluded_dirs`` of ``watch``, as strings. The same rules as
+    ``pruned``: ``pruned_dirs(watch)``, made once by the caller. The same rules as
     ``_walk``: recursive watches only, not below ``MAX_DEPTH``, not an excluded
     folder, not an ignored or excluded name.
     """
@@ -372,10 +377,9 @@ class Watcher:
             # Polling with lstat: watchdog's default (stat) would walk into symlinked folders.
             self.observer = PollingObserverVFS(os.lstat, polling_listdir(watch), polling_interval=2)
         else:
-            pruned = frozenset(str(d) for d in excluded_dirs(watch))
             self.observer = InotifyTree(
                 str(watch.path),
-                enters=functools.partial(enters, watch=watch, pruned=pruned),
+                enters=functools.partial(enters, watch=watch, pruned=pruned_dirs(watch)),
                 note=notes.note,
                 overflowed=self._overflowed,
             )
