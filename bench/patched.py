@@ -15,6 +15,7 @@ the tree's own figures. Patches:
 the daemon no longer uses: ``sfwatch.inotify`` replaced it.)
 - ``switch-interval=S``: ``sys.setswitchinterval(S)`` (how long a thread may hold the
   GIL while others wait; 0.005 by default).
+- ``finishing-headroom=N``: upload threads per slot (``slots.FINISHING_HEADROOM``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from sfwatch import claim, fsutil, ledger
+from sfwatch import claim, fsutil, ledger, slots
 from sfwatch.cli import main as sfwatch_main
 
 
@@ -48,6 +49,8 @@ def apply(spec: str) -> None:
             sys.setswitchinterval(float(value))
         elif name == "no-running-flag":
             ledger.Ledger.set_stage = lambda *_a, **_k: None  # type: ignore[method-assign]
+        elif name == "finishing-headroom":
+            slots.FINISHING_HEADROOM = int(value)
         else:
             raise SystemExit(f"bench.patched: unknown patch {name!r}")
 

@@ -293,6 +293,7 @@ class Daemon:
                 self.ready.missed(result)
             else:
                 self.scheduler.handle(result)
+        self.slots.grant(stopping=self.stop_level > 0)
         self.probe.step(may_start=self.stop_level == 0)
         if self.stop_level == 0:
             while (item := self.ready.next_job(self.slots.uploads_allowed())) is not None:

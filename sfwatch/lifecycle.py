@@ -21,6 +21,7 @@ The decision table (``f`` = failures in a row, this one included, ``base`` =
     vanished                              Lost                     -                  -
     changed                               Retry(settle_seconds)    -                  -
     fenced                                Recheck                  -                  -
+    deferred      (never sent)            Retry(0)                 -                  -
     error         FileRejected            Fail(None)               attempts+1         succeeded
     error         UnusableResponse twice  Fail(None)               attempts+1         succeeded
     error         AccountError            Park                     -                  account
@@ -60,6 +61,10 @@ asks the scheduler to look at the job again after the next lease beat
 (``RECHECK_SECONDS``), when the due-time check of the work file tells whether it is
 still ours (a sibling that adopted it renamed the folder away: it is then lost to
 us) rather than re-running it at once, which would spin while the lease is stale.
+
+``deferred``: the attempt was prepared but never sent: the daemon began to stop,
+or the account paused, while it waited for its turn to upload (``slots.py``).
+Nothing happened to the file or the service, so it is simply queued again.
 """
 
 from __future__ import annotations
@@ -104,6 +109,7 @@ class OutcomeKind(StrEnum):
     VANISHED = "vanished"  # the claimed file is gone from the work area
     CRASH = "crash"  # an unexpected exception of ours
     FENCED = "fenced"  # the lease/ownership check failed before a visible step
+    DEFERRED = "deferred"  # prepared, then not sent: the daemon stops or the account paused
 
 
 @dataclass(frozen=True)
@@ -279,6 +285,8 @@ def decide(
             return Retry(ctx.settle_seconds, state)
         case OutcomeKind.FENCED:
             return Recheck()
+        case OutcomeKind.DEFERRED:
+            return Retry(0.0, state)
         case OutcomeKind.FINISH_ERROR:
             state = state.evolve(failures=state.failures + 1)
             return Retry(_local_delay(state, ctx), state)

@@ -283,6 +283,10 @@ class Scheduler:
                     note="written to during upload; uploading again once it settles",
                 )
                 self.wait(with_state(job, state), delay)
+            case Retry(delay, state) if kind is OutcomeKind.DEFERRED:
+                # Prepared, not sent (a stop, a pause): its turn comes again as it was.
+                self.log.debug("sfwatch.upload_deferred", job_id=job.job_id, file=str(job.source))
+                self.wait(with_state(job, state), delay)
             case Retry(delay, state):  # finish_error, crash: a step on our side failed
                 problem = str(outcome.error)
                 seen = self.finish_problems.setdefault(job.job_id, set())

@@ -144,6 +144,10 @@ def _nothing() -> None:
     return None
 
 
+def _always() -> bool:
+    return True
+
+
 @dataclass
 class Got:
     """What one attempt got so far (filled in by ``Worker._transcript``)."""
@@ -156,6 +160,8 @@ class Got:
     planned: bool = False
     #: frees the upload slot (``Worker.process``'s ``released``)
     release: Callable[[], None] = _nothing
+    #: waits for the turn to send; False: not now (``Worker.process``'s ``cleared``)
+    clear: Callable[[], bool] = _always
 
 
 def _no_fence(_job: Job) -> None:
@@ -216,17 +222,20 @@ class Worker:
         job: Job,
         *,
         released: Callable[[], None] = _nothing,
+        cleared: Callable[[], bool] = _always,
         fresh: FreshClaim | None = None,
     ) -> Outcome:
         """One attempt. Host errors become ``finish_error``; our bugs propagate.
 
+        ``cleared`` is called once the file is prepared, just before its upload: it
+        waits for the upload's turn, and False means not now (``deferred``).
         ``released`` is called once the upload is answered (the slot may start
         another upload). ``fresh``: the job was claimed just now, its row queued at
         stage prepare (``ready.Claimer``): nothing to read back.
         """
         if fresh is not None:
             self.undurable[job.job_id] = fresh
-        outcome = self._attempt(job, released, fresh=fresh is not None)
+        outcome = self._attempt(job, (cleared, released), fresh=fresh is not None)
         if outcome.kind in ("done", "dedup", "failed", "vanished"):
             clean_scratch(job, self.instance)  # the parts are not needed any more
             self.undurable.pop(job.job_id, None)
@@ -241,7 +250,9 @@ class Worker:
                 self.ledger.set_stage(job.job_id, None)
         return outcome
 
-    def _attempt(self, job: Job, released: Callable[[], None], *, fresh: bool) -> Outcome:
+    def _attempt(
+        self, job: Job, turn: tuple[Callable[[], bool], Callable[[], None]], *, fresh: bool
+    ) -> Outcome:
         watch = self.folders.for_root(job.root)
         progress = [job]
         try:
@@ -261,7 +272,7 @@ class Worker:
             return Outcome(OutcomeKind.FINISH_ERROR, job, exc)
         progress = [job]  # the furthest the job got, for an outcome after an error
         try:
-            return self._steps(job, watch, progress, released, fresh=fresh)
+            return self._steps(job, watch, progress, turn, fresh=fresh)
         except Fenced as exc:
             return Outcome(OutcomeKind.FENCED, progress[-1], exc)
         except FileNotFoundError as exc:
@@ -286,14 +297,15 @@ class Worker:
         job: Job,
         watch: WatchConfig,
         progress: list[Job],
-        released: Callable[[], None],
+        turn: tuple[Callable[[], bool], Callable[[], None]],
         *,
         fresh: bool,
     ) -> Outcome:
         if job.verdict is not None or (job.plan is not None and job.plan.kind == "failed"):
             # Judged already: only the move to failed/ is left.
             return self.fail(job, watch, progress)
-        got = Got(job, release=released)
+        cleared, released = turn
+        got = Got(job, release=released, clear=cleared)
         if job.text is None:
             try:
                 with reading(job) as source:
@@ -383,6 +395,8 @@ class Worker:
         texts = self.ledger.parts(job.job_id) if split else []
         timings: list[Timing | None] = self.ledger.part_timings(job.job_id) if split else []
         timings = (timings + [None] * len(texts))[: len(texts)]  # (rows older than timings)
+        if not got.clear():  # (prepared while other uploads ran: now wait for a turn)
+            return Outcome(OutcomeKind.DEFERRED, job)
         self.fence(job)  # a sibling that adopted the job pays for it, not us too
         # Queued, not waited for: it commits before any later write of this job.
         self.ledger.set_stage_later(job.job_id, "upload")

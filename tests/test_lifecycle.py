@@ -113,6 +113,14 @@ ROWS: list[tuple[str, OutcomeKind, BaseException | None, RetryState, dict[str, A
         Retry(3.0, RetryState(attempts=1)),
     ),
     ("fenced", OutcomeKind.FENCED, None, RetryState(failures=2), {}, Recheck(RECHECK_SECONDS)),
+    (
+        "deferred",
+        OutcomeKind.DEFERRED,
+        None,
+        RetryState(attempts=1, failures=2),
+        {},
+        Retry(0.0, RetryState(attempts=1, failures=2)),
+    ),
     # -- the file's own fault ----------------------------------------------------------
     (
         "400",
