@@ -42,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="a: also a hook and a webhook on every file, compared with none (issue 11)",
     )
+    parser.add_argument(
+        "--transcode",
+        action="store_true",
+        help="a: files that must be transcoded before upload (preparing ahead of the turn)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.runs = 1

@@ -395,7 +395,10 @@ class Worker:
         texts = self.ledger.parts(job.job_id) if split else []
         timings: list[Timing | None] = self.ledger.part_timings(job.job_id) if split else []
         timings = (timings + [None] * len(texts))[: len(texts)]  # (rows older than timings)
-        if not got.clear():  # (prepared while other uploads ran: now wait for a turn)
+        # Prepared: it may wait a while for its turn (slots.py). A restart from here on is
+        # not the file's doing, so it must not count towards poison (design §6.4).
+        self.ledger.set_stage_later(job.job_id, "ready")
+        if not got.clear():
             return Outcome(OutcomeKind.DEFERRED, job)
         self.fence(job)  # a sibling that adopted the job pays for it, not us too
         # Queued, not waited for: it commits before any later write of this job.

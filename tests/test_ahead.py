@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from structlog.testing import capture_logs
@@ -20,7 +21,7 @@ from tests.fakeapi import R401, FakeAPI, Reply, Upload
 AHEAD = prepared_ahead(1)
 
 
-def held_until(release: threading.Event) -> object:
+def held_until(release: threading.Event) -> Callable[[Upload], Reply | None]:
     """A responder that holds every upload until ``release`` is set, then answers 200."""
 
     def respond(_upload: Upload) -> Reply | None:
@@ -41,9 +42,9 @@ def drop_files(inbox: Path, count: int) -> dict[str, str]:
 
 
 def test_next_files_are_prepared_while_an_upload_runs(tmp_path: Path, fake_api: FakeAPI) -> None:
-    """Concurrency 1: while one upload is held, AHEAD more files are claimed; one request at once."""
+    """Concurrency 1: while an upload is held, AHEAD more files are claimed; one request at once."""
     release = threading.Event()
-    fake_api.responder = held_until(release)  # type: ignore[assignment]
+    fake_api.responder = held_until(release)
     config = write_config(tmp_path, fake_api.url, api={"concurrency": 1})
     with capture_logs() as logs, running_daemon(config) as daemon:
         hashes = drop_files(daemon.inbox, AHEAD + 3)
@@ -62,7 +63,7 @@ def test_next_files_are_prepared_while_an_upload_runs(tmp_path: Path, fake_api: 
 def test_a_warm_stop_sends_prepared_files_back_unsent(tmp_path: Path, fake_api: FakeAPI) -> None:
     """A stop while files wait for a turn: the upload under way ends; the others go at restart."""
     release = threading.Event()
-    fake_api.responder = held_until(release)  # type: ignore[assignment]
+    fake_api.responder = held_until(release)
     config = write_config(tmp_path, fake_api.url, api={"concurrency": 1})
     with running_daemon(config) as daemon:
         hashes = drop_files(daemon.inbox, AHEAD + 1)
@@ -101,8 +102,8 @@ def test_an_account_pause_holds_no_claimed_file_in_flight(
 
 
 def test_uploads_in_flight_never_exceed_concurrency(tmp_path: Path, fake_api: FakeAPI) -> None:
-    """Answered uploads pass their turn on, never more than one each: at most C at once."""
-    fake_api.responder = lambda _upload: Reply(delay=0.3)  # type: ignore[assignment]
+    """Prepared files wait for their turn: never more than C uploads at once, each file once."""
+    fake_api.responder = lambda _upload: Reply(delay=0.3)
     config = write_config(tmp_path, fake_api.url, api={"concurrency": 2})
     with running_daemon(config) as daemon:
         hashes = drop_files(daemon.inbox, 10)

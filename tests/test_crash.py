@@ -37,6 +37,7 @@ from sfwatch.ledger import Ledger
 from sfwatch.prepare import identify
 from sfwatch.scheduler import POISON_AFTER
 from sfwatch.settle import SettledFile, signature_of
+from sfwatch.slots import prepared_ahead
 from tests.conftest import (
     DaemonProcess,
     daemon_process,
@@ -471,6 +472,46 @@ def test_kills_during_uploads_are_not_the_files_fault(tmp_path: Path, fake_api: 
         assert not daemon.events("sfwatch.job_poisoned")
     assert not (inbox / "failed").exists()
     assert (inbox / "done" / "a.wav").read_bytes() == data
+
+
+def ready_since(state: Path, since: float, count: int) -> bool:
+    """Are ``count`` open jobs at stage ``ready`` (waiting to upload), written after ``since``?"""
+    path = state / "ledger.sqlite3"
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=5)) as db:
+            (n,) = db.execute(
+                "SELECT count(*) FROM jobs WHERE status = 'claimed' AND stage = 'ready'"
+                " AND updated > ?",
+                (since,),
+            ).fetchone()
+    except sqlite3.Error:
+        return False
+    return int(n) == count
+
+
+def test_kills_while_files_wait_for_a_turn_are_not_their_fault(
+    tmp_path: Path, fake_api: FakeAPI
+) -> None:
+    """Killed POISON_AFTER times while files wait, prepared, for a turn: no poison, all done."""
+    fake_api.responder = lambda _upload: stall(60)  # the upload hangs; the others wait their turn
+    config = write_config(tmp_path, fake_api.url, api={"concurrency": 1})
+    inbox, rng, ahead = tmp_path / "inbox", random.Random(), prepared_ahead(1)
+    files = {f"w{i}.wav": wav(rng) for i in range(1 + ahead)}
+    for name, data in files.items():
+        (inbox / name).write_bytes(data)
+    for crash in range(POISON_AFTER):
+        waiting = partial(ready_since, tmp_path / "state", time.time(), ahead)
+        with daemon_process(config) as daemon:
+            wait_until(waiting, 20, f"files waiting for a turn, run {crash + 1}")
+            daemon.kill()
+    fake_api.responder = None
+    with daemon_process(config) as daemon:
+        wait_until(lambda: all_done(inbox, len(files)), 30, "all done")
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(20) == 0
+        assert not daemon.events("sfwatch.job_poisoned")
+    assert not (inbox / "failed").exists()
+    assert sorted(p.name for p in (inbox / "done").iterdir() if p.suffix == ".wav") == sorted(files)
 
 
 # -- crash points inside finish, set up exactly ----------------------------------------

@@ -19,6 +19,7 @@ from structlog.testing import capture_logs
 
 from sfwatch.config import load_config
 from sfwatch.daemon import instance_name
+from sfwatch.slots import prepared_ahead
 from tests.conftest import daemon_process, running_daemon, wait_until, write_config
 from tests.fakeapi import FakeAPI, Reply, Upload, stall
 from tests.test_crash import all_done, assert_delivered, done_files, print_logs, sha, wav
@@ -121,18 +122,25 @@ def test_sibling_adopts_a_killed_daemons_claims(tmp_path: Path, fake_api: FakeAP
     rng = random.Random()
     files = {f"rec-{i}.wav": wav(rng) for i in range(6)}
     lease = 4.0  # > the 2 s between lease renewals, with room for a busy machine
+    ahead = prepared_ahead(2)
 
     with daemon_process(config_a) as a:
         a.wait_event("sfwatch.daemon_started")
         for rel, data in files.items():
             drop(shared, rel, data)
         wait_until(lambda: len(stalled) == 2 and fake_api.in_flight == 2, 15, "A's 2 uploads")
-        held = sorted(p.name for p in work_a.iterdir() if p.is_dir())
-        assert len(held) == 2, "A holds two claims, the rest wait in the inbox"
+
+        def claims_of_a() -> list[str]:
+            return sorted(p.name for p in work_a.iterdir() if p.is_dir())
+
+        # Two uploading, and the files A prepares ahead of their turn (slots.py).
+        wait_until(lambda: len(claims_of_a()) == 2 + ahead, 15, "A's claims")
+        held = claims_of_a()
         stalling.clear()
         with capture_logs() as logs, running_daemon(config_b, lease_seconds=lease):
             started = time.monotonic()
-            wait_until(lambda: len(done_files(shared)) == 4, 20, "B did the other four")
+            rest = len(files) - len(held)
+            wait_until(lambda: len(done_files(shared)) == rest, 20, "B did the others")
             # B watches A's lease, renewed while A lives, for longer than lease_seconds.
             time.sleep(max(0.0, started + lease + 1.5 - time.monotonic()))
             assert not [e for e in logs if e["event"] == "sfwatch.claims_adopted"]
@@ -142,7 +150,7 @@ def test_sibling_adopts_a_killed_daemons_claims(tmp_path: Path, fake_api: FakeAP
             wait_until(lambda: all_done(shared, len(files)), 30, "B finished A's files")
 
     adopted = [e for e in logs if e["event"] == "sfwatch.claims_adopted"]
-    assert [(e["from_instance"], e["jobs"]) for e in adopted] == [(instance_a, 2)]
+    assert [(e["from_instance"], e["jobs"]) for e in adopted] == [(instance_a, len(held))]
     resumed = {e["job_id"] for e in logs if e["event"] == "sfwatch.job_resumed"}
     assert resumed == set(held), "B resumed exactly A's jobs, under their job ids"
     assert_delivered(tmp_path, shared, list(files.values()))

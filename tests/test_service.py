@@ -167,10 +167,12 @@ def test_requests_per_minute_caps_starts(tmp_path: Path, fake_api: FakeAPI) -> N
         wait_until(lambda: len(fake_api.uploads) >= 5, 10, "five uploads")
 
         def three_waiting() -> bool:
-            status = daemon.daemon.status()
-            return bool(status["queued"] + status["settling"] == 3 and status["in_flight"] == 0)
+            # Queued, or claimed and prepared, waiting at the gate for a turn (slots.py).
+            status, slots = daemon.daemon.status(), daemon.daemon.slots
+            left = status["queued"] + status["settling"] + len(slots.gate)
+            return bool(left == 3 and status["in_flight"] == len(slots.gate))
 
-        wait_until(three_waiting, 10, "three left waiting, none in flight")
+        wait_until(three_waiting, 10, "three left waiting, none uploading")
         assert len(fake_api.uploads) == 5
 
 
