@@ -508,6 +508,7 @@ class Daemon:
         signal.signal(signal.SIGHUP, self._on_hup)
 
     def _shutdown(self) -> None:
+        self.slots.close_gate()  # (before anything here can raise: see close_gate)
         self.intake.stop()
         for job in self.slots.jobs():
             # We are leaving them, not crashing on them: no poison count.

@@ -74,7 +74,9 @@ class Ticket:
     turn: threading.Event = field(default_factory=threading.Event)
     #: the main thread gave it a turn (and counted it with the pacer)
     granted: bool = False
-    #: waiting at the gate, prepared (since then: a wait of ours is not a stuck worker)
+    #: when it got its turn (monotonic): the stuck-upload clock starts again then
+    granted_at: float | None = None
+    #: waiting at the gate, prepared (a wait of ours is not a stuck worker)
     waiting: bool = False
     #: no turn after all (a stop, a pause): the attempt ends unsent
     refused: bool = False
@@ -154,7 +156,7 @@ class UploadSlots:
                 if not refuse:
                     if not self.pacer.allowed(sending):
                         break
-                    ticket.granted = True
+                    ticket.granted, ticket.granted_at = True, time.monotonic()
                     sending += 1
                     self.pacer.started()
                 else:
@@ -250,17 +252,27 @@ class UploadSlots:
         An attempt's clock starts again when it gets its turn: a wait at the gate is
         the pacer's doing (an outage, a rate limit), not a stuck thread.
         """
-        for future, ticket in self.in_flight.items():
-            if ticket.waiting:
-                self.started_at[future] = now
-        oldest = min(self.started_at.values(), default=now)
+        running = [
+            ticket.granted_at or self.started_at[future]
+            for future, ticket in self.in_flight.items()
+            if not ticket.waiting and future in self.started_at
+        ]
+        oldest = min(running, default=now)
         return now - oldest if now - oldest >= self.stuck_after else None
 
-    def shutdown(self, *, wait: bool) -> None:
-        """Cancel what has not started; wait for the rest unless we are abandoning them."""
+    def close_gate(self) -> None:
+        """Refuse every attempt waiting for a turn, and those yet to ask (the daemon ends).
+
+        First thing at shutdown: a thread left waiting at the gate would block the
+        interpreter's exit for ever (it joins the pool's threads).
+        """
         with self.gate_lock:
             self.closed = True
         self.grant(stopping=True)
+
+    def shutdown(self, *, wait: bool) -> None:
+        """Cancel what has not started; wait for the rest unless we are abandoning them."""
+        self.close_gate()
         self.pool.shutdown(wait=wait, cancel_futures=True)
         self.local_pool.shutdown(wait=wait, cancel_futures=True)
 

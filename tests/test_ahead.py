@@ -9,13 +9,14 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from structlog.testing import capture_logs
 
 from sfwatch.slots import prepared_ahead
 from tests.audiogen import wav_bytes
-from tests.conftest import files_under, running_daemon, wait_until, write_config
+from tests.conftest import Running, files_under, running_daemon, wait_until, write_config
 from tests.fakeapi import R401, FakeAPI, Reply, Upload
 
 AHEAD = prepared_ahead(1)
@@ -29,6 +30,11 @@ def held_until(release: threading.Event) -> Callable[[Upload], Reply | None]:
         return None
 
     return respond
+
+
+def settled(daemon: Running, fake_api: FakeAPI) -> bool:
+    """One upload is at the (holding) fake and AHEAD files wait, prepared, for their turn."""
+    return len(daemon.daemon.slots.gate) == AHEAD and fake_api.in_flight == 1
 
 
 def drop_files(inbox: Path, count: int) -> dict[str, str]:
@@ -48,8 +54,7 @@ def test_next_files_are_prepared_while_an_upload_runs(tmp_path: Path, fake_api: 
     config = write_config(tmp_path, fake_api.url, api={"concurrency": 1})
     with capture_logs() as logs, running_daemon(config) as daemon:
         hashes = drop_files(daemon.inbox, AHEAD + 3)
-        slots = daemon.daemon.slots
-        wait_until(lambda: len(slots.gate) == AHEAD, 20, "files prepared, waiting for a turn")
+        wait_until(partial(settled, daemon, fake_api), 20, "one upload out, the rest prepared")
         claimed = [e for e in logs if e["event"] == "sfwatch.file_claimed"]
         started = [e for e in logs if e["event"] == "sfwatch.upload_started"]
         assert len(claimed) == 1 + AHEAD, "the upload's file and those prepared ahead, no more"
@@ -67,7 +72,7 @@ def test_a_warm_stop_sends_prepared_files_back_unsent(tmp_path: Path, fake_api: 
     config = write_config(tmp_path, fake_api.url, api={"concurrency": 1})
     with running_daemon(config) as daemon:
         hashes = drop_files(daemon.inbox, AHEAD + 1)
-        wait_until(lambda: len(daemon.daemon.slots.gate) == AHEAD, 20, "files prepared ahead")
+        wait_until(partial(settled, daemon, fake_api), 20, "one upload out, the rest prepared")
         daemon.daemon.request_stop()
         # Refused before the held upload ends: nothing but that one is in flight.
         wait_until(lambda: len(daemon.daemon.slots) == 1, 10, "waiting attempts sent back")
