@@ -123,7 +123,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     for warning in config_warnings(config):
         get_logger().warning("sfwatch.config_warning", message=warning)
     daemon = Daemon(config, key, burst=args.burst)
-    code = daemon.run()
+    try:
+        code = daemon.run()
+    except Exception:
+        if not daemon.abandoned:
+            raise
+        # A cold stop whose last writes failed (the state disk): still leave now.
+        get_logger().exception("sfwatch.shutdown_failed")
+        code = 1
     if daemon.abandoned:
         # A cold stop: uploads are still blocked in worker threads that Python would
         # wait for at exit. Their files stay claimed and resume at the next start.

@@ -6,17 +6,31 @@ for a turn to upload; a stop or an account pause sends them back unsent.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import shutil
+import signal
+import subprocess
 import threading
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import pytest
 from structlog.testing import capture_logs
 
 from sfwatch.slots import prepared_ahead
 from tests.audiogen import wav_bytes
-from tests.conftest import Running, files_under, running_daemon, wait_until, write_config
+from tests.conftest import (
+    Running,
+    daemon_process,
+    files_under,
+    running_daemon,
+    wait_until,
+    write_config,
+)
 from tests.fakeapi import R401, FakeAPI, Reply, Upload
 
 AHEAD = prepared_ahead(1)
@@ -115,3 +129,53 @@ def test_uploads_in_flight_never_exceed_concurrency(tmp_path: Path, fake_api: Fa
         wait_until(lambda: len(files_under(daemon.inbox / "done")) == len(hashes), 30, "all done")
     assert fake_api.max_concurrent == 2
     assert sorted(u.sha256 for u in fake_api.uploads) == sorted(hashes.values()), "each once"
+
+
+def traced_by(pid: int) -> set[int]:
+    """The tracer pids of every thread of ``pid`` (0: not traced)."""
+    tracers = set()
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        with contextlib.suppress(OSError):
+            for line in status.read_text().splitlines():
+                if line.startswith("TracerPid:"):
+                    tracers.add(int(line.split()[1]))
+    return tracers
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_a_cold_stop_with_the_state_disk_failing_still_exits(
+    tmp_path: Path, fake_api: FakeAPI
+) -> None:
+    """Files wait at the gate, the ledger's writes fail (ENOSPC), two SIGTERMs: it exits now."""
+    release = threading.Event()
+    fake_api.responder = held_until(release)
+    config = write_config(tmp_path, fake_api.url, api={"concurrency": 1, "timeout_seconds": 30})
+    inbox = tmp_path / "inbox"
+    hashes = drop_files(inbox, AHEAD + 1)
+    try:
+        with daemon_process(config) as daemon:
+            wait_until(lambda: fake_api.in_flight == 1, 20, "one upload held")
+            wait_until(lambda: len(daemon.events("sfwatch.file_claimed")) == 1 + AHEAD, 20)
+            pid = daemon.proc.pid
+            # Every write of the ledger (SQLite's WAL) fails from now on, as on a full disk.
+            inject = "inject=pwrite64,fdatasync,fsync:error=ENOSPC"
+            command = ["strace", "-f", "-qq", "-o", os.devnull, "-e", inject, "-p", str(pid)]
+            tracer = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+            try:
+                wait_until(lambda: traced_by(pid) == {tracer.pid}, 10, "strace attached")
+                started = time.monotonic()
+                # Two signals at once (two SIGTERMs would merge into one): a cold stop
+                # before the loop's next turn, with files still waiting at the gate.
+                daemon.signal(signal.SIGTERM)
+                daemon.signal(signal.SIGINT)
+                daemon.wait(15)
+                assert time.monotonic() - started < 5, "a cold stop must not wait for uploads"
+            finally:
+                tracer.wait(10)
+            assert daemon.events("sfwatch.shutdown_failed"), "the ledger's writes did fail"
+    finally:
+        release.set()
+    fake_api.responder = None
+    with running_daemon(config) as again:
+        wait_until(lambda: len(files_under(again.inbox / "done")) == len(hashes), 30, "resumed")
+    assert not (inbox / "failed").exists()
