@@ -6,7 +6,8 @@ Local work — a move to failed/, finishing a transcript already paid for — ha
 pool of its own: it is never held up behind the pacer, nor behind slow uploads.
 
 Only the main thread calls in here, so the bookkeeping needs no lock; the pool
-threads just run ``Worker.process`` and wake the loop when they end. A worker
+threads run ``Worker.process``, wait at the gate (the one structure they share
+with the main thread, under ``gate_lock``) and wake the loop when they end. A worker
 that raises is a bug of ours, not the file's fault: its outcome is ``crash``
 and the job stays claimed (docs/design.md §6.5).
 
