@@ -52,6 +52,7 @@ from sfwatch.metrics import Metrics
 from sfwatch.notify import Notifier
 from sfwatch.outbox import Outbox
 from sfwatch.pacing import Pacer
+from sfwatch.pressure import Pressure
 from sfwatch.probe import AccountProbe
 from sfwatch.ready import Claimer, ClaimMiss, ReadyQueue
 from sfwatch.reconcile import Reconciler
@@ -144,12 +145,15 @@ class Daemon:
         self.ledger.start_writer()
         # Hooks, webhooks, notifications (docs/design.md §13). The key is given only
         # to scrub it from what they send, which should never hold it anyway.
+        #: files wait for a slot while the daemon is CPU-bound: deliveries wait too
+        self.pressure = Pressure()
         self.outbox = Outbox(
             config,
             self.ledger,
             instance=self.instance,
             backoff_base=backoff_base,
             scrub=_scrubber(api_key),
+            yield_to=self.pressure.busy,
         )
         self.transcriber = Transcriber(
             config.api.base_url,
@@ -300,6 +304,7 @@ class Daemon:
                 self.slots.submit(item)
             for job in self.leases.adopt_expired():
                 self.scheduler.resume(job, self.instance)
+        self.pressure.backlog = self.stop_level == 0 and bool(self.ready)
         if self.stop_level == 0:
             self.intake.check_watchers()
         if time.monotonic() - self._published >= PUBLISH_EVERY:

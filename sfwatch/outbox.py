@@ -16,6 +16,10 @@ docs/design.md §13 ("Integrations: the outbox") is the design; in short:
 - **Retried, then given up.** A failed delivery is tried again after a growing,
   jittered wait; after its sink's ``max_attempts`` it is recorded ``gave_up`` in
   the ledger and logged (``sfwatch.delivery_gave_up``).
+- **Second to uploads.** While files wait for an upload slot and the daemon is
+  CPU-bound (``pressure.Pressure``), a file's deliveries wait, up to ``YIELD_LIMIT``
+  after their event: their CPU would come out of the uploads. Account events never
+  wait.
 - **Never the key.** A hook's environment is built from scratch (``hook_env``), a
   webhook's body and headers and a notification's text from the job's fields;
   nothing is inherited or copied wholesale, and everything goes through ``scrub``
@@ -70,6 +74,10 @@ MIN_PASS = 0.05
 KEEP_SECONDS = 30 * 86400.0
 #: a delivery that raised (a bug, the state disk) is looked at again after this long
 COOL_DOWN = 5.0
+#: a file's delivery yields to uploads at most this long after its event (seconds)
+YIELD_LIMIT = 30.0
+#: while deliveries yield, the dispatcher looks again this often (and not at each finish)
+YIELD_CHECK = 1.0
 
 
 def retry_delay(attempts: int, base: float = RETRY_BASE, cap: float = RETRY_CAP) -> float:
@@ -210,6 +218,8 @@ class Outbox:
         instance: str = "local",
         backoff_base: float = 1.0,
         scrub: Callable[[str], str] = _same,
+        yield_to: Callable[[], bool] | None = None,
+        yield_limit: float = YIELD_LIMIT,
     ) -> None:
         self.config = config
         self.ledger = ledger
@@ -218,6 +228,11 @@ class Outbox:
         #: a second guard: the key replaced in everything sent (it should hold none)
         self.scrub = scrub
         self.routes = Routes(config)
+        #: true while uploads should go first (``pressure.Pressure.busy``)
+        self.yield_to = yield_to
+        self.yield_limit = yield_limit
+        #: file deliveries are being held back for the uploads
+        self.yielding = False
         self.log = get_logger()
         self.host = socket.gethostname()
         self._secrets: dict[str, bytes] = {}
@@ -311,7 +326,11 @@ class Outbox:
             except Exception:  # a bug, or the state disk: log, wait, go on
                 self.log.exception("sfwatch.outbox_error")
                 wait = COOL_DOWN
-            self.wakeup.wait(wait)
+            if self.yielding:
+                # Each finish would wake us to hold its rows back: look once a second.
+                self._stopping.wait(wait)
+            else:
+                self.wakeup.wait(wait)
             # A burst of finishes is one look at the ledger, not one per file.
             self._stopping.wait(max(0.0, began + MIN_PASS - time.monotonic()))
             self.wakeup.clear()
@@ -343,9 +362,15 @@ class Outbox:
         with self._lock:
             self._cooling = {k: v for k, v in self._cooling.items() if v > mono}
             skip = [*self._in_flight, *self._cooling]
+        self._yield_or_not()
+        held_until: float | None = None
         for row in self.ledger.outbox_due(now, DISPATCH_BATCH, skip):
             if self._stopping.is_set():
                 break
+            if self.yielding and row.job_id is not None and row.created + self.yield_limit > now:
+                # Rows come oldest first, so the first held one is released first.
+                held_until = held_until or row.created + self.yield_limit
+                continue
             lane = self._lanes.get(_kind(row.sink))
             if lane is None:
                 self.ledger.outbox_gave_up([row.id], f"unknown sink {row.sink!r}")
@@ -362,7 +387,21 @@ class Outbox:
             waits.append(due - now)
         if self._cooling:
             waits.append(COOL_DOWN)
+        if self.yielding:
+            waits.append(YIELD_CHECK)
+        if held_until is not None:
+            waits.append(held_until - now)
         return max(0.01, min(waits))
+
+    def _yield_or_not(self) -> None:
+        """Decide whether file deliveries yield to uploads for this pass; log changes."""
+        yielding = self.yield_to is not None and not self._stopping.is_set() and self.yield_to()
+        if yielding != self.yielding:
+            self.yielding = yielding
+            self.log.debug(
+                "sfwatch.deliveries_yield" if yielding else "sfwatch.deliveries_resume",
+                limit_seconds=self.yield_limit,
+            )
 
     def _notify_wait(self, now: float) -> float | None:
         """Seconds until gathered notifications may go (0: now); None: none are pending.

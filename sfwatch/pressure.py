@@ -1,0 +1,55 @@
+"""Whether the daemon is pushing a backlog as fast as its CPU allows.
+
+Deliveries (hooks, webhooks) yield to uploads while it is (docs/design.md §13,
+"Deliveries yield to uploads"): a hook's process and a webhook's POST cost the
+daemon CPU, and when the daemon is the bottleneck that CPU comes out of the uploads,
+the work the user pays the API for. A delivery waits at most ``outbox.YIELD_LIMIT``.
+
+Two signals, both cheap:
+
+- **backlog**, set by the work loop each turn: settled files wait for an upload slot.
+  Without one, holding deliveries back would gain nothing.
+- **the daemon's own CPU** over the last ``window`` seconds (``time.process_time``,
+  every thread of this process, user and system): at ``busy_cores`` of one core or
+  more, the daemon is CPU-bound (its threads share one interpreter lock, so about
+  one core is what they get). A daemon waiting on a slow API uses a few percent;
+  it is never busy, and its deliveries go at once.
+
+Other processes' CPU is not counted: holding our deliveries back would not free it.
+"""
+
+from __future__ import annotations
+
+import time
+
+#: the daemon counts as CPU-bound at this much CPU (in cores) over a window
+BUSY_CORES = 0.9
+#: seconds of CPU use a judgement looks at
+WINDOW = 1.0
+
+
+class Pressure:
+    """Whether files wait for a slot while the daemon is CPU-bound (see the module).
+
+    ``busy`` is called from one thread only (the outbox's dispatcher); ``backlog`` is
+    written by the work loop and read there (one boolean: no lock needed).
+    """
+
+    def __init__(self, *, busy_cores: float = BUSY_CORES, window: float = WINDOW) -> None:
+        self.busy_cores = busy_cores
+        self.window = window
+        #: settled files wait for an upload slot (the work loop sets it each turn)
+        self.backlog = False
+        #: the daemon's CPU over the last whole window, in cores
+        self.cores = 0.0
+        self._at = time.monotonic()
+        self._cpu = time.process_time()
+
+    def busy(self) -> bool:
+        """Files wait for a slot and the daemon used ``busy_cores`` or more lately."""
+        now = time.monotonic()
+        if now - self._at >= self.window:
+            cpu = time.process_time()
+            self.cores = (cpu - self._cpu) / (now - self._at)
+            self._at, self._cpu = now, cpu
+        return self.backlog and self.cores >= self.busy_cores

@@ -1,0 +1,149 @@
+"""Deliveries yield to uploads while the daemon is CPU-bound (docs/design.md §13):
+a real dispatcher and lanes, a loopback webhook receiver, a real daemon with the fake
+API; the daemon's own CPU is made busy by a thread that spins.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from structlog.testing import capture_logs
+
+from sfwatch.config import parse_config
+from sfwatch.ledger import Ledger
+from sfwatch.outbox import Outbox
+from sfwatch.pressure import Pressure
+from tests.audiogen import wav_bytes
+from tests.conftest import running_daemon, wait_until, write_config
+from tests.fakeapi import FakeAPI
+from tests.test_outbox import Receiver, receiver
+
+EVENTS = ["done", "failed", "paused", "resumed"]
+FINISHED = "sfwatch.job_finished"
+DELIVERED = "sfwatch.webhook_delivered"
+
+
+@contextmanager
+def spinning() -> Iterator[None]:
+    """A thread of this process that keeps one core busy for the block."""
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            sum(range(1000))
+
+    thread = threading.Thread(target=spin, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+@contextmanager
+def outbox_to(
+    tmp_path: Path, sink: Receiver, yielding: threading.Event, **kwargs: Any
+) -> Iterator[tuple[Outbox, Ledger]]:
+    """An Outbox with one webhook for every event, yielding while ``yielding`` is set."""
+    config = parse_config(
+        {"watch": [{"path": "inbox"}], "webhooks": [{"url": sink.url, "events": EVENTS}]},
+        tmp_path,
+    )
+    ledger = Ledger.in_state_dir(tmp_path / "state")
+    outbox = Outbox(config, ledger, yield_to=yielding.is_set, **kwargs)
+    try:
+        yield outbox, ledger
+    finally:
+        outbox.stop(1.0)
+        ledger.close()
+
+
+def _add_files(outbox: Outbox, ledger: Ledger, count: int) -> None:
+    watch = outbox.config.watch[0]
+    for index in range(count):
+        fields = {"job_id": f"j{index}", "file": f"/in/{index}.wav", "outcome": "done"}
+        ledger.outbox_add(outbox.routes.for_job(watch, "done", fields))
+
+
+def _types(sink: Receiver) -> list[str]:
+    return [str(r.json["type"]) for r in sink.accepted()]
+
+
+def test_pressure_needs_both_a_backlog_and_a_busy_daemon() -> None:
+    """busy() is true only while the loop says files wait and this process spins."""
+    pressure = Pressure(busy_cores=0.5, window=0.2)
+    with spinning():
+        wait_until(lambda: pressure.busy() or pressure.cores >= 0.5, 10, "a busy window")
+        assert not pressure.busy(), "no backlog: nothing to yield to"
+        pressure.backlog = True
+        wait_until(pressure.busy, 10, "busy with a backlog")
+    wait_until(lambda: not pressure.busy(), 10, "idle once the spinning stopped")
+    assert pressure.cores < 0.5
+
+
+def test_file_deliveries_wait_while_uploads_go_first_but_account_events_do_not(
+    tmp_path: Path,
+) -> None:
+    """Held: the files' webhooks; sent at once: `paused`. Released: every file, once."""
+    yielding = threading.Event()
+    yielding.set()
+    with receiver() as sink, outbox_to(tmp_path, sink, yielding) as (outbox, ledger):
+        _add_files(outbox, ledger, 3)
+        outbox.account_event("paused", {"reason": "unauthorized", "http_status": 401})
+        with capture_logs() as logs:
+            outbox.start()
+            # One pass handed out `paused` and held the files, which were due before it.
+            wait_until(lambda: _types(sink) == ["paused"], 10, "the account event")
+            assert any(e["event"] == "sfwatch.deliveries_yield" for e in logs)
+            held = [row.status for row in ledger.outbox_rows() if row.job_id is not None]
+            assert held == ["pending"] * 3
+            yielding.clear()
+            wait_until(lambda: len(sink.accepted()) == 4, 10, "the held files")
+            wait_until(lambda: ledger.outbox_counts() == {"delivered": 4}, 5, "marked")
+        assert any(e["event"] == "sfwatch.deliveries_resume" for e in logs)
+    files = sorted(r.json["data"]["job_id"] for r in sink.accepted()[1:])
+    assert files == ["j0", "j1", "j2"]  # each once (files go side by side: any order)
+
+
+def test_a_held_delivery_goes_when_its_limit_is_reached(tmp_path: Path) -> None:
+    """Uploads that stay busy hold a file's webhook for ``yield_limit`` seconds, no more."""
+    yielding = threading.Event()
+    yielding.set()
+    with (
+        receiver() as sink,
+        outbox_to(tmp_path, sink, yielding, yield_limit=1.0) as (outbox, ledger),
+    ):
+        _add_files(outbox, ledger, 1)
+        (row,) = ledger.outbox_rows()
+        outbox.start()
+        wait_until(lambda: len(sink.accepted()) == 1, 10, "the webhook, once its limit passed")
+        arrived = time.time()
+    held = arrived - row.created
+    assert 1.0 <= held < 4.0, held
+
+
+def test_a_daemon_pushing_a_backlog_delivers_after_it(tmp_path: Path, fake_api: FakeAPI) -> None:
+    """C=1, 0.3 s per upload, 8 files: the first file's webhook waits for the backlog."""
+    fake_api.latency = 0.3
+    with receiver() as sink:
+        hook = {"url": sink.url, "events": ["done"]}
+        config = write_config(
+            tmp_path, fake_api.url, api={"concurrency": 1}, extra={"webhooks": [hook]}
+        )
+        with capture_logs() as logs, running_daemon(config, backoff_base=0.05) as running:
+            running.daemon.pressure.busy_cores = 0.0  # any CPU counts: a backlog is enough
+            inbox = tmp_path / "inbox"
+            for index in range(8):
+                (inbox / f"{index}.wav").write_bytes(wav_bytes(4000, seed=index))
+            wait_until(lambda: len(sink.accepted()) == 8, 30, "every file's webhook")
+    order = [e["event"] for e in logs if e["event"] in {FINISHED, DELIVERED}]
+    # Without the yield the first webhook comes right after the first finish. With it,
+    # it waits while files wait for the slot: until about the fifth finish (three
+    # files are claimed at once, one uploading and two prepared ahead).
+    assert order.index(DELIVERED) > 3, order
