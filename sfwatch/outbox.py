@@ -233,6 +233,8 @@ class Outbox:
         self.yield_limit = yield_limit
         #: file deliveries are being held back for the uploads
         self.yielding = False
+        #: ... and none has waited its limit: the dispatcher need not wake at each finish
+        self._all_held = False
         self.log = get_logger()
         self.host = socket.gethostname()
         self._secrets: dict[str, bytes] = {}
@@ -326,7 +328,7 @@ class Outbox:
             except Exception:  # a bug, or the state disk: log, wait, go on
                 self.log.exception("sfwatch.outbox_error")
                 wait = COOL_DOWN
-            if self.yielding:
+            if self._all_held:
                 # Each finish would wake us to hold its rows back: look once a second.
                 self._stopping.wait(wait)
             else:
@@ -364,6 +366,7 @@ class Outbox:
             skip = [*self._in_flight, *self._cooling]
         self._yield_or_not()
         held_until: float | None = None
+        all_held = self.yielding
         for row in self.ledger.outbox_due(now, DISPATCH_BATCH, skip):
             if self._stopping.is_set():
                 break
@@ -371,6 +374,9 @@ class Outbox:
                 # Rows come oldest first, so the first held one is released first.
                 held_until = held_until or row.created + self.yield_limit
                 continue
+            # Past its limit (or an account event): delivered at the usual pace, so
+            # that a long busy backlog never piles up rows faster than they go.
+            all_held = False
             lane = self._lanes.get(_kind(row.sink))
             if lane is None:
                 self.ledger.outbox_gave_up([row.id], f"unknown sink {row.sink!r}")
@@ -391,6 +397,7 @@ class Outbox:
             waits.append(YIELD_CHECK)
         if held_until is not None:
             waits.append(held_until - now)
+        self._all_held = all_held
         return max(0.01, min(waits))
 
     def _yield_or_not(self) -> None:
