@@ -92,7 +92,7 @@ def format_status(report: dict[str, Any]) -> str:
             lines.append(
                 f"  settling {d.get('settling', 0)}, queued {d.get('queued', 0)}, "
                 f"waiting {d.get('waiting', 0)}, in flight {d.get('in_flight', 0)} "
-                f"(limit {d.get('limit')})"
+                f"(uploading {d.get('uploading', 0)}, limit {d.get('limit')})"
             )
             if d.get("paused") and d.get("paused_reason") == "field_rejected":
                 # A config the server refused: no timer ends it, a reload does.

@@ -111,7 +111,8 @@ def format_status(status: dict[str, Any]) -> str:
     done = counts.get("done", 0) + counts.get("dedup", 0)
     line = (
         f"queued {status['queued'] + status['settling']}, waiting {status['waiting']}, "
-        f"in flight {status['in_flight']}, done {done}, failed {counts.get('failed', 0)}"
+        f"in flight {status['in_flight']} (uploading {status['uploading']}), done {done}, "
+        f"failed {counts.get('failed', 0)}"
     )
     return f"{line}; paused: {status['paused']}" if status["paused"] else line
 
@@ -352,6 +353,9 @@ class Daemon:
             "queued": len(self.ready),
             "waiting": len(self.scheduler.waiting),
             "in_flight": len(self.slots),
+            # of which uploads sent and not answered: the rest are claimed, being
+            # prepared, waiting for their turn, or finishing
+            "uploading": self.slots.sending(),
             "limit": pace.limit,
             "paused": pace.paused,
             "paused_reason": pace.reason,

@@ -84,7 +84,17 @@ class _StatusGauges:
             "or waiting for a retry.",
             status["settling"] + status["queued"] + status["waiting"],
         )
-        yield _gauge("sfwatch_in_flight", "Attempts running now.", status["in_flight"])
+        yield _gauge(
+            "sfwatch_in_flight",
+            "Attempts running now: claimed, being prepared, waiting for a turn, uploading "
+            "or finishing.",
+            status["in_flight"],
+        )
+        yield _gauge(
+            "sfwatch_uploading",
+            "Uploads sent and not yet answered (what the concurrency limit counts).",
+            status.get("uploading", 0),
+        )
         yield _gauge(
             "sfwatch_concurrency_limit",
             "Uploads allowed at once now (api.concurrency, halved on rate limits).",

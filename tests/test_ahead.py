@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from sfwatch.daemon import format_status
 from sfwatch.slots import prepared_ahead
 from tests.audiogen import wav_bytes
 from tests.conftest import (
@@ -73,6 +74,9 @@ def test_next_files_are_prepared_while_an_upload_runs(tmp_path: Path, fake_api: 
         started = [e for e in logs if e["event"] == "sfwatch.upload_started"]
         assert len(claimed) == 1 + AHEAD, "the upload's file and those prepared ahead, no more"
         assert len(started) == 1, "only the upload with the turn has started"
+        status = daemon.daemon.status()  # (nothing moves while the upload is held)
+        assert (status["in_flight"], status["uploading"]) == (1 + AHEAD, 1)
+        assert f"in flight {1 + AHEAD} (uploading 1)" in format_status(status)
         release.set()
         wait_until(lambda: len(files_under(daemon.inbox / "done")) == len(hashes), 30, "all done")
     assert fake_api.max_concurrent == 1

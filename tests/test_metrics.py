@@ -191,6 +191,7 @@ def test_counters_equal_what_happened(tmp_path: Path, fake_api: FakeAPI) -> None
     assert audio == pytest.approx((3000 + 7000 - 2 * 44) / 2 / 8000, abs=0.01)
     assert time.time() - 60 < value(after, "sfwatch_last_success_timestamp_seconds") <= time.time()
     assert value(after, "sfwatch_in_flight") == 0
+    assert value(after, "sfwatch_uploading") == 0
     assert value(after, "sfwatch_concurrency_limit") == 4
     assert value(after, "sfwatch_build_info", version=__version__) == 1
     # No label names a file: every label value is from a fixed set.
