@@ -571,19 +571,29 @@ class Ledger:
         if self.on_outbox is not None:
             self.on_outbox()
 
-    def outbox_due(self, now: float, limit: int, skip: Sequence[int] = ()) -> list[OutboxRow]:
+    def outbox_due(
+        self,
+        now: float,
+        limit: int,
+        skip: Sequence[int] = (),
+        *,
+        files_before: float | None = None,
+    ) -> list[OutboxRow]:
         """Rows to deliver now, oldest first: per (sink, ordering) only the first pending.
 
         A row whose predecessor of the same sink and file is still pending (in flight,
         or waiting for a retry) waits: a file's events reach a sink in order.
         Notifications are not here: they go out gathered (``outbox_gathered``).
+        ``files_before``: of a file's events only those created before it (the others
+        yield to uploads: outbox.py); account events always.
         """
         rows = self._query(
             "SELECT * FROM outbox AS o WHERE o.status = 'pending' AND o.sink != 'notify'"
-            " AND o.next_attempt <= ? AND NOT EXISTS (SELECT 1 FROM outbox AS p"
+            " AND o.next_attempt <= ? AND (o.job_id IS NULL OR o.created <= ?)"
+            " AND NOT EXISTS (SELECT 1 FROM outbox AS p"
             " WHERE p.status = 'pending' AND p.sink = o.sink AND p.ordering = o.ordering"
             " AND p.id < o.id) ORDER BY o.id LIMIT ?",
-            (now, limit + len(skip)),
+            (now, float("inf") if files_before is None else files_before, limit + len(skip)),
         )
         skipped = set(skip)
         return [_outbox_row(r) for r in rows if r["id"] not in skipped][:limit]

@@ -235,6 +235,8 @@ class Outbox:
         self.yielding = False
         #: ... and none has waited its limit: the dispatcher need not wake at each finish
         self._all_held = False
+        #: wakes the dispatcher while it holds rows back: an account event, a stop
+        self._urgent = threading.Event()
         self.log = get_logger()
         self.host = socket.gethostname()
         self._secrets: dict[str, bytes] = {}
@@ -273,6 +275,7 @@ class Outbox:
             self.ledger.outbox_add(self.routes.for_account(event, fields))
         except Exception:  # the state disk: the event is lost, the loop must go on
             self.log.exception("sfwatch.outbox_error", event_type=event)
+        self._urgent.set()  # never held back (the commit woke the dispatcher otherwise)
 
     # -- the dispatcher thread ------------------------------------------------------------------
 
@@ -299,6 +302,7 @@ class Outbox:
         """
         self._stopping.set()
         self.wakeup.set()
+        self._urgent.set()
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and not all(lane.idle() for lane in self._lanes.values()):
             time.sleep(0.02)
@@ -329,8 +333,10 @@ class Outbox:
                 self.log.exception("sfwatch.outbox_error")
                 wait = COOL_DOWN
             if self._all_held:
-                # Each finish would wake us to hold its rows back: look once a second.
-                self._stopping.wait(wait)
+                # Each finish would wake us to hold its rows back: look once a second,
+                # or at once for an account event or a stop.
+                self._urgent.wait(wait)
+                self._urgent.clear()
             else:
                 self.wakeup.wait(wait)
             # A burst of finishes is one look at the ledger, not one per file.
@@ -365,18 +371,16 @@ class Outbox:
             self._cooling = {k: v for k, v in self._cooling.items() if v > mono}
             skip = [*self._in_flight, *self._cooling]
         self._yield_or_not()
-        held_until: float | None = None
-        all_held = self.yielding
-        for row in self.ledger.outbox_due(now, DISPATCH_BATCH, skip):
+        # Yielding, a file's rows wait until they are yield_limit old; the ledger leaves
+        # out the younger ones, so however many wait, account events are never behind.
+        files_before = now - self.yield_limit if self.yielding else None
+        rows = self.ledger.outbox_due(now, DISPATCH_BATCH, skip, files_before=files_before)
+        # Rows past their limit go at the usual pace (woken by each finish and lane), so a
+        # long busy backlog never piles them up; with none, one look a second will do.
+        self._all_held = self.yielding and not rows
+        for row in rows:
             if self._stopping.is_set():
                 break
-            if self.yielding and row.job_id is not None and row.created + self.yield_limit > now:
-                # Rows come oldest first, so the first held one is released first.
-                held_until = held_until or row.created + self.yield_limit
-                continue
-            # Past its limit (or an account event): delivered at the usual pace, so
-            # that a long busy backlog never piles up rows faster than they go.
-            all_held = False
             lane = self._lanes.get(_kind(row.sink))
             if lane is None:
                 self.ledger.outbox_gave_up([row.id], f"unknown sink {row.sink!r}")
@@ -395,9 +399,6 @@ class Outbox:
             waits.append(COOL_DOWN)
         if self.yielding:
             waits.append(YIELD_CHECK)
-        if held_until is not None:
-            waits.append(held_until - now)
-        self._all_held = all_held
         return max(0.01, min(waits))
 
     def _yield_or_not(self) -> None:

@@ -9,11 +9,14 @@ Two signals, both cheap:
 
 - **backlog**, set by the work loop each turn: settled files wait for an upload slot.
   Without one, holding deliveries back would gain nothing.
-- **the daemon's own CPU** over the last ``window`` seconds (``time.process_time``,
-  every thread of this process, user and system): at ``busy_cores`` of one core or
-  more, the daemon is CPU-bound (its threads share one interpreter lock, so about
-  one core is what they get). A daemon waiting on a slow API uses a few percent;
-  it is never busy, and its deliveries go at once.
+- **the daemon's own CPU** over the last whole window of about a second
+  (``time.process_time``: every thread of this process, user and system): at
+  ``busy_cores`` of one core or more, the daemon is CPU-bound (its threads share one
+  interpreter lock, so about one core is what they get). A daemon waiting on a slow
+  API uses a few percent; it is never busy, and its deliveries go at once. A window
+  is closed when ``busy`` is asked a second or more after it opened; one that ran
+  past two seconds (nobody asked: an idle spell) is not judged, only restarted, so
+  an idle minute never dilutes the first second of a burst.
 
 Other processes' CPU is not counted: holding our deliveries back would not free it.
 """
@@ -21,6 +24,7 @@ Other processes' CPU is not counted: holding our deliveries back would not free 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 #: the daemon counts as CPU-bound at this much CPU (in cores) over a window
 BUSY_CORES = 0.9
@@ -35,21 +39,32 @@ class Pressure:
     written by the work loop and read there (one boolean: no lock needed).
     """
 
-    def __init__(self, *, busy_cores: float = BUSY_CORES, window: float = WINDOW) -> None:
+    def __init__(
+        self,
+        *,
+        busy_cores: float = BUSY_CORES,
+        window: float = WINDOW,
+        clock: Callable[[], float] = time.monotonic,
+        cpu: Callable[[], float] = time.process_time,
+    ) -> None:
         self.busy_cores = busy_cores
         self.window = window
+        self.clock = clock
+        self.cpu = cpu
         #: settled files wait for an upload slot (the work loop sets it each turn)
         self.backlog = False
         #: the daemon's CPU over the last whole window, in cores
         self.cores = 0.0
-        self._at = time.monotonic()
-        self._cpu = time.process_time()
+        self._at = clock()
+        self._cpu = cpu()
 
     def busy(self) -> bool:
         """Files wait for a slot and the daemon used ``busy_cores`` or more lately."""
-        now = time.monotonic()
+        now = self.clock()
         if now - self._at >= self.window:
-            cpu = time.process_time()
-            self.cores = (cpu - self._cpu) / (now - self._at)
+            cpu = self.cpu()
+            # A window nobody closed in time (an idle spell) says nothing of now.
+            fresh = now - self._at <= 2 * self.window
+            self.cores = (cpu - self._cpu) / (now - self._at) if fresh else 0.0
             self._at, self._cpu = now, cpu
         return self.backlog and self.cores >= self.busy_cores

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 from structlog.testing import capture_logs
 
 from sfwatch.config import parse_config
@@ -76,39 +77,59 @@ def _types(sink: Receiver) -> list[str]:
 
 
 def test_pressure_needs_both_a_backlog_and_a_busy_daemon() -> None:
-    """busy() is true only while the loop says files wait and this process spins."""
-    pressure = Pressure(busy_cores=0.5, window=0.2)
+    """busy() is true only while the loop says files wait and the last window was busy;
+    a window left open through an idle spell is not judged."""
+    now, spent = [100.0], [5.0]
+    pressure = Pressure(busy_cores=0.9, window=1.0, clock=lambda: now[0], cpu=lambda: spent[0])
+
+    def advance(seconds: float, cores: float) -> bool:
+        now[0] += seconds
+        spent[0] += seconds * cores
+        return pressure.busy()
+
+    assert not advance(1.0, 1.2), "no backlog: nothing to yield to"
+    assert pressure.cores == pytest.approx(1.2)
+    pressure.backlog = True
+    assert advance(0.5, 0.0), "judged by the last whole window until the next one closes"
+    assert not advance(0.6, 0.0), "a window of 0.7 cores (0.6 s of 1.1) is not busy"
+    assert advance(1.0, 1.0)
+    assert not advance(60.0, 0.02), "an idle minute is not judged"
+    assert advance(1.0, 0.95), "the first second of a burst is"
+
+
+def test_process_time_counts_the_cpu_of_every_thread() -> None:
+    """A real thread spinning makes the real Pressure see CPU; it goes once it stops."""
+    pressure = Pressure(busy_cores=0.1, window=0.2)
+    pressure.backlog = True
     with spinning():
-        wait_until(lambda: pressure.busy() or pressure.cores >= 0.5, 10, "a busy window")
-        assert not pressure.busy(), "no backlog: nothing to yield to"
-        pressure.backlog = True
-        wait_until(pressure.busy, 10, "busy with a backlog")
+        wait_until(pressure.busy, 10, "busy while a thread spins")
     wait_until(lambda: not pressure.busy(), 10, "idle once the spinning stopped")
-    assert pressure.cores < 0.5
 
 
 def test_file_deliveries_wait_while_uploads_go_first_but_account_events_do_not(
     tmp_path: Path,
 ) -> None:
-    """Held: the files' webhooks; sent at once: `paused`. Released: every file, once."""
+    """Held: 100 files' webhooks (more than one look's batch); sent at once, behind
+    them: `paused`, and `resumed` made while all is held. Released: every file, once."""
     yielding = threading.Event()
     yielding.set()
     with receiver() as sink, outbox_to(tmp_path, sink, yielding) as (outbox, ledger):
-        _add_files(outbox, ledger, 3)
+        _add_files(outbox, ledger, 100)
         outbox.account_event("paused", {"reason": "unauthorized", "http_status": 401})
         with capture_logs() as logs:
             outbox.start()
-            # One pass handed out `paused` and held the files, which were due before it.
-            wait_until(lambda: _types(sink) == ["paused"], 10, "the account event")
+            wait_until(lambda: _types(sink) == ["paused"], 5, "the account event")
             assert any(e["event"] == "sfwatch.deliveries_yield" for e in logs)
+            outbox.account_event("resumed", {})
+            wait_until(lambda: _types(sink) == ["paused", "resumed"], 5, "the next one")
             held = [row.status for row in ledger.outbox_rows() if row.job_id is not None]
-            assert held == ["pending"] * 3
+            assert held == ["pending"] * 100
             yielding.clear()
-            wait_until(lambda: len(sink.accepted()) == 4, 10, "the held files")
-            wait_until(lambda: ledger.outbox_counts() == {"delivered": 4}, 5, "marked")
+            wait_until(lambda: len(sink.accepted()) == 102, 10, "the held files")
+            wait_until(lambda: ledger.outbox_counts() == {"delivered": 102}, 5, "marked")
         assert any(e["event"] == "sfwatch.deliveries_resume" for e in logs)
-    files = sorted(r.json["data"]["job_id"] for r in sink.accepted()[1:])
-    assert files == ["j0", "j1", "j2"]  # each once (files go side by side: any order)
+    files = sorted(r.json["data"]["job_id"] for r in sink.accepted()[2:])
+    assert files == sorted(f"j{i}" for i in range(100))  # each once, in any order
 
 
 def test_held_deliveries_go_when_their_limit_is_reached_and_do_not_pile_up(
@@ -123,7 +144,7 @@ def test_held_deliveries_go_when_their_limit_is_reached_and_do_not_pile_up(
         outbox_to(tmp_path, sink, yielding, yield_limit=1.0) as (outbox, ledger),
     ):
         _add_files(outbox, ledger, 400)
-        created = max(row.created for row in ledger.outbox_rows())
+        created = min(row.created for row in ledger.outbox_rows())
         outbox.start()
         wait_until(lambda: len(sink.accepted()) >= 1, 10, "the first webhook")
         first = time.time()
