@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sfwatch.errors import PrepareError
-from sfwatch.fsutil import link_or_rename_at
+from sfwatch.fsutil import link_or_rename_at, write_all
 from sfwatch.job import FileSignature, Job, Plan, new_job_id
 from sfwatch.safefs import PRIVATE_DIR, WORK_AREA, folder, fsync_fd, open_below, work_area
 from sfwatch.settle import SettledFile
@@ -306,8 +306,10 @@ def write_sidecar(job: Job) -> None:
             fd = os.open(
                 tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600, dir_fd=jfd
             )
-            with os.fdopen(fd, "wb") as out:
-                out.write(body)
+            try:
+                write_all(fd, body)
+            finally:
+                os.close(fd)
             # Our own file in our own folder: replacing the older sidecar is what we want.
             os.replace(tmp, SIDECAR, src_dir_fd=jfd, dst_dir_fd=jfd)
         finally:
@@ -332,6 +334,11 @@ def _read_sidecar_at(jfd: int) -> dict[str, Any] | None:
 def adopted_by(job: Job) -> str | None:
     """The sibling instance whose work folder now holds this job's folder, if any."""
     mine = job_dir(job).parent.name
+    # A sibling adopts a job by renaming its folder into its own work folder
+    # (recovery.py): while the folder is in ours, nobody has. This is asked before
+    # every step of every job, so the siblings' folders are listed only when it is not.
+    if work_area(job.root).holds_folder(["work", mine], job.job_id):
+        return None
     try:
         with work_area(job.root).folder(["work"], create=False) as work:
             for other in os.listdir(work):  # noqa: PTH208 - a handle, not a path

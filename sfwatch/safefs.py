@@ -21,8 +21,11 @@ cache): a use checks with one ``lstat`` that ``<watched>/.sfwatch`` is still the
 private folder the handle was opened in, and with one ``fstat`` that the folder
 was not removed. Only our user can change anything inside a private folder, so
 that is the same guarantee as walking it again — at 3 system calls, not 17
-(each of which hands the GIL to another thread: docs/benchmarks.md). The
-daemon keeps them only while it has work in flight (``let_go``).
+(each of which hands the GIL to another thread: docs/benchmarks.md). A folder
+*below* a kept one (a job's) is opened straight from the kept handle, without
+copying or ``fstat``-ing it: nothing can be found or made in a removed folder,
+so a miss there is what sends us to the check. The daemon keeps them only while
+it has work in flight (``let_go``).
 """
 
 from __future__ import annotations
@@ -74,8 +77,11 @@ def open_below(
     if ``durable``, made durable in their parents (else the caller sees to it).
     The caller closes the returned handle.
     """
-    fd = os.dup(root) if isinstance(root, int) else os.open(root, ROOT_FLAGS)
-    here = Path(f"<fd {root}>") if isinstance(root, int) else root
+    # A handle given is walked from, not copied: every system call here hands the
+    # interpreter lock to another thread and back (docs/benchmarks.md).
+    owned = not isinstance(root, int)
+    fd = os.open(root, ROOT_FLAGS) if not isinstance(root, int) else root
+    here = root if not isinstance(root, int) else Path(f"<fd {root}>")
     try:
         for part in parts:
             _check_part(part)
@@ -90,12 +96,14 @@ def open_below(
                     if durable:
                         fsync_fd(fd)
                 child = _open_child(fd, part, here)
-            os.close(fd)
-            fd = child
+            if owned:
+                os.close(fd)
+            fd, owned = child, True
     except BaseException:
-        os.close(fd)
+        if owned:
+            os.close(fd)
         raise
-    return fd
+    return fd if owned else os.dup(fd)  # (no parts: the caller closes a copy)
 
 
 def _open_child(dfd: int, name: str, shown: Path) -> int:
@@ -252,6 +260,30 @@ class _Handles:
             return None
         return fd
 
+    @contextmanager
+    def lent(self, key: tuple[Path, tuple[str, ...]], area: os.stat_result) -> Iterator[int | None]:
+        """The kept handle itself, not a copy, for the block; None as for ``get``.
+
+        Not checked for removal: a caller that only opens something below it learns
+        of that from the open (nothing is found in, or made in, a removed folder)
+        and then asks ``get``, which checks and forgets it.
+        """
+        with self._lock:
+            kept = self._open.get(key)
+            if kept is not None and kept.area_id == (area.st_dev, area.st_ino):
+                kept.users += 1
+            else:
+                kept = None
+        if kept is None:
+            yield None
+            return
+        try:
+            yield kept.fd
+        finally:
+            with self._lock:
+                kept.users -= 1
+            self._close_dead()
+
     def put(self, key: tuple[Path, tuple[str, ...]], fd: int, area_id: tuple[int, int]) -> None:
         """Keep a copy of ``fd`` (the caller keeps its own)."""
         kept = _Kept(os.dup(fd), area_id)
@@ -337,6 +369,10 @@ class WorkArea:
         except OSError:
             area = None
         if area is not None and is_private(area):
+            if below and (child := self._below_kept(key, area, below[0], create=create)) >= 0:
+                where = self.path.joinpath(*kept_parts, below[0])
+                self._check_or_close(child, where)
+                return self._below(child, where, below[1:], create=create)
             if (kept := _handles.get(key, area)) is not None:
                 return self._below(kept, self.path.joinpath(*kept_parts), below, create=create)
         else:
@@ -361,6 +397,47 @@ class WorkArea:
             self._refused = False
             self.log.info("sfwatch.work_area_accepted", path=str(self.path))
         return fd
+
+    def holds_folder(self, parts: Sequence[str], name: str) -> bool:
+        """Whether ``.sfwatch/<parts>`` has a folder ``name`` (not a link): two system
+        calls when ``parts`` is a kept folder. A missing or refused area holds nothing."""
+        try:
+            area = self.path.lstat()
+        except OSError:
+            return False
+        if is_private(area) and len(parts) == KEPT_DEPTH:
+            with _handles.lent((self.root, tuple(parts)), area) as kept:
+                if kept is not None:
+                    st = lstat_at(kept, name)
+                    return st is not None and stat.S_ISDIR(st.st_mode)
+        try:
+            with self.folder(parts, create=False) as fd:
+                st = lstat_at(fd, name)
+        except OSError:
+            return False
+        return st is not None and stat.S_ISDIR(st.st_mode)
+
+    def _below_kept(
+        self, key: tuple[Path, tuple[str, ...]], area: os.stat_result, part: str, *, create: bool
+    ) -> int:
+        """A handle of ``part`` in a kept folder, opened from the kept handle (no copy
+        of it, no ``fstat`` of it: three system calls fewer); -1 if that is not for
+        sure (nothing kept, or ``part`` not found: maybe the kept folder was removed;
+        ``get`` checks)."""
+        with _handles.lent(key, area) as kept:
+            if kept is None:
+                return -1
+            try:
+                return open_below(kept, [part], create=create, mode=PRIVATE_DIR)
+            except FileNotFoundError:
+                return -1
+
+    def _check_or_close(self, fd: int, where: Path) -> None:
+        try:
+            self._check(fd, where)
+        except BaseException:
+            os.close(fd)
+            raise
 
     def _below(self, fd: int, where: Path, parts: list[str], *, create: bool) -> int:
         """Walk ``parts`` down from ``fd`` (at ``where``; consumed), checking every folder."""

@@ -476,7 +476,7 @@ class Transcriber:
         deadline = started + self.timeout_seconds
         with (
             _translated(f"no answer within timeout_seconds ({self.timeout_seconds:g} s)"),
-            path.open("rb") as raw,
+            path.open("rb", buffering=0) as raw,  # (httpx reads 64 KiB at a time anyway)
         ):
             size = path.stat().st_size
             audio = cast("BinaryIO", _DeadlineFile(raw, deadline))

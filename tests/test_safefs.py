@@ -132,3 +132,45 @@ def test_a_removed_work_area_is_let_go_at_once(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         area.open(["work", "me"], create=False)
     assert not [key for key in safefs._handles._open if key[0] == tmp_path]
+
+
+def test_a_folder_below_a_kept_one_is_opened_from_it_and_a_removed_one_is_noticed(
+    tmp_path: Path,
+) -> None:
+    """A job folder opens from the kept handle; with that folder removed (by root, say)
+    a new one is made, and without ``create`` the missing job is FileNotFoundError."""
+    area = safefs.WorkArea(tmp_path)
+    with area.folder(["work", "me", "job1"]) as job:
+        assert os.fstat(job).st_ino == (tmp_path / ".sfwatch/work/me/job1").stat().st_ino
+    with area.folder(["work", "me", "job1"], create=False) as again:
+        assert os.fstat(again).st_ino == (tmp_path / ".sfwatch/work/me/job1").stat().st_ino
+    shutil.rmtree(tmp_path / ".sfwatch" / "work" / "me")  # the kept folder itself goes
+    with pytest.raises(FileNotFoundError):
+        area.open(["work", "me", "job1"], create=False)
+    with area.folder(["work", "me", "job2"]) as fresh:
+        assert os.fstat(fresh).st_nlink > 0
+        assert os.fstat(fresh).st_ino == (tmp_path / ".sfwatch/work/me/job2").stat().st_ino
+    planted = tmp_path / ".sfwatch" / "work" / "me" / "job3"
+    planted.mkdir()
+    os.chown(planted, os.geteuid() + 4242, -1)  # someone else's: never used
+    with pytest.raises(safefs.UnsafeFolder):
+        area.open(["work", "me", "job3"], create=False)
+
+
+def test_holds_folder_sees_real_folders_only_and_follows_the_area(tmp_path: Path) -> None:
+    """A folder in a kept one is seen; a link or a file of that name is not; nor is
+    anything once .sfwatch was replaced."""
+    area = safefs.WorkArea(tmp_path)
+    with area.folder(["work", "me", "job1"]):
+        pass
+    mine = tmp_path / ".sfwatch" / "work" / "me"
+    (mine / "file").write_bytes(b"")
+    (mine / "link").symlink_to(mine / "job1")
+    assert area.holds_folder(["work", "me"], "job1")
+    assert not area.holds_folder(["work", "me"], "job2")
+    assert not area.holds_folder(["work", "me"], "file")
+    assert not area.holds_folder(["work", "me"], "link")
+    assert not area.holds_folder(["work", "other"], "job1"), "no such folder: nothing held"
+    (tmp_path / ".sfwatch").rename(tmp_path / "moved")  # (what a writer of the share can do)
+    (tmp_path / ".sfwatch").mkdir(mode=0o700)
+    assert not area.holds_folder(["work", "me"], "job1"), "not the kept folder any more"
