@@ -126,7 +126,10 @@ def write_all(fd: int, data: bytes) -> None:
     """
     view = memoryview(data)
     while view:  # (a write may take less than it was given)
-        view = view[os.write(fd, view) :]
+        written = os.write(fd, view)
+        if not written:  # (a broken network file system; never loop for ever)
+            raise OSError(errno.EIO, "write took nothing")
+        view = view[written:]
 
 
 def write_new_at(

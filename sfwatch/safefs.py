@@ -251,7 +251,11 @@ class _Handles:
             with self._lock:
                 kept.users -= 1
             self._close_dead()
-        if os.fstat(fd).st_nlink == 0:  # the folder was removed (by us, or by root)
+        try:
+            removed = os.fstat(fd).st_nlink == 0  # (by us, or by root)
+        except OSError:  # (ESTALE: removed on an NFS server)
+            removed = True
+        if removed:
             os.close(fd)
             with self._lock:
                 if self._open.get(key) is kept:
@@ -272,6 +276,7 @@ class _Handles:
             kept = self._open.get(key)
             if kept is not None and kept.area_id == (area.st_dev, area.st_ino):
                 kept.users += 1
+                self._open.move_to_end(key)
             else:
                 kept = None
         if kept is None:
@@ -405,11 +410,13 @@ class WorkArea:
             area = self.path.lstat()
         except OSError:
             return False
+        _check_part(name)
         if is_private(area) and len(parts) == KEPT_DEPTH:
             with _handles.lent((self.root, tuple(parts)), area) as kept:
                 if kept is not None:
-                    st = lstat_at(kept, name)
-                    return st is not None and stat.S_ISDIR(st.st_mode)
+                    with contextlib.suppress(OSError):  # (ESTALE on NFS: walk instead)
+                        st = lstat_at(kept, name)
+                        return st is not None and stat.S_ISDIR(st.st_mode)
         try:
             with self.folder(parts, create=False) as fd:
                 st = lstat_at(fd, name)
@@ -429,8 +436,10 @@ class WorkArea:
                 return -1
             try:
                 return open_below(kept, [part], create=create, mode=PRIVATE_DIR)
-            except FileNotFoundError:
-                return -1
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.ESTALE):  # (removed here, or by NFS)
+                    return -1
+                raise
 
     def _check_or_close(self, fd: int, where: Path) -> None:
         try:
