@@ -71,8 +71,10 @@ class InotifyTree:
     """One inotify instance and reader thread for a watched folder and the folders below it.
 
     ``enters(path, level)``: would a scan enter this folder (``level`` folders below
-    the root)? ``note(path)``: something happened at ``path``. ``overflowed()``: the
-    kernel dropped events.
+    the root)? ``takes(name)``: could a file of this name be taken? An event about a
+    file that could not is not noted (our own transcripts and temporary files: the
+    work loop need not ``lstat`` them). ``note(path)``: something happened at
+    ``path``. ``overflowed()``: the kernel dropped events.
     """
 
     def __init__(
@@ -82,9 +84,11 @@ class InotifyTree:
         enters: Callable[[str, int], bool],
         note: Callable[[str], None],
         overflowed: Callable[[], None],
+        takes: Callable[[str], bool] | None = None,
     ) -> None:
         self.root = root
         self.enters = enters
+        self.takes = takes
         self.note = note
         self.overflowed = overflowed
         self.log = get_logger()
@@ -196,6 +200,8 @@ class InotifyTree:
                     self._moved(*self._renames.pop(cookie), path, level)
                 elif mask & (flags.CREATE | flags.MOVED_TO):
                     self._add_tree(path, level)
+            elif self.takes is not None and not self.takes(name):
+                continue  # not a folder, and no file of that name is ever taken
             self.note(path)
         for old, _ in self._renames.values():  # the other half was not for a watched folder
             self._remove_tree(old)

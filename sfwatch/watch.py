@@ -382,6 +382,7 @@ class Watcher:
                 enters=functools.partial(enters, watch=watch, pruned=pruned_dirs(watch)),
                 note=notes.note,
                 overflowed=self._overflowed,
+                takes=functools.partial(_wanted_name, watch=watch),
             )
 
     def start(self) -> None:

@@ -97,6 +97,22 @@ def test_folder_moved_in_is_noted_and_watched(
     wait_until(lambda: seen.has(inbox / "moved" / "nested" / "new.wav"), 5, "new.wav noted")
 
 
+def test_files_that_are_never_taken_are_not_noted_but_folders_are(
+    tree_watch: tuple[Watcher, Collector],
+) -> None:
+    """Our transcript and temp names make no note (the loop would lstat them for
+    nothing); a folder of such a name still does, and an audio file."""
+    watcher, seen = tree_watch
+    inbox = watcher.watch.path
+    (inbox / "talk.txt").write_text("a transcript")
+    (inbox / ".talk.txt.0123abcd.sfwatch-tmp").write_text("being written")
+    (inbox / "odd.txt").mkdir()
+    settled(seen, inbox)  # every earlier event has been handled
+    assert seen.has(inbox / "odd.txt"), "a folder is noted whatever its name"
+    assert not seen.has(inbox / "talk.txt")
+    assert not seen.has(inbox / ".talk.txt.0123abcd.sfwatch-tmp")
+
+
 def test_folder_moved_out_is_forgotten(
     tmp_path: Path, tree_watch: tuple[Watcher, Collector]
 ) -> None:
