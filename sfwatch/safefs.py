@@ -329,6 +329,14 @@ class _Handles:
 _handles = _Handles()
 
 
+def _alive(fd: int) -> bool:
+    """The folder of ``fd`` was not removed (an NFS ESTALE counts as removed)."""
+    try:
+        return os.fstat(fd).st_nlink > 0
+    except OSError:
+        return False
+
+
 def let_go() -> None:
     """Close every kept work-area handle (the daemon does when it has nothing in flight).
 
@@ -464,12 +472,30 @@ class WorkArea:
 
     @contextmanager
     def folder(self, parts: Sequence[str] = (), *, create: bool = True) -> Iterator[int]:
-        """``open`` as a context manager that closes the handle."""
+        """``open`` as a context manager that closes the handle.
+
+        A kept folder itself (``work/<instance>``, ``tmp/<instance>``: asked a few
+        times a file) is lent for the block, not copied: its removal checked with one
+        ``fstat`` instead of a copy, an ``fstat`` and a ``close``.
+        """
+        if len(parts) == KEPT_DEPTH and (area := self._private_area()) is not None:
+            with _handles.lent((self.root, tuple(parts)), area) as kept:
+                if kept is not None and _alive(kept):
+                    yield kept
+                    return
         fd = self.open(parts, create=create)
         try:
             yield fd
         finally:
             os.close(fd)
+
+    def _private_area(self) -> os.stat_result | None:
+        """The ``lstat`` of ``.sfwatch`` if it is a private folder; else None."""
+        try:
+            area = self.path.lstat()
+        except OSError:
+            return None
+        return area if is_private(area) else None
 
     def _check(self, fd: int, where: Path) -> os.stat_result:
         """The folder's stat, once it is private (narrowed if ours); UnsafeFolder if not ours."""

@@ -174,3 +174,21 @@ def test_holds_folder_sees_real_folders_only_and_follows_the_area(tmp_path: Path
     (tmp_path / ".sfwatch").rename(tmp_path / "moved")  # (what a writer of the share can do)
     (tmp_path / ".sfwatch").mkdir(mode=0o700)
     assert not area.holds_folder(["work", "me"], "job1"), "not the kept folder any more"
+
+
+def test_a_kept_folder_is_lent_not_copied_and_a_removed_one_is_made_again(
+    tmp_path: Path,
+) -> None:
+    """folder() of a kept folder gives the kept handle itself while the folder lives;
+    once it was removed, a new folder is made and kept instead."""
+    area = safefs.WorkArea(tmp_path)
+    with area.folder(["tmp", "me"]):
+        pass  # now kept
+    with area.folder(["tmp", "me"]) as first, area.folder(["tmp", "me"]) as second:
+        assert first == second, "one handle, lent twice, not two copies"
+    os.fstat(first)  # still open: the kept handle outlives the blocks
+    (tmp_path / ".sfwatch" / "tmp" / "me").rmdir()
+    with area.folder(["tmp", "me"]) as fresh:  # (its number may be the old one's, reused)
+        assert os.fstat(fresh).st_ino == (tmp_path / ".sfwatch/tmp/me").stat().st_ino
+    with area.folder(["tmp", "me"]) as again:
+        assert os.fstat(again).st_nlink > 0
