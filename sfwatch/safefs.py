@@ -412,19 +412,10 @@ class WorkArea:
         return fd
 
     def holds_folder(self, parts: Sequence[str], name: str) -> bool:
-        """Whether ``.sfwatch/<parts>`` has a folder ``name`` (not a link): two system
-        calls when ``parts`` is a kept folder. A missing or refused area holds nothing."""
-        try:
-            area = self.path.lstat()
-        except OSError:
-            return False
+        """Whether ``.sfwatch/<parts>`` has a folder ``name`` (not a link): three system
+        calls when ``parts`` is a kept folder (``folder`` lends it). A missing or refused
+        area, or an error (ESTALE on NFS), holds nothing."""
         _check_part(name)
-        if is_private(area) and len(parts) == KEPT_DEPTH:
-            with _handles.lent((self.root, tuple(parts)), area) as kept:
-                if kept is not None:
-                    with contextlib.suppress(OSError):  # (ESTALE on NFS: walk instead)
-                        st = lstat_at(kept, name)
-                        return st is not None and stat.S_ISDIR(st.st_mode)
         try:
             with self.folder(parts, create=False) as fd:
                 st = lstat_at(fd, name)
