@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sfwatch.errors import PrepareError
-from sfwatch.fsutil import link_or_rename_at, write_all
+from sfwatch.fsutil import link_or_rename_at, write_and_close
 from sfwatch.job import FileSignature, Job, Plan, new_job_id
 from sfwatch.safefs import PRIVATE_DIR, WORK_AREA, folder, fsync_fd, open_below, work_area
 from sfwatch.settle import SettledFile
@@ -306,10 +306,7 @@ def write_sidecar(job: Job) -> None:
             fd = os.open(
                 tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600, dir_fd=jfd
             )
-            try:
-                write_all(fd, body)
-            finally:
-                os.close(fd)
+            write_and_close(fd, body, sync=False)
             # Our own file in our own folder: replacing the older sidecar is what we want.
             os.replace(tmp, SIDECAR, src_dir_fd=jfd, dst_dir_fd=jfd)
         finally:

@@ -51,7 +51,7 @@ from sfwatch.fsutil import (
     numbered,
     same_content_at,
     temp_leaf,
-    write_all,
+    write_and_close,
     write_new_at,
 )
 from sfwatch.job import Job, Plan
@@ -329,11 +329,7 @@ def _write_temp(dfd: int, leaf: str, data: bytes, mode: int) -> None:
     """``data`` in the tagged temp ``leaf`` (a killed run's leftover is overwritten), fsynced."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(leaf, flags, mode, dir_fd=dfd)
-    try:
-        write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_and_close(fd, data, sync=True)
 
 
 def _carry_out_failed(

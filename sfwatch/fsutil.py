@@ -132,6 +132,16 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+def write_and_close(fd: int, data: bytes, *, sync: bool) -> None:
+    """``write_all``, then (``sync``) ``fsync``, then close ``fd`` whatever happened."""
+    try:
+        write_all(fd, data)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_new_at(
     dfd: int, name: str, data: bytes, tag: str | None = None, mode: int = 0o666
 ) -> None:
@@ -147,11 +157,7 @@ def write_new_at(
     flags |= os.O_TRUNC if tag else os.O_EXCL
     fd = os.open(tmp, flags, mode, dir_fd=dfd)
     try:
-        try:
-            write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_and_close(fd, data, sync=True)
         link_or_rename_at(dfd, tmp, dfd, name)
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -377,11 +377,8 @@ class WorkArea:
         # folders come and go, so they are walked from there.
         kept_parts, below = tuple(parts[:KEPT_DEPTH]), list(parts[KEPT_DEPTH:])
         key = (self.root, kept_parts)
-        try:
-            area = self.path.lstat()
-        except OSError:
-            area = None
-        if area is not None and is_private(area):
+        area = self._private_area()
+        if area is not None:
             if below and (child := self._below_kept(key, area, below[0], create=create)) >= 0:
                 where = self.path.joinpath(*kept_parts, below[0])
                 self._check_or_close(child, where)
