@@ -14,8 +14,8 @@ What each event means here:
 
 - a name created, written and closed, modified or moved in or out of a watched
   folder → that path is noted (settle and intake decide the rest);
-- a folder created or moved in → its watches are added first, then it is noted,
-  so that intake's walk of it finds every file that arrived before the watch;
+- a folder created or moved in → its watches are added first, then it and the
+  files found in it are noted, so every file that arrived before the watch is too;
 - a folder moved out → the watches below it are removed (inotify would go on
   reporting them under their old path);
 - the watched folder itself deleted, moved or unmounted → the reader ends, and
@@ -258,11 +258,16 @@ class InotifyTree:
     # -- watches ---------------------------------------------------------------------
 
     def _add_tree(self, path: str, level: int) -> None:
-        """Watch ``path`` (a folder just made or moved in) and the folders below it."""
-        if self._enter(path, level):
-            self._add_below(path, level)
+        """Watch ``path`` (a folder just made or moved in) and the folders below it.
 
-    def _add_below(self, top: str, top_level: int) -> None:
+        Files already in them are noted too: a file written between the folder's
+        creation and its watch raised no event, and the listing that finds the
+        subfolders (made after the watch, so nothing falls between) sees it anyway.
+        """
+        if self._enter(path, level):
+            self._add_below(path, level, note_files=True)
+
+    def _add_below(self, top: str, top_level: int, *, note_files: bool = False) -> None:
         """Watch every folder below ``top`` that a scan would enter; a stack, not recursion."""
         stack = [(top, top_level)]
         while stack:
@@ -273,6 +278,8 @@ class InotifyTree:
                 continue  # unreadable or gone: intake says why when it looks
             for entry in entries:
                 if not entry.is_dir(follow_symlinks=False):
+                    if note_files and (self.takes is None or self.takes(entry.name)):
+                        self.note(entry.path)
                     continue
                 if self._enter(entry.path, level + 1):
                     stack.append((entry.path, level + 1))

@@ -86,13 +86,17 @@ def test_folder_made_later_is_watched_and_ours_are_not(
 def test_folder_moved_in_is_noted_and_watched(
     tmp_path: Path, tree_watch: tuple[Watcher, Collector]
 ) -> None:
-    """A folder moved in with files is noted (intake walks it); its subfolders get watches."""
+    """A folder moved in is noted, and so is every file it brought that could be taken;
+    its subfolders get watches."""
     watcher, seen = tree_watch
     inbox = watcher.watch.path
     (tmp_path / "outside" / "nested").mkdir(parents=True)
     (tmp_path / "outside" / "nested" / "old.wav").write_bytes(b"x")
+    (tmp_path / "outside" / "nested" / "old.txt").write_text("a transcript")
     (tmp_path / "outside").rename(inbox / "moved")
     wait_until(lambda: seen.has(inbox / "moved"), 5, "the folder noted")
+    wait_until(lambda: seen.has(inbox / "moved" / "nested" / "old.wav"), 5, "old.wav noted")
+    assert str(inbox / "moved" / "nested" / "old.txt") not in seen.seen
     (inbox / "moved" / "nested" / "new.wav").write_bytes(b"x")
     wait_until(lambda: seen.has(inbox / "moved" / "nested" / "new.wav"), 5, "new.wav noted")
 
