@@ -47,10 +47,21 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="a: files that must be transcoded before upload (preparing ahead of the turn)",
     )
+    parser.add_argument(
+        "--siblings",
+        type=int,
+        default=1,
+        metavar="K",
+        help="a, d: K daemons on the one inbox, each with its own state and C÷K uploads",
+    )
     args = parser.parse_args(argv)
+    if args.siblings < 1:
+        parser.error("--siblings must be at least 1")
     if args.quick:
         args.runs = 1
         common.SUFFIX = ".quick"
+    if args.siblings > 1:
+        common.SUFFIX += f".siblings-{args.siblings}"
     profiling.ENABLED = args.profile
     names = list(BENCHMARKS) if "all" in args.names else args.names
     unknown = [n for n in names if n not in BENCHMARKS]

@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> list[Figure]:
             settle=SETTLE,
             timeout=900,
             profile="d" if i == 0 else None,
+            siblings=args.siblings,
         )
         print(f"  d run {i + 1}: {result}", flush=True)
         detail["runs"].append(result)

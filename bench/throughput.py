@@ -33,6 +33,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from bench.common import (
     DaemonRun,
     FakeServer,
@@ -89,11 +91,15 @@ def backlog_run(
     outbox: bool = False,
     seconds: float = 0.1,
     transcode: bool = False,
+    siblings: int = 1,
 ) -> dict[str, Any]:
     """One burst run over ``files`` present at start; the measured quantities.
 
     ``outbox``: a hook and a webhook on every file (the run ends once they are delivered).
     ``seconds``: each WAV's length; ``transcode``: every file is re-encoded before upload.
+    ``siblings``: that many daemons on the one inbox, each with its own ``state_dir``
+    and ``concurrency ÷ siblings`` uploads (design §6.3), so that the API sees the
+    same concurrency; CPU and peak RSS are their sums.
     """
     if root.exists():
         shutil.rmtree(root)
@@ -111,22 +117,34 @@ def backlog_run(
             }
         if transcode:
             extra["prepare"] = {"transcode": "always"}
-        config = write_config(root, fake.url, concurrency=concurrency, settle=settle, extra=extra)
+        per_daemon = max(1, concurrency // siblings)
+        config = write_config(root, fake.url, concurrency=per_daemon, settle=settle, extra=extra)
+        configs = [config, *(sibling_config(config, i) for i in range(1, siblings))]
         make_wavs(root / "inbox", files, seconds=seconds)
-        with DaemonRun(config, "--burst", profile=profile) as daemon:
-            code = daemon.wait_exit(timeout)
-            assert daemon.sampler is not None
-            cpu, peak = daemon.sampler.cpu, daemon.sampler.peak_rss_mb
-            started = times_of(daemon.events("sfwatch.upload_started"))
-            finished_events = daemon.events("sfwatch.job_finished")
-            launched = daemon.launched
-            ready = parse_ts(str(daemon.events("sfwatch.daemon_started")[0]["timestamp"]))
-            problems = sorted({str(e.get("event")) for e in daemon.errors()})
-            delivered = times_of(
-                [
-                    *daemon.events("sfwatch.hook_finished"),
-                    *daemon.events("sfwatch.webhook_delivered"),
-                ]
+        with contextlib.ExitStack() as running:
+            daemons = [
+                running.enter_context(DaemonRun(c, "--burst", profile=profile if i == 0 else None))
+                for i, c in enumerate(configs)
+            ]
+            code = max(d.wait_exit(timeout) for d in daemons)
+            samplers = [d.sampler for d in daemons if d.sampler is not None]
+            cpu = sum(s.cpu for s in samplers)
+            peak = round(sum(s.peak_rss_mb for s in samplers), 1)
+            started = sorted(
+                t for d in daemons for t in times_of(d.events("sfwatch.upload_started"))
+            )
+            finished_events = [e for d in daemons for e in d.events("sfwatch.job_finished")]
+            launched = daemons[0].launched
+            ready = max(
+                parse_ts(str(d.events("sfwatch.daemon_started")[0]["timestamp"])) for d in daemons
+            )
+            problems = sorted({str(e.get("event")) for d in daemons for e in d.errors()})
+            delivered = sorted(
+                t
+                for d in daemons
+                for t in times_of(
+                    [*d.events("sfwatch.hook_finished"), *d.events("sfwatch.webhook_delivered")]
+                )
             )
         summary = fake.stop()
         posts = receiver.posts if receiver is not None else 0  # type: ignore[attr-defined]
@@ -142,6 +160,7 @@ def backlog_run(
         "files": files,
         "latency": latency,
         "concurrency": concurrency,
+        "siblings": siblings,
         "settle_seconds": settle,
         "exit_code": code,
         "finished": n,
@@ -220,6 +239,15 @@ def run_outbox(args: argparse.Namespace) -> list[Figure]:
     return figures
 
 
+def sibling_config(config: Path, index: int) -> Path:
+    """A copy of ``config`` for sibling ``index``: the same inbox, a state_dir of its own."""
+    data = yaml.safe_load(config.read_text(encoding="utf-8"))
+    data["state_dir"] = f"{data['state_dir']}-{index}"
+    path = config.with_name(f"{config.stem}-{index}{config.suffix}")
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
 def fake_ceiling(root: Path, files: int, latency: float, concurrency: int) -> float:
     """files/s of the fake alone on this workload, now (``fakeonly.ceiling``)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -280,6 +308,7 @@ def run(args: argparse.Namespace) -> list[Figure]:
                 latency,
                 concurrency,
                 profile=f"a-c{concurrency}" if i == 0 else None,
+                siblings=args.siblings,
             )
             ideal = concurrency / latency
             result["ratio"] = round(result["files_per_s"] / ideal, 3)
