@@ -40,6 +40,7 @@ from typing import Any
 
 from sfwatch import __version__
 from sfwatch.config import Config, Secret, load_config
+from sfwatch.cores import CorePin
 from sfwatch.endpoint import Endpoint
 from sfwatch.errors import ConfigError
 from sfwatch.events import Events
@@ -148,6 +149,7 @@ class Daemon:
         # to scrub it from what they send, which should never hold it anyway.
         #: files wait for a slot while the daemon is CPU-bound: deliveries wait too
         self.pressure = Pressure()
+        self.cores = CorePin(self.log)  # one CPU while busy (cores.py)
         self.outbox = Outbox(
             config,
             self.ledger,
@@ -306,6 +308,7 @@ class Daemon:
             for job in self.leases.adopt_expired():
                 self.scheduler.resume(job, self.instance)
         self.pressure.backlog = self.stop_level == 0 and bool(self.ready)
+        self.cores.turn(self.pressure.backlog)
         if self.stop_level == 0:
             self.intake.check_watchers()
         if time.monotonic() - self._published >= PUBLISH_EVERY:
@@ -518,6 +521,7 @@ class Daemon:
 
     def _shutdown(self) -> None:
         self.slots.close_gate()  # (before anything here can raise: see close_gate)
+        self.cores.release()  # the drain is no backlog; an in-process caller goes on
         self.intake.stop()
         for job in self.slots.jobs():
             # We are leaving them, not crashing on them: no poison count.

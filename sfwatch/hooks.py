@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sfwatch import cores
 from sfwatch.config import HOOK_PATH
 
 #: bytes of a hook's stdout and of its stderr kept for the log line; the rest is counted
@@ -138,16 +139,17 @@ def run_hook(
     """
     begin = time.monotonic()
     try:
-        proc = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=env,
-            cwd="/",
-            start_new_session=True,
-            close_fds=True,
-        )
+        with cores.wide():  # a hook may use every CPU, also when the daemon is pinned
+            proc = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                cwd="/",
+                start_new_session=True,
+                close_fds=True,
+            )
     except OSError as exc:
         return HookResult(
             None, False, f"could not start {argv[0]}: {exc.strerror or exc}", b"", b"", 0, 0, 0.0

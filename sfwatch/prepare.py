@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from sfwatch import audio
+from sfwatch import audio, cores
 from sfwatch.config import Config
 from sfwatch.errors import PrepareError
 from sfwatch.fsutil import sha256_file
@@ -109,13 +109,14 @@ def prepare(job: Job, config: Config, instance: str, scratch: Path | None = None
     stem = Path(job.name).stem[:150] or "audio"
     duration = info.duration
     cuts: list[float] = []
-    if duration is None or duration > max_seconds:
-        levels = audio.loudness(job.path)
-        duration = len(levels) * audio.BLOCK_SECONDS
-        cuts = audio.choose_cuts(levels, max_seconds)
     copy_only = mode == "auto" and not too_big and not foreign and info.container == "mp3"
     convert = audio.stream_copy if copy_only else audio.transcode
-    paths = convert(job.path, lambda i: scratch / f"part{i:03d}.mp3", cuts)
+    with cores.wide():  # PyAV's and numpy's work may use a CPU of its own
+        if duration is None or duration > max_seconds:
+            levels = audio.loudness(job.path)
+            duration = len(levels) * audio.BLOCK_SECONDS
+            cuts = audio.choose_cuts(levels, max_seconds)
+        paths = convert(job.path, lambda i: scratch / f"part{i:03d}.mp3", cuts)
     if not paths:
         raise PrepareError("not_audio", "decoding produced no audio")
     if len(paths) == 1:

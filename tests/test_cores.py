@@ -1,0 +1,264 @@
+"""One core while busy (sfwatch/cores.py): real threads, real affinity calls, the
+kernel's answer read back from ``sched_getaffinity`` of each thread."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from sfwatch import cores
+from sfwatch.cores import CorePin
+from sfwatch.hooks import run_hook
+from sfwatch.pressure import Pressure
+from tests.audiogen import wav_bytes
+from tests.conftest import running_daemon, wait_until, write_config
+from tests.fakeapi import FakeAPI
+
+ALLOWED = set(os.sched_getaffinity(0))
+pytestmark = pytest.mark.skipif(len(ALLOWED) < 2, reason="needs two CPUs to pin to one")
+
+
+def affinities() -> dict[int, set[int]]:
+    """Every thread of this process → the CPUs the kernel lets it run on."""
+    found = {}
+    for tid in cores.threads():
+        try:
+            found[tid] = set(os.sched_getaffinity(tid))
+        except ProcessLookupError:
+            continue  # ended meanwhile
+    return found
+
+
+def all_on(cpus: set[int]) -> bool:
+    """Every thread of this process may run on exactly ``cpus``."""
+    return all(found == cpus for found in affinities().values())
+
+
+@contextmanager
+def idle_thread() -> Iterator[threading.Thread]:
+    """A thread that exists for the block (pinning must reach threads it did not start)."""
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait, daemon=True)
+    thread.start()
+    try:
+        yield thread
+    finally:
+        stop.set()
+        thread.join()
+
+
+class Clock:
+    """A monotonic clock and a CPU counter that the test moves."""
+
+    def __init__(self) -> None:
+        self.now, self.spent = 1000.0, 10.0
+
+    def advance(self, seconds: float, cores: float = 0.0) -> None:
+        self.now += seconds
+        self.spent += seconds * cores
+
+
+@pytest.fixture
+def pin() -> Iterator[tuple[CorePin, Clock]]:
+    """A CorePin on a moved clock; whatever a test does, every thread is let go after."""
+    clock = Clock()
+    pressure = Pressure(clock=lambda: clock.now, cpu=lambda: clock.spent)
+    core_pin = CorePin(
+        _Log(), pressure=pressure, clock=lambda: clock.now, release_after=5, repick_after=60
+    )
+    try:
+        yield core_pin, clock
+    finally:
+        core_pin.release()
+        for tid in cores.threads():
+            os.sched_setaffinity(tid, ALLOWED)
+
+
+class _Log:
+    """A structlog-like logger that keeps its events (CorePin logs via ``info``/``warning``)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, object]]] = []
+
+    def info(self, event: str, **fields: object) -> None:
+        self.events.append((event, fields))
+
+    warning = info
+
+
+def names(pin: CorePin) -> list[str]:
+    """The events a CorePin logged, in order."""
+    log = pin.log
+    assert isinstance(log, _Log)
+    return [event for event, _ in log.events]
+
+
+def test_busy_backlog_pins_every_thread_to_one_cpu_and_quiet_releases_it(
+    pin: tuple[CorePin, Clock],
+) -> None:
+    """A busy window with files waiting pins all threads (also ones started before) to
+    one allowed CPU; five quiet seconds give every thread all the CPUs back."""
+    core_pin, clock = pin
+    with idle_thread():
+        core_pin.turn(backlog=True)
+        assert core_pin.cpu is None, "no window judged yet"
+        clock.advance(1.0, cores=1.2)
+        core_pin.turn(backlog=True)
+        cpu = core_pin.cpu
+        assert cpu is not None
+        assert cpu in ALLOWED
+        assert all_on({cpu})
+        with idle_thread():  # a thread started while pinned inherits the pin
+            assert all_on({cpu})
+        clock.advance(4.0)
+        core_pin.turn(backlog=False)
+        assert core_pin.cpu is not None, "not yet: 4 s without a waiting file"
+        clock.advance(1.0)
+        core_pin.turn(backlog=False)
+        assert core_pin.cpu is None
+        assert all_on(ALLOWED)
+    assert names(core_pin) == ["sfwatch.cpu_pinned", "sfwatch.cpu_released"]
+
+
+def test_an_idle_daemon_or_one_waiting_on_the_api_is_not_pinned(
+    pin: tuple[CorePin, Clock],
+) -> None:
+    """Busy CPU without waiting files, or waiting files without busy CPU: no pin."""
+    core_pin, clock = pin
+    clock.advance(1.0, cores=1.5)
+    core_pin.turn(backlog=False)
+    clock.advance(1.0, cores=0.2)
+    core_pin.turn(backlog=True)
+    assert core_pin.cpu is None
+    assert all_on(ALLOWED)
+
+
+def test_a_long_backlog_is_let_go_every_minute_so_the_kernel_may_move_it(
+    pin: tuple[CorePin, Clock],
+) -> None:
+    """After REPICK_AFTER the pin is released although files still wait; the next busy
+    window, measured unpinned, pins again."""
+    core_pin, clock = pin
+    clock.advance(1.0, cores=1.0)
+    core_pin.turn(backlog=True)
+    assert core_pin.cpu is not None
+    clock.advance(59.0, cores=1.0)
+    core_pin.turn(backlog=True)
+    assert core_pin.cpu is not None
+    clock.advance(1.0, cores=1.0)
+    core_pin.turn(backlog=True)
+    assert core_pin.cpu is None
+    assert all_on(ALLOWED)
+    clock.advance(1.0, cores=1.0)
+    core_pin.turn(backlog=True)
+    assert core_pin.cpu is None, "a whole window on every CPU first: the kernel may move us"
+    clock.advance(1.0, cores=1.0)
+    core_pin.turn(backlog=True)
+    assert core_pin.cpu is not None
+
+
+def test_wide_work_keeps_every_cpu_while_the_rest_is_pinned(pin: tuple[CorePin, Clock]) -> None:
+    """A thread inside wide() (PyAV's work) keeps all CPUs, whether the pin came before
+    or during the block, and takes the pin when it leaves."""
+    core_pin, clock = pin
+    me = threading.get_native_id()
+    clock.advance(1.0, cores=1.0)
+    core_pin.turn(backlog=True)
+    cpu = core_pin.cpu
+    assert cpu is not None
+    with cores.wide():
+        assert set(os.sched_getaffinity(0)) == ALLOWED
+        with cores.wide():  # nested: still wide
+            pass
+        assert set(os.sched_getaffinity(0)) == ALLOWED
+    assert set(os.sched_getaffinity(0)) == {cpu}
+    core_pin.release()
+    with cores.wide():
+        clock.advance(1.0, cores=1.0)
+        core_pin.turn(backlog=True)  # pinned while this thread is wide
+        others = {tid: cpus for tid, cpus in affinities().items() if tid != me}
+        assert set(os.sched_getaffinity(0)) == ALLOWED
+        assert all(cpus == {core_pin.cpu} for cpus in others.values())
+    assert set(os.sched_getaffinity(0)) == {core_pin.cpu}
+
+
+def test_a_hook_started_while_pinned_may_use_every_cpu(pin: tuple[CorePin, Clock]) -> None:
+    """A hook inherits no pin: a user's script keeps every CPU the daemon was allowed."""
+    core_pin, clock = pin
+    clock.advance(1.0, cores=1.0)
+    core_pin.turn(backlog=True)
+    assert core_pin.cpu is not None
+    script = "grep Cpus_allowed_list: /proc/self/status"
+    result = run_hook(["/bin/sh", "-c", script], {}, b"", 10)
+    assert result.returncode == 0, result
+    assert cpu_list(result.stdout.decode().split()[-1]) == ALLOWED
+    assert set(os.sched_getaffinity(0)) == {core_pin.cpu}, "the thread that started it is not"
+
+
+def cpu_list(text: str) -> set[int]:
+    """``0-1,3`` → {0, 1, 3}."""
+    found: set[int] = set()
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        found.update(range(int(low), int(high or low) + 1))
+    return found
+
+
+def test_a_pin_the_kernel_refuses_turns_pinning_off_and_changes_nothing(
+    pin: tuple[CorePin, Clock],
+) -> None:
+    """A CPU set the kernel refuses (as after a cpuset change): one warning, pinning off
+    for good, every thread as it was."""
+    core_pin, clock = pin
+    core_pin.allowed = {4095}  # no such CPU: sched_setaffinity answers EINVAL
+    clock.advance(1.0, cores=1.0)
+    core_pin.turn(backlog=True)
+    assert core_pin.cpu is None
+    assert not core_pin.enabled
+    assert all_on(ALLOWED)
+    assert names(core_pin) == ["sfwatch.cpu_pin_off"]
+    clock.advance(1.0, cores=1.0)
+    core_pin.turn(backlog=True)
+    assert names(core_pin) == ["sfwatch.cpu_pin_off"], "logged once"
+
+
+def test_current_cpu_is_one_this_thread_may_run_on() -> None:
+    """/proc/thread-self/stat names a CPU of our affinity (pinned: that very CPU)."""
+    assert cores.current_cpu() in ALLOWED
+    cpu = max(ALLOWED)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        assert cores.current_cpu() == cpu
+    finally:
+        os.sched_setaffinity(0, ALLOWED)
+
+
+def test_a_daemon_pushing_a_backlog_runs_on_one_cpu_then_on_all(
+    tmp_path: Path, fake_api: FakeAPI
+) -> None:
+    """A real daemon (C=1, 0.2 s uploads, 8 files): its threads are pinned while files
+    wait, every file is done once, and all CPUs are given back when the backlog ends."""
+    fake_api.latency = 0.2
+    config = write_config(tmp_path, fake_api.url, api={"concurrency": 1})
+    with capture_logs() as logs, running_daemon(config, backoff_base=0.05) as running:
+        running.daemon.cores.pressure.busy_cores = 0.0  # any CPU counts: a backlog is enough
+        running.daemon.cores.release_after = 0.5
+        inbox = tmp_path / "inbox"
+        for index in range(8):
+            (inbox / f"{index}.wav").write_bytes(wav_bytes(4000, seed=index))
+        wait_until(lambda: running.daemon.cores.cpu is not None, 15, "the pin")
+        pinned = running.daemon.cores.cpu
+        assert pinned is not None
+        assert all_on({pinned})
+        wait_until(lambda: len(list((inbox / "done").glob("*.wav"))) == 8, 30, "every file")
+        wait_until(lambda: running.daemon.cores.cpu is None, 10, "the release")
+        assert all_on(ALLOWED)
+    assert len(fake_api.uploads) == 8
+    events = [e["event"] for e in logs if e["event"].startswith("sfwatch.cpu_")]
+    assert events[:2] == ["sfwatch.cpu_pinned", "sfwatch.cpu_released"]
