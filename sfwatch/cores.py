@@ -13,7 +13,11 @@ every thread of the process is pinned to the CPU the work loop is running on; th
 CPU is one the process was allowed (``sched_getaffinity`` at start: a systemd
 ``CPUAffinity=`` is respected). The pin is released when no file has waited for
 ``RELEASE_AFTER`` seconds, and every ``REPICK_AFTER`` seconds of a long backlog, so
-that the kernel may move the daemon off a CPU that other work has taken since.
+that the kernel may move the daemon off a CPU that other work has taken since. It is
+also released as soon as a window finds the daemon using less than ``KEEP_CORES`` of
+its CPU: the API slowed down (a pin gains nothing then), or another busy process
+shares that CPU (two sfwatch daemons on one host could pin to the same one). The
+next pin is judged by a whole window measured on every CPU.
 
 Work that does not hold the interpreter lock and takes real CPU (PyAV transcoding a
 file, numpy measuring its loudness) runs ``wide()``: its thread keeps every allowed
@@ -38,6 +42,8 @@ from sfwatch.pressure import Pressure
 RELEASE_AFTER = 5.0
 #: seconds a pin lasts at most; the next busy window pins again, perhaps elsewhere
 REPICK_AFTER = 60.0
+#: a pinned daemon getting less CPU than this (in cores) over a window is released
+KEEP_CORES = 0.6
 
 _lock = threading.Lock()  # held while any thread's CPUs change: no pass can race another
 _wide: dict[int, int] = {}  # native thread id → how many wide() blocks it is in
@@ -97,12 +103,14 @@ class CorePin:
         clock: Callable[[], float] = time.monotonic,
         release_after: float = RELEASE_AFTER,
         repick_after: float = REPICK_AFTER,
+        keep_cores: float = KEEP_CORES,
     ) -> None:
         self.log = log
         self.pressure = pressure if pressure is not None else Pressure(clock=clock)
         self.clock = clock
         self.release_after = release_after
         self.repick_after = repick_after
+        self.keep_cores = keep_cores
         self.allowed = set(os.sched_getaffinity(0))
         _allowed.update(self.allowed)
         #: False once pinning is off: one CPU allowed, or the kernel refused a pin
@@ -123,9 +131,12 @@ class CorePin:
         if self.cpu is None:
             if self.pressure.busy():
                 self._pin(now)
-        elif (
+            return
+        self.pressure.busy()  # the windows go on: what the pinned daemon gets is judged too
+        if (
             now - self._backlog_at >= self.release_after
             or now - self._pinned_at >= self.repick_after
+            or self.pressure.cores < self.keep_cores
         ):
             self.release()
 
@@ -143,7 +154,8 @@ class CorePin:
             return
         cpu, self.cpu = self.cpu, None
         if self._apply(None):
-            self.log.info("sfwatch.cpu_released", cpu=cpu)
+            self.log.info("sfwatch.cpu_released", cpu=cpu, cores=round(self.pressure.cores, 2))
+        self.pressure.restart()  # the next pin is judged by a window on every CPU
 
     def _apply(self, pin: set[int] | None) -> bool:
         """Set every thread's CPUs: ``pin``, or all allowed ones; False if refused."""

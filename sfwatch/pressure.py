@@ -19,6 +19,9 @@ Two signals, both cheap:
   an idle minute never dilutes the first second of a burst.
 
 Other processes' CPU is not counted: holding our deliveries back would not free it.
+
+``cores.CorePin`` has a ``Pressure`` of its own: while it is busy, the daemon's
+threads share one CPU (docs/design.md §2, "One core while busy").
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ WINDOW = 1.0
 class Pressure:
     """Whether files wait for a slot while the daemon is CPU-bound (see the module).
 
-    ``busy`` is called from one thread only (the outbox's dispatcher); ``backlog`` is
-    written by the work loop and read there (one boolean: no lock needed).
+    ``busy`` is called from one thread only (the outbox's dispatcher; a CorePin's,
+    the work loop); ``backlog`` is written by the work loop and read there (one
+    boolean: no lock needed).
     """
 
     def __init__(
@@ -57,6 +61,10 @@ class Pressure:
         self.cores = 0.0
         self._at = clock()
         self._cpu = cpu()
+
+    def restart(self) -> None:
+        """Judge nothing before a whole new window, which starts now."""
+        self._at, self._cpu, self.cores = self.clock(), self.cpu(), 0.0
 
     def busy(self) -> bool:
         """Files wait for a slot and the daemon used ``busy_cores`` or more lately."""

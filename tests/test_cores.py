@@ -116,10 +116,11 @@ def test_busy_backlog_pins_every_thread_to_one_cpu_and_quiet_releases_it(
         assert all_on({cpu})
         with idle_thread():  # a thread started while pinned inherits the pin
             assert all_on({cpu})
-        clock.advance(4.0)
-        core_pin.turn(backlog=False)
+        for _ in range(4):  # the backlog ends; its last files still keep a core busy
+            clock.advance(1.0, cores=1.0)
+            core_pin.turn(backlog=False)
         assert core_pin.cpu is not None, "not yet: 4 s without a waiting file"
-        clock.advance(1.0)
+        clock.advance(1.0, cores=1.0)
         core_pin.turn(backlog=False)
         assert core_pin.cpu is None
         assert all_on(ALLOWED)
@@ -148,17 +149,40 @@ def test_a_long_backlog_is_let_go_every_minute_so_the_kernel_may_move_it(
     clock.advance(1.0, cores=1.0)
     core_pin.turn(backlog=True)
     assert core_pin.cpu is not None
-    clock.advance(59.0, cores=1.0)
-    core_pin.turn(backlog=True)
+    for _ in range(59):
+        clock.advance(1.0, cores=1.0)
+        core_pin.turn(backlog=True)
     assert core_pin.cpu is not None
     clock.advance(1.0, cores=1.0)
     core_pin.turn(backlog=True)
     assert core_pin.cpu is None
     assert all_on(ALLOWED)
-    clock.advance(1.0, cores=1.0)
+    clock.advance(0.5, cores=1.0)
     core_pin.turn(backlog=True)
     assert core_pin.cpu is None, "a whole window on every CPU first: the kernel may move us"
+    clock.advance(0.5, cores=1.0)
+    core_pin.turn(backlog=True)
+    assert core_pin.cpu is not None
+
+
+def test_a_pin_that_gets_little_cpu_is_released(pin: tuple[CorePin, Clock]) -> None:
+    """Pinned, a window of less than KEEP_CORES (the API slowed, or another busy process
+    shares the CPU) releases the pin although files wait; a fresh window decides again."""
+    core_pin, clock = pin
     clock.advance(1.0, cores=1.0)
+    core_pin.turn(backlog=True)
+    assert core_pin.cpu is not None
+    clock.advance(1.0, cores=0.7)
+    core_pin.turn(backlog=True)
+    assert core_pin.cpu is not None, "0.7 of a core: the pin still pays"
+    clock.advance(1.0, cores=0.4)
+    core_pin.turn(backlog=True)
+    assert core_pin.cpu is None
+    assert all_on(ALLOWED)
+    clock.advance(0.5, cores=1.0)
+    core_pin.turn(backlog=True)
+    assert core_pin.cpu is None, "half a window after the release: not judged yet"
+    clock.advance(0.5, cores=1.0)
     core_pin.turn(backlog=True)
     assert core_pin.cpu is not None
 
@@ -248,6 +272,7 @@ def test_a_daemon_pushing_a_backlog_runs_on_one_cpu_then_on_all(
     config = write_config(tmp_path, fake_api.url, api={"concurrency": 1})
     with capture_logs() as logs, running_daemon(config, backoff_base=0.05) as running:
         running.daemon.cores.pressure.busy_cores = 0.0  # any CPU counts: a backlog is enough
+        running.daemon.cores.keep_cores = 0.0
         running.daemon.cores.release_after = 0.5
         inbox = tmp_path / "inbox"
         for index in range(8):
