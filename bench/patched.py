@@ -16,6 +16,8 @@ the daemon no longer uses: ``sfwatch.inotify`` replaced it.)
 - ``switch-interval=S``: ``sys.setswitchinterval(S)`` (how long a thread may hold the
   GIL while others wait; 0.005 by default).
 - ``finishing-headroom=N``: upload threads per slot (``slots.FINISHING_HEADROOM``).
+- ``no-core-pin``: the threads never share one CPU (``cores.CorePin`` stays off), to
+  compare with the tree's pin while busy.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from sfwatch import claim, fsutil, ledger, slots
+from sfwatch import claim, cores, fsutil, ledger, slots
 from sfwatch.cli import main as sfwatch_main
 
 
@@ -51,6 +53,8 @@ def apply(spec: str) -> None:
             ledger.Ledger.set_stage = lambda *_a, **_k: None  # type: ignore[method-assign]
         elif name == "finishing-headroom":
             slots.FINISHING_HEADROOM = int(value)
+        elif name == "no-core-pin":
+            cores.CorePin.turn = lambda *_a, **_k: None  # type: ignore[method-assign]
         else:
             raise SystemExit(f"bench.patched: unknown patch {name!r}")
 

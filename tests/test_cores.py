@@ -3,7 +3,11 @@ kernel's answer read back from ``sched_getaffinity`` of each thread."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -250,6 +254,47 @@ def test_a_pin_the_kernel_refuses_turns_pinning_off_and_changes_nothing(
     clock.advance(1.0, cores=1.0)
     core_pin.turn(backlog=True)
     assert names(core_pin) == ["sfwatch.cpu_pin_off"], "logged once"
+
+
+EPERM_SCRIPT = """
+import json, os, threading
+from structlog import get_logger
+from structlog.testing import capture_logs
+from sfwatch.cores import CorePin
+from sfwatch.pressure import Pressure
+now, spent = [0.0], [0.0]
+stop = threading.Event()
+threading.Thread(target=stop.wait).start()
+with capture_logs() as logs:
+    pressure = Pressure(clock=lambda: now[0], cpu=lambda: spent[0])
+    pin = CorePin(get_logger(), pressure=pressure, clock=lambda: now[0])
+    for _ in range(3):
+        now[0] += 1.0
+        spent[0] += 1.0
+        pin.turn(backlog=True)
+stop.set()
+print(json.dumps({"events": [e["event"] for e in logs], "enabled": pin.enabled,
+                  "cpu": pin.cpu, "cpus": sorted(os.sched_getaffinity(0))}))
+"""
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_a_seccomp_filter_refusing_the_call_is_one_warning_and_no_pin() -> None:
+    """sched_setaffinity answering EPERM (a unit's SystemCallFilter= without it),
+    injected by strace: one warning, pinning off, the process as it was."""
+    strace = ["strace", "-f", "-qq", "-o", os.devnull, "-e", "trace=sched_setaffinity"]
+    inject = ["-e", "inject=sched_setaffinity:error=EPERM"]
+    run = subprocess.run(
+        [*strace, *inject, sys.executable, "-c", EPERM_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    result = json.loads(run.stdout.splitlines()[-1])
+    assert result["events"] == ["sfwatch.cpu_pin_off"]
+    assert result == {**result, "enabled": False, "cpu": None, "cpus": sorted(ALLOWED)}
 
 
 def test_current_cpu_is_one_this_thread_may_run_on() -> None:
