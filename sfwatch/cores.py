@@ -9,6 +9,8 @@ the daemon used half the CPU per file on one CPU, and finished 1.5 to 1.9 times 
 many files a second. Its threads can use about one core between them anyway.
 
 So, while files wait for an upload slot and the daemon is CPU-bound (``Pressure``),
+or at once when ``DEEP_ROUNDS`` rounds of uploads wait (``turn(deep=True)``, once per
+backlog: a dump of hundreds of files need not spend its first second unpinned),
 every thread of the process is pinned to the CPU the work loop is running on; that
 CPU is one the process was allowed (``sched_getaffinity`` at start: a systemd
 ``CPUAffinity=`` is respected). The pin is released when no file has waited for
@@ -21,8 +23,10 @@ next pin is judged by a whole window measured on every CPU.
 
 Work that does not hold the interpreter lock and takes real CPU (PyAV transcoding a
 file, numpy measuring its loudness) runs ``wide()``: its thread keeps every allowed
-CPU meanwhile. A failing ``sched_setaffinity`` (a cpuset changed under us) turns the
-pinning off for good, logged once; it never stops the daemon.
+CPU meanwhile, and so does the start of a hook (its process would inherit the pin).
+A failing ``sched_setaffinity`` (a cpuset changed under us, a seccomp filter) turns
+the pinning off for good, logged once; in ``wide()`` it is ignored. Neither stops
+the daemon. One process has one pin (``_owner``): a second CorePin stands aside.
 """
 
 from __future__ import annotations
@@ -44,11 +48,14 @@ RELEASE_AFTER = 5.0
 REPICK_AFTER = 60.0
 #: a pinned daemon getting less CPU than this (in cores) over a window is released
 KEEP_CORES = 0.6
+#: this many rounds of uploads waiting (times api.concurrency) pin at once (``turn(deep=)``)
+DEEP_ROUNDS = 2
 
 _lock = threading.Lock()  # held while any thread's CPUs change: no pass can race another
 _wide: dict[int, int] = {}  # native thread id → how many wide() blocks it is in
 _pin: set[int] | None = None  # the CPU set threads are pinned to now, or None
 _allowed: set[int] = set()  # every CPU the process may use (CorePin sets it)
+_owner: CorePin | None = None  # the CorePin whose pin holds now: one per process
 
 
 def _set_affinity(tid: int, cpus: set[int]) -> None:
@@ -56,14 +63,24 @@ def _set_affinity(tid: int, cpus: set[int]) -> None:
         os.sched_setaffinity(tid, cpus)
 
 
+def _try_affinity(tid: int, cpus: set[int]) -> None:
+    """Best effort: a CPU that left our cpuset costs this thread its CPUs, nothing more."""
+    with contextlib.suppress(OSError):
+        os.sched_setaffinity(tid, cpus)
+
+
 @contextmanager
 def wide() -> Iterator[None]:
-    """Let this thread use every allowed CPU while the block runs (see the module)."""
+    """Let this thread use every allowed CPU while the block runs (see the module).
+
+    Never raises: the block's work (a hook's start, a transcode) matters more than
+    where it runs.
+    """
     tid = threading.get_native_id()
     with _lock:
         _wide[tid] = _wide.get(tid, 0) + 1
         if _wide[tid] == 1 and _pin is not None:
-            _set_affinity(tid, _allowed)
+            _try_affinity(tid, _allowed)
     try:
         yield
     finally:
@@ -72,7 +89,7 @@ def wide() -> Iterator[None]:
             if _wide[tid] == 0:
                 del _wide[tid]
                 if _pin is not None:
-                    _set_affinity(tid, _pin)
+                    _try_affinity(tid, _pin)
 
 
 def current_cpu() -> int | None:
@@ -111,7 +128,8 @@ class CorePin:
         self.release_after = release_after
         self.repick_after = repick_after
         self.keep_cores = keep_cores
-        self.allowed = set(os.sched_getaffinity(0))
+        # (a CorePin made while another one's pin holds must not take it for the rest)
+        self.allowed = set(_allowed) if _owner is not None else set(os.sched_getaffinity(0))
         _allowed.update(self.allowed)
         #: False once pinning is off: one CPU allowed, or the kernel refused a pin
         self.enabled = len(self.allowed) > 1
@@ -119,24 +137,34 @@ class CorePin:
         self.cpu: int | None = None
         self._pinned_at = 0.0
         self._backlog_at = 0.0
+        self._windows_at_pin = 0  # Pressure windows closed when the pin was made
+        self._pinned_this_backlog = False  # a deep backlog pins at once only the first time
 
-    def turn(self, backlog: bool) -> None:
-        """Pin, keep or release, from whether files wait for a slot now."""
-        if not self.enabled:
-            return
+    def turn(self, backlog: bool, *, deep: bool = False) -> None:
+        """Pin, keep or release, from whether files wait for a slot now.
+
+        ``deep``: so many files wait that the daemon is about to be busy: pin at
+        once rather than after a busy window (once per backlog; the next window
+        judges whether the pin pays, as for any pin).
+        """
+        if not self.enabled or _owner not in (None, self):
+            return  # (another daemon in this process pins: a test, a benchmark)
         now = self.clock()
         self.pressure.backlog = backlog
         if backlog:
             self._backlog_at = now
+        else:
+            self._pinned_this_backlog = False
         if self.cpu is None:
-            if self.pressure.busy():
+            if self.pressure.busy() or (deep and not self._pinned_this_backlog):
                 self._pin(now)
             return
         self.pressure.busy()  # the windows go on: what the pinned daemon gets is judged too
+        judged = self.pressure.windows > self._windows_at_pin
         if (
             now - self._backlog_at >= self.release_after
             or now - self._pinned_at >= self.repick_after
-            or self.pressure.cores < self.keep_cores
+            or (judged and self.pressure.cores < self.keep_cores)
         ):
             self.release()
 
@@ -145,7 +173,8 @@ class CorePin:
         if cpu is None or cpu not in self.allowed:
             cpu = min(self.allowed)
         if self._apply({cpu}):
-            self.cpu, self._pinned_at = cpu, now
+            self.cpu, self._pinned_at, self._windows_at_pin = cpu, now, self.pressure.windows
+            self._pinned_this_backlog = True
             self.log.info("sfwatch.cpu_pinned", cpu=cpu, cores=round(self.pressure.cores, 2))
 
     def release(self) -> None:
@@ -159,7 +188,7 @@ class CorePin:
 
     def _apply(self, pin: set[int] | None) -> bool:
         """Set every thread's CPUs: ``pin``, or all allowed ones; False if refused."""
-        global _pin  # noqa: PLW0603 - one pin per process, shared with wide()
+        global _pin, _owner  # one pin per process, shared with wide()
         with _lock:
             try:
                 # Twice: a thread started during the first pass by a thread not yet
@@ -167,9 +196,9 @@ class CorePin:
                 for _ in range(2):
                     for tid in threads():
                         _set_affinity(tid, self.allowed if pin is None or tid in _wide else pin)
-                _pin = pin
+                _pin, _owner = pin, (None if pin is None else self)
             except OSError as exc:
-                self.enabled, _pin = False, None
+                self.enabled, _pin, _owner = False, None, None
                 for tid in threads():
                     with contextlib.suppress(OSError):  # then a thread keeps what it has
                         _set_affinity(tid, self.allowed)

@@ -81,7 +81,7 @@ def pin() -> Iterator[tuple[CorePin, Clock]]:
     finally:
         core_pin.release()
         for tid in cores.threads():
-            os.sched_setaffinity(tid, ALLOWED)
+            cores._set_affinity(tid, ALLOWED)
 
 
 class _Log:
@@ -191,6 +191,30 @@ def test_a_pin_that_gets_little_cpu_is_released(pin: tuple[CorePin, Clock]) -> N
     assert core_pin.cpu is not None
 
 
+def test_a_deep_backlog_pins_at_once_and_a_window_judges_it(pin: tuple[CorePin, Clock]) -> None:
+    """Many files waiting pin before any busy window; if the next window finds little
+    CPU use (a slow API) the pin goes and this backlog is not pinned for its depth
+    again; the next backlog is."""
+    core_pin, clock = pin
+    core_pin.turn(backlog=True, deep=True)
+    assert core_pin.cpu is not None, "no window needed"
+    clock.advance(0.5, cores=0.0)
+    core_pin.turn(backlog=True, deep=True)
+    assert core_pin.cpu is not None, "no window judged since the pin: kept"
+    clock.advance(0.5, cores=0.1)
+    core_pin.turn(backlog=True, deep=True)
+    assert core_pin.cpu is None, "a window of 0.05 cores: the API is the limit"
+    for _ in range(3):
+        clock.advance(1.0, cores=0.1)
+        core_pin.turn(backlog=True, deep=True)
+        assert core_pin.cpu is None
+    clock.advance(1.0, cores=0.1)
+    core_pin.turn(backlog=False)
+    core_pin.turn(backlog=True, deep=True)
+    assert core_pin.cpu is not None, "a new backlog"
+    assert names(core_pin) == ["sfwatch.cpu_pinned", "sfwatch.cpu_released", "sfwatch.cpu_pinned"]
+
+
 def test_wide_work_keeps_every_cpu_while_the_rest_is_pinned(pin: tuple[CorePin, Clock]) -> None:
     """A thread inside wide() (PyAV's work) keeps all CPUs, whether the pin came before
     or during the block, and takes the pin when it leaves."""
@@ -264,7 +288,7 @@ from sfwatch.cores import CorePin
 from sfwatch.pressure import Pressure
 now, spent = [0.0], [0.0]
 stop = threading.Event()
-threading.Thread(target=stop.wait).start()
+threading.Thread(target=stop.wait, daemon=True).start()
 with capture_logs() as logs:
     pressure = Pressure(clock=lambda: now[0], cpu=lambda: spent[0])
     pin = CorePin(get_logger(), pressure=pressure, clock=lambda: now[0])
@@ -297,6 +321,49 @@ def test_a_seccomp_filter_refusing_the_call_is_one_warning_and_no_pin() -> None:
     assert result == {**result, "enabled": False, "cpu": None, "cpus": sorted(ALLOWED)}
 
 
+def test_wide_never_raises_when_the_pinned_cpu_is_refused(pin: tuple[CorePin, Clock]) -> None:
+    """The pinned CPU left our cpuset (``systemctl set-property AllowedCPUs=``): a
+    wide() block's work still runs, and its thread is not left counted as wide."""
+    core_pin, clock = pin
+    clock.advance(1.0, cores=1.0)
+    core_pin.turn(backlog=True)
+    assert core_pin.cpu is not None
+    with cores._lock:
+        cores._pin = {4095}  # what the kernel now refuses, as after such a change
+    try:
+        ran = False
+        with cores.wide():
+            ran = True
+        assert ran
+        assert threading.get_native_id() not in cores._wide
+    finally:
+        with cores._lock:
+            cores._pin = {core_pin.cpu}
+
+
+def test_a_second_pin_in_one_process_stands_aside(pin: tuple[CorePin, Clock]) -> None:
+    """Two CorePins in one process (two daemons in a test): the one pinned owns the
+    threads; the other neither pins nor releases them, nor takes one CPU for all."""
+    core_pin, clock = pin
+    clock.advance(1.0, cores=1.0)
+    core_pin.turn(backlog=True)
+    cpu = core_pin.cpu
+    assert cpu is not None
+    other_clock = Clock()
+    other = CorePin(
+        _Log(),
+        pressure=Pressure(clock=lambda: other_clock.now, cpu=lambda: other_clock.spent),
+        clock=lambda: other_clock.now,
+    )
+    assert other.allowed == ALLOWED
+    other_clock.advance(1.0, cores=1.0)
+    other.turn(backlog=True)
+    assert other.cpu is None
+    assert all_on({cpu})
+    other.release()
+    assert all_on({cpu})
+
+
 def test_current_cpu_is_one_this_thread_may_run_on() -> None:
     """/proc/thread-self/stat names a CPU of our affinity (pinned: that very CPU)."""
     assert cores.current_cpu() in ALLOWED
@@ -308,27 +375,36 @@ def test_current_cpu_is_one_this_thread_may_run_on() -> None:
         os.sched_setaffinity(0, ALLOWED)
 
 
+def pinned_but_wide(cpu: int) -> bool:
+    """Every thread runs on ``cpu`` alone, except those in a ``wide()`` block now."""
+    with cores._lock:  # no pin pass and no wide() block changes anything meanwhile
+        wide = set(cores._wide)
+        return all(cpus == {cpu} for tid, cpus in affinities().items() if tid not in wide)
+
+
 def test_a_daemon_pushing_a_backlog_runs_on_one_cpu_then_on_all(
     tmp_path: Path, fake_api: FakeAPI
 ) -> None:
     """A real daemon (C=1, 0.2 s uploads, 8 files): its threads are pinned while files
-    wait, every file is done once, and all CPUs are given back when the backlog ends."""
+    wait, every file is done once, and its stop gives all CPUs back."""
     fake_api.latency = 0.2
     config = write_config(tmp_path, fake_api.url, api={"concurrency": 1})
     with capture_logs() as logs, running_daemon(config, backoff_base=0.05) as running:
-        running.daemon.cores.pressure.busy_cores = 0.0  # any CPU counts: a backlog is enough
-        running.daemon.cores.keep_cores = 0.0
-        running.daemon.cores.release_after = 0.5
+        core_pin = running.daemon.cores
+        core_pin.pressure.busy_cores = 0.0  # any CPU counts: a backlog is enough
+        core_pin.keep_cores = 0.0
+        core_pin.release_after = 600.0  # only the stop releases it
         inbox = tmp_path / "inbox"
         for index in range(8):
             (inbox / f"{index}.wav").write_bytes(wav_bytes(4000, seed=index))
-        wait_until(lambda: running.daemon.cores.cpu is not None, 15, "the pin")
-        pinned = running.daemon.cores.cpu
+        wait_until(lambda: core_pin.cpu is not None, 15, "the pin")
+        pinned = core_pin.cpu
         assert pinned is not None
-        assert all_on({pinned})
+        assert pinned_but_wide(pinned)
         wait_until(lambda: len(list((inbox / "done").glob("*.wav"))) == 8, 30, "every file")
-        wait_until(lambda: running.daemon.cores.cpu is None, 10, "the release")
-        assert all_on(ALLOWED)
+        assert core_pin.cpu == pinned
+    assert core_pin.cpu is None
+    assert all_on(ALLOWED)
     assert len(fake_api.uploads) == 8
     events = [e["event"] for e in logs if e["event"].startswith("sfwatch.cpu_")]
-    assert events[:2] == ["sfwatch.cpu_pinned", "sfwatch.cpu_released"]
+    assert events == ["sfwatch.cpu_pinned", "sfwatch.cpu_released"]
