@@ -173,9 +173,10 @@ class CorePin:
         if cpu is None or cpu not in self.allowed:
             cpu = min(self.allowed)
         if self._apply({cpu}):
+            self.log.info("sfwatch.cpu_pinned", cpu=cpu, cores=round(self.pressure.cores, 2))
+            self.pressure.restart()  # the pin is judged by a window it spent whole, pinned
             self.cpu, self._pinned_at, self._windows_at_pin = cpu, now, self.pressure.windows
             self._pinned_this_backlog = True
-            self.log.info("sfwatch.cpu_pinned", cpu=cpu, cores=round(self.pressure.cores, 2))
 
     def release(self) -> None:
         """Let every thread use every allowed CPU again (also at shutdown)."""
