@@ -9,8 +9,6 @@ the daemon used half the CPU per file on one CPU, and finished 1.5 to 1.9 times 
 many files a second. Its threads can use about one core between them anyway.
 
 So, while files wait for an upload slot and the daemon is CPU-bound (``Pressure``),
-or at once when ``DEEP_ROUNDS`` rounds of uploads wait (``turn(deep=True)``, once per
-backlog: a dump of hundreds of files need not spend its first second unpinned),
 every thread of the process is pinned to the CPU the work loop is running on; that
 CPU is one the process was allowed (``sched_getaffinity`` at start: a systemd
 ``CPUAffinity=`` is respected). The pin is released when no file has waited for
@@ -18,8 +16,9 @@ CPU is one the process was allowed (``sched_getaffinity`` at start: a systemd
 that the kernel may move the daemon off a CPU that other work has taken since. It is
 also released as soon as a window finds the daemon using less than ``KEEP_CORES`` of
 its CPU: the API slowed down (a pin gains nothing then), or another busy process
-shares that CPU (two sfwatch daemons on one host could pin to the same one). The
-next pin is judged by a whole window measured on every CPU.
+shares that CPU (two sfwatch daemons on one host could pin to the same one). A pin is
+made as a window closes, so the next window is spent whole on it; after a release,
+the next pin is judged by a whole window measured on every CPU.
 
 Work that does not hold the interpreter lock and takes real CPU (PyAV transcoding a
 file, numpy measuring its loudness) runs ``wide()``: its thread keeps every allowed
@@ -48,8 +47,6 @@ RELEASE_AFTER = 5.0
 REPICK_AFTER = 60.0
 #: a pinned daemon getting less CPU than this (in cores) over a window is released
 KEEP_CORES = 0.6
-#: this many rounds of uploads waiting (times api.concurrency) pin at once (``turn(deep=)``)
-DEEP_ROUNDS = 2
 
 _lock = threading.Lock()  # held while any thread's CPUs change: no pass can race another
 _wide: dict[int, int] = {}  # native thread id → how many wide() blocks it is in
@@ -137,34 +134,24 @@ class CorePin:
         self.cpu: int | None = None
         self._pinned_at = 0.0
         self._backlog_at = 0.0
-        self._windows_at_pin = 0  # Pressure windows closed when the pin was made
-        self._pinned_this_backlog = False  # a deep backlog pins at once only the first time
 
-    def turn(self, backlog: bool, *, deep: bool = False) -> None:
-        """Pin, keep or release, from whether files wait for a slot now.
-
-        ``deep``: so many files wait that the daemon is about to be busy: pin at
-        once rather than after a busy window (once per backlog; the next window
-        judges whether the pin pays, as for any pin).
-        """
+    def turn(self, backlog: bool) -> None:
+        """Pin, keep or release, from whether files wait for a slot now."""
         if not self.enabled or _owner not in (None, self):
             return  # (another daemon in this process pins: a test, a benchmark)
         now = self.clock()
         self.pressure.backlog = backlog
         if backlog:
             self._backlog_at = now
-        else:
-            self._pinned_this_backlog = False
         if self.cpu is None:
-            if self.pressure.busy() or (deep and not self._pinned_this_backlog):
+            if self.pressure.busy():
                 self._pin(now)
             return
         self.pressure.busy()  # the windows go on: what the pinned daemon gets is judged too
-        judged = self.pressure.windows > self._windows_at_pin
         if (
             now - self._backlog_at >= self.release_after
             or now - self._pinned_at >= self.repick_after
-            or (judged and self.pressure.cores < self.keep_cores)
+            or self.pressure.cores < self.keep_cores
         ):
             self.release()
 
@@ -174,9 +161,7 @@ class CorePin:
             cpu = min(self.allowed)
         if self._apply({cpu}):
             self.log.info("sfwatch.cpu_pinned", cpu=cpu, cores=round(self.pressure.cores, 2))
-            self.pressure.restart()  # the pin is judged by a window it spent whole, pinned
-            self.cpu, self._pinned_at, self._windows_at_pin = cpu, now, self.pressure.windows
-            self._pinned_this_backlog = True
+            self.cpu, self._pinned_at = cpu, now
 
     def release(self) -> None:
         """Let every thread use every allowed CPU again (also at shutdown)."""

@@ -40,7 +40,7 @@ from typing import Any
 
 from sfwatch import __version__
 from sfwatch.config import Config, Secret, load_config
-from sfwatch.cores import DEEP_ROUNDS, CorePin
+from sfwatch.cores import CorePin
 from sfwatch.endpoint import Endpoint
 from sfwatch.errors import ConfigError
 from sfwatch.events import Events
@@ -308,8 +308,7 @@ class Daemon:
             for job in self.leases.adopt_expired():
                 self.scheduler.resume(job, self.instance)
         self.pressure.backlog = self.stop_level == 0 and bool(self.ready)
-        deep = len(self.ready) >= DEEP_ROUNDS * self.config.api.concurrency
-        self.cores.turn(self.pressure.backlog, deep=deep)
+        self.cores.turn(self.pressure.backlog)
         if self.stop_level == 0:
             self.intake.check_watchers()
         if time.monotonic() - self._published >= PUBLISH_EVERY:

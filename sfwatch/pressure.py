@@ -59,8 +59,6 @@ class Pressure:
         self.backlog = False
         #: the daemon's CPU over the last whole window, in cores
         self.cores = 0.0
-        #: how many windows have been judged
-        self.windows = 0
         self._at = clock()
         self._cpu = cpu()
 
@@ -77,5 +75,4 @@ class Pressure:
             fresh = now - self._at <= 2 * self.window
             self.cores = (cpu - self._cpu) / (now - self._at) if fresh else 0.0
             self._at, self._cpu = now, cpu
-            self.windows += 1
         return self.backlog and self.cores >= self.busy_cores

@@ -191,32 +191,6 @@ def test_a_pin_that_gets_little_cpu_is_released(pin: tuple[CorePin, Clock]) -> N
     assert core_pin.cpu is not None
 
 
-def test_a_deep_backlog_pins_at_once_and_a_window_judges_it(pin: tuple[CorePin, Clock]) -> None:
-    """Many files waiting pin before any busy window; if the next window finds little
-    CPU use (a slow API) the pin goes and this backlog is not pinned for its depth
-    again; the next backlog is."""
-    core_pin, clock = pin
-    clock.advance(0.5, cores=0.0)  # files settling: the daemon idles
-    core_pin.turn(backlog=True, deep=True)
-    assert core_pin.cpu is not None, "no window needed"
-    for _ in range(2):
-        clock.advance(0.5, cores=1.0)
-        core_pin.turn(backlog=True, deep=True)
-        assert core_pin.cpu is not None, "judged by a window spent pinned, not the idle one"
-    clock.advance(1.0, cores=0.1)
-    core_pin.turn(backlog=True, deep=True)
-    assert core_pin.cpu is None, "a window of 0.1 cores: the API is the limit"
-    for _ in range(3):
-        clock.advance(1.0, cores=0.1)
-        core_pin.turn(backlog=True, deep=True)
-        assert core_pin.cpu is None
-    clock.advance(1.0, cores=0.1)
-    core_pin.turn(backlog=False)
-    core_pin.turn(backlog=True, deep=True)
-    assert core_pin.cpu is not None, "a new backlog"
-    assert names(core_pin) == ["sfwatch.cpu_pinned", "sfwatch.cpu_released", "sfwatch.cpu_pinned"]
-
-
 def test_wide_work_keeps_every_cpu_while_the_rest_is_pinned(pin: tuple[CorePin, Clock]) -> None:
     """A thread inside wide() (PyAV's work) keeps all CPUs, whether the pin came before
     or during the block, and takes the pin when it leaves."""
