@@ -15,10 +15,10 @@ CPU is one the process was allowed (``sched_getaffinity`` at start: a systemd
 ``RELEASE_AFTER`` seconds, and every ``REPICK_AFTER`` seconds of a long backlog, so
 that the kernel may move the daemon off a CPU that other work has taken since. It is
 also released as soon as a window finds the daemon using less than ``KEEP_CORES`` of
-its CPU: the API slowed down (a pin gains nothing then), or another busy process
-shares that CPU (two sfwatch daemons on one host could pin to the same one). A pin is
-made as a window closes, so the next window is spent whole on it; after a release,
-the next pin is judged by a whole window measured on every CPU.
+its CPU: the API slowed down, and a pin gains nothing. (A CPU that another busy
+process shares, say a second sfwatch daemon pinned to the same one, is left at the
+next ``REPICK_AFTER``.) After a release, the next pin is judged by a whole window
+measured on every CPU.
 
 Work that does not hold the interpreter lock and takes real CPU (PyAV transcoding a
 file, numpy measuring its loudness) runs ``wide()``: its thread keeps every allowed
@@ -45,8 +45,10 @@ from sfwatch.pressure import Pressure
 RELEASE_AFTER = 5.0
 #: seconds a pin lasts at most; the next busy window pins again, perhaps elsewhere
 REPICK_AFTER = 60.0
-#: a pinned daemon getting less CPU than this (in cores) over a window is released
-KEEP_CORES = 0.6
+#: a pinned daemon using less CPU than this (in cores) over a window is released. On one
+#: CPU the daemon needs about half the CPU a file (the point of the pin), so a daemon
+#: pinned at 0.9 of a core runs at 0.45-0.55 pinned: this must stay well below that.
+KEEP_CORES = 0.3
 
 _lock = threading.Lock()  # held while any thread's CPUs change: no pass can race another
 _wide: dict[int, int] = {}  # native thread id → how many wide() blocks it is in
