@@ -57,176 +57,131 @@ def idle_thread() -> Iterator[threading.Thread]:
         thread.join()
 
 
-class Clock:
-    """A monotonic clock and a CPU counter that the test moves."""
-
-    def __init__(self) -> None:
-        self.now, self.spent = 1000.0, 10.0
-
-    def advance(self, seconds: float, cores: float = 0.0) -> None:
-        self.now += seconds
-        self.spent += seconds * cores
-
-
-@pytest.fixture
-def pin() -> Iterator[tuple[CorePin, Clock]]:
-    """A CorePin on a moved clock; whatever a test does, every thread is let go after."""
-    clock = Clock()
-    pressure = Pressure(clock=lambda: clock.now, cpu=lambda: clock.spent)
-    core_pin = CorePin(
-        _Log(), pressure=pressure, clock=lambda: clock.now, release_after=5, repick_after=60
-    )
-    try:
-        yield core_pin, clock
-    finally:
-        core_pin.release()
-        for tid in cores.threads():
-            cores._set_affinity(tid, ALLOWED)
-
-
 class _Log:
     """A structlog-like logger that keeps its events (CorePin logs via ``info``/``warning``)."""
 
     def __init__(self) -> None:
-        self.events: list[tuple[str, dict[str, object]]] = []
+        self.events: list[str] = []
 
-    def info(self, event: str, **fields: object) -> None:
-        self.events.append((event, fields))
+    def info(self, event: str, **_fields: object) -> None:
+        self.events.append(event)
 
     warning = info
 
 
-def names(pin: CorePin) -> list[str]:
-    """The events a CorePin logged, in order."""
-    log = pin.log
-    assert isinstance(log, _Log)
-    return [event for event, _ in log.events]
+class Driver:
+    """A CorePin on a clock and a CPU counter that the test moves."""
+
+    def __init__(self) -> None:
+        self.now, self.spent, self.log = 1000.0, 10.0, _Log()
+        pressure = Pressure(clock=lambda: self.now, cpu=lambda: self.spent)
+        self.pin = CorePin(
+            self.log, pressure=pressure, clock=lambda: self.now, release_after=5, repick_after=60
+        )
+
+    def after(self, seconds: float, cores: float, *, backlog: bool = True) -> int | None:
+        """``seconds`` pass, the daemon using ``cores``; then the loop turns. The pin's CPU."""
+        self.now += seconds
+        self.spent += seconds * cores
+        self.pin.turn(backlog=backlog)
+        return self.pin.cpu
+
+    def pinned(self) -> int:
+        """One busy second with files waiting: the CPU pinned to."""
+        cpu = self.after(1.0, 1.0)
+        assert cpu is not None
+        return cpu
 
 
-def test_busy_backlog_pins_every_thread_to_one_cpu_and_quiet_releases_it(
-    pin: tuple[CorePin, Clock],
-) -> None:
+@pytest.fixture
+def driver() -> Iterator[Driver]:
+    """A Driver; whatever a test does, every thread is let go after."""
+    driven = Driver()
+    try:
+        yield driven
+    finally:
+        driven.pin.release()
+        for tid in cores.threads():
+            cores._set_affinity(tid, ALLOWED)
+
+
+def test_busy_backlog_pins_every_thread_to_one_cpu_and_quiet_releases_it(driver: Driver) -> None:
     """A busy window with files waiting pins all threads (also ones started before) to
     one allowed CPU; five quiet seconds give every thread all the CPUs back."""
-    core_pin, clock = pin
     with idle_thread():
-        core_pin.turn(backlog=True)
-        assert core_pin.cpu is None, "no window judged yet"
-        clock.advance(1.0, cores=1.2)
-        core_pin.turn(backlog=True)
-        cpu = core_pin.cpu
-        assert cpu is not None
+        assert driver.after(0.0, 0.0) is None, "no window judged yet"
+        cpu = driver.after(1.0, 1.2)
         assert cpu in ALLOWED
         assert all_on({cpu})
         with idle_thread():  # a thread started while pinned inherits the pin
             assert all_on({cpu})
         for _ in range(4):  # the backlog ends; its last files still keep a core busy
-            clock.advance(1.0, cores=1.0)
-            core_pin.turn(backlog=False)
-        assert core_pin.cpu is not None, "not yet: 4 s without a waiting file"
-        clock.advance(1.0, cores=1.0)
-        core_pin.turn(backlog=False)
-        assert core_pin.cpu is None
+            assert driver.after(1.0, 1.0, backlog=False) == cpu, "not yet: under 5 s"
+        assert driver.after(1.0, 1.0, backlog=False) is None
         assert all_on(ALLOWED)
-    assert names(core_pin) == ["sfwatch.cpu_pinned", "sfwatch.cpu_released"]
+    assert driver.log.events == ["sfwatch.cpu_pinned", "sfwatch.cpu_released"]
 
 
-def test_an_idle_daemon_or_one_waiting_on_the_api_is_not_pinned(
-    pin: tuple[CorePin, Clock],
-) -> None:
+def test_an_idle_daemon_or_one_waiting_on_the_api_is_not_pinned(driver: Driver) -> None:
     """Busy CPU without waiting files, or waiting files without busy CPU: no pin."""
-    core_pin, clock = pin
-    clock.advance(1.0, cores=1.5)
-    core_pin.turn(backlog=False)
-    clock.advance(1.0, cores=0.2)
-    core_pin.turn(backlog=True)
-    assert core_pin.cpu is None
+    assert driver.after(1.0, 1.5, backlog=False) is None
+    assert driver.after(1.0, 0.2) is None
     assert all_on(ALLOWED)
 
 
 def test_a_long_backlog_is_let_go_every_minute_so_the_kernel_may_move_it(
-    pin: tuple[CorePin, Clock],
+    driver: Driver,
 ) -> None:
     """After REPICK_AFTER the pin is released although files still wait; the next busy
     window, measured unpinned, pins again."""
-    core_pin, clock = pin
-    clock.advance(1.0, cores=1.0)
-    core_pin.turn(backlog=True)
-    assert core_pin.cpu is not None
+    cpu = driver.pinned()
     for _ in range(59):
-        clock.advance(1.0, cores=1.0)
-        core_pin.turn(backlog=True)
-    assert core_pin.cpu is not None
-    clock.advance(1.0, cores=1.0)
-    core_pin.turn(backlog=True)
-    assert core_pin.cpu is None
+        assert driver.after(1.0, 1.0) == cpu
+    assert driver.after(1.0, 1.0) is None
     assert all_on(ALLOWED)
-    clock.advance(0.5, cores=1.0)
-    core_pin.turn(backlog=True)
-    assert core_pin.cpu is None, "a whole window on every CPU first: the kernel may move us"
-    clock.advance(0.5, cores=1.0)
-    core_pin.turn(backlog=True)
-    assert core_pin.cpu is not None
+    assert driver.after(0.5, 1.0) is None, "a whole window on every CPU first"
+    assert driver.after(0.5, 1.0) is not None
 
 
-def test_a_pin_that_gets_little_cpu_is_released(pin: tuple[CorePin, Clock]) -> None:
+def test_a_pin_that_gets_little_cpu_is_released(driver: Driver) -> None:
     """Pinned, a window of less than KEEP_CORES (the API slowed) releases the pin
     although files wait; a fresh window decides again."""
-    core_pin, clock = pin
-    clock.advance(1.0, cores=1.0)
-    core_pin.turn(backlog=True)
-    assert core_pin.cpu is not None
-    clock.advance(1.0, cores=0.45)
-    core_pin.turn(backlog=True)
-    assert core_pin.cpu is not None, "0.45 of a core: what a pinned busy daemon may use"
-    clock.advance(1.0, cores=0.2)
-    core_pin.turn(backlog=True)
-    assert core_pin.cpu is None
+    cpu = driver.pinned()
+    assert driver.after(1.0, 0.45) == cpu, "0.45 of a core: what a pinned busy daemon may use"
+    assert driver.after(1.0, 0.2) is None
     assert all_on(ALLOWED)
-    clock.advance(0.5, cores=1.0)
-    core_pin.turn(backlog=True)
-    assert core_pin.cpu is None, "half a window after the release: not judged yet"
-    clock.advance(0.5, cores=1.0)
-    core_pin.turn(backlog=True)
-    assert core_pin.cpu is not None
+    assert driver.after(0.5, 1.0) is None, "half a window after the release: not judged yet"
+    assert driver.after(0.5, 1.0) is not None
 
 
-def test_wide_work_keeps_every_cpu_while_the_rest_is_pinned(pin: tuple[CorePin, Clock]) -> None:
+def test_wide_work_keeps_every_cpu_while_the_rest_is_pinned(driver: Driver) -> None:
     """A thread inside wide() (PyAV's work) keeps all CPUs, whether the pin came before
     or during the block, and takes the pin when it leaves."""
-    core_pin, clock = pin
     me = threading.get_native_id()
-    clock.advance(1.0, cores=1.0)
-    core_pin.turn(backlog=True)
-    cpu = core_pin.cpu
-    assert cpu is not None
+    cpu = driver.pinned()
     with cores.wide():
         assert set(os.sched_getaffinity(0)) == ALLOWED
         with cores.wide():  # nested: still wide
             pass
         assert set(os.sched_getaffinity(0)) == ALLOWED
     assert set(os.sched_getaffinity(0)) == {cpu}
-    core_pin.release()
+    driver.pin.release()
     with cores.wide():
-        clock.advance(1.0, cores=1.0)
-        core_pin.turn(backlog=True)  # pinned while this thread is wide
+        cpu = driver.pinned()  # pinned while this thread is wide
         others = {tid: cpus for tid, cpus in affinities().items() if tid != me}
         assert set(os.sched_getaffinity(0)) == ALLOWED
-        assert all(cpus == {core_pin.cpu} for cpus in others.values())
-    assert set(os.sched_getaffinity(0)) == {core_pin.cpu}
+        assert all(cpus == {cpu} for cpus in others.values())
+    assert set(os.sched_getaffinity(0)) == {cpu}
 
 
-def test_a_hook_started_while_pinned_may_use_every_cpu(pin: tuple[CorePin, Clock]) -> None:
+def test_a_hook_started_while_pinned_may_use_every_cpu(driver: Driver) -> None:
     """A hook inherits no pin: a user's script keeps every CPU the daemon was allowed."""
-    core_pin, clock = pin
-    clock.advance(1.0, cores=1.0)
-    core_pin.turn(backlog=True)
-    assert core_pin.cpu is not None
+    cpu = driver.pinned()
     script = "grep Cpus_allowed_list: /proc/self/status"
     result = run_hook(["/bin/sh", "-c", script], {}, b"", 10)
     assert result.returncode == 0, result
     assert cpu_list(result.stdout.decode().split()[-1]) == ALLOWED
-    assert set(os.sched_getaffinity(0)) == {core_pin.cpu}, "the thread that started it is not"
+    assert set(os.sched_getaffinity(0)) == {cpu}, "the thread that started it is not"
 
 
 def cpu_list(text: str) -> set[int]:
@@ -238,22 +193,16 @@ def cpu_list(text: str) -> set[int]:
     return found
 
 
-def test_a_pin_the_kernel_refuses_turns_pinning_off_and_changes_nothing(
-    pin: tuple[CorePin, Clock],
-) -> None:
+def test_a_pin_the_kernel_refuses_turns_pinning_off_and_changes_nothing(driver: Driver) -> None:
     """A CPU set the kernel refuses (as after a cpuset change): one warning, pinning off
     for good, every thread as it was."""
-    core_pin, clock = pin
-    core_pin.allowed = {4095}  # no such CPU: sched_setaffinity answers EINVAL
-    clock.advance(1.0, cores=1.0)
-    core_pin.turn(backlog=True)
-    assert core_pin.cpu is None
-    assert not core_pin.enabled
+    driver.pin.allowed = {4095}  # no such CPU: sched_setaffinity answers EINVAL
+    assert driver.after(1.0, 1.0) is None
+    assert not driver.pin.enabled
     assert all_on(ALLOWED)
-    assert names(core_pin) == ["sfwatch.cpu_pin_off"]
-    clock.advance(1.0, cores=1.0)
-    core_pin.turn(backlog=True)
-    assert names(core_pin) == ["sfwatch.cpu_pin_off"], "logged once"
+    assert driver.log.events == ["sfwatch.cpu_pin_off"]
+    driver.after(1.0, 1.0)
+    assert driver.log.events == ["sfwatch.cpu_pin_off"], "logged once"
 
 
 EPERM_SCRIPT = """
@@ -297,13 +246,10 @@ def test_a_seccomp_filter_refusing_the_call_is_one_warning_and_no_pin() -> None:
     assert result == {**result, "enabled": False, "cpu": None, "cpus": sorted(ALLOWED)}
 
 
-def test_wide_never_raises_when_the_pinned_cpu_is_refused(pin: tuple[CorePin, Clock]) -> None:
+def test_wide_never_raises_when_the_pinned_cpu_is_refused(driver: Driver) -> None:
     """The pinned CPU left our cpuset (``systemctl set-property AllowedCPUs=``): a
     wide() block's work still runs, and its thread is not left counted as wide."""
-    core_pin, clock = pin
-    clock.advance(1.0, cores=1.0)
-    core_pin.turn(backlog=True)
-    assert core_pin.cpu is not None
+    cpu = driver.pinned()
     with cores._lock:
         cores._pin = {4095}  # what the kernel now refuses, as after such a change
     try:
@@ -314,29 +260,18 @@ def test_wide_never_raises_when_the_pinned_cpu_is_refused(pin: tuple[CorePin, Cl
         assert threading.get_native_id() not in cores._wide
     finally:
         with cores._lock:
-            cores._pin = {core_pin.cpu}
+            cores._pin = {cpu}
 
 
-def test_a_second_pin_in_one_process_stands_aside(pin: tuple[CorePin, Clock]) -> None:
+def test_a_second_pin_in_one_process_stands_aside(driver: Driver) -> None:
     """Two CorePins in one process (two daemons in a test): the one pinned owns the
     threads; the other neither pins nor releases them, nor takes one CPU for all."""
-    core_pin, clock = pin
-    clock.advance(1.0, cores=1.0)
-    core_pin.turn(backlog=True)
-    cpu = core_pin.cpu
-    assert cpu is not None
-    other_clock = Clock()
-    other = CorePin(
-        _Log(),
-        pressure=Pressure(clock=lambda: other_clock.now, cpu=lambda: other_clock.spent),
-        clock=lambda: other_clock.now,
-    )
-    assert other.allowed == ALLOWED
-    other_clock.advance(1.0, cores=1.0)
-    other.turn(backlog=True)
-    assert other.cpu is None
+    cpu = driver.pinned()
+    other = Driver()
+    assert other.pin.allowed == ALLOWED
+    assert other.after(1.0, 1.0) is None
     assert all_on({cpu})
-    other.release()
+    other.pin.release()
     assert all_on({cpu})
 
 
