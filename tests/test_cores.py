@@ -12,11 +12,12 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
-from sfwatch import cores
+from sfwatch import audio, cores
 from sfwatch.cores import CorePin
 from sfwatch.hooks import run_hook
 from sfwatch.pressure import Pressure
@@ -319,3 +320,41 @@ def test_a_daemon_pushing_a_backlog_runs_on_one_cpu_then_on_all(
     assert len(fake_api.uploads) == 8
     events = [e["event"] for e in logs if e["event"].startswith("sfwatch.cpu_")]
     assert events == ["sfwatch.cpu_pinned", "sfwatch.cpu_released"]
+
+
+def test_a_pinned_daemon_transcodes_on_every_cpu(
+    tmp_path: Path, fake_api: FakeAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files transcoded while the daemon is pinned (``prepare.transcode: always``): PyAV's
+    work runs with every CPU, and its thread takes the pin back after."""
+    during: list[tuple[int | None, set[int]]] = []  # (the pin, this thread's CPUs)
+    real_transcode = audio.transcode
+
+    def watched_transcode(*args: Any) -> list[Path]:
+        during.append((running.daemon.cores.cpu, set(os.sched_getaffinity(0))))
+        return real_transcode(*args)
+
+    monkeypatch.setattr(audio, "transcode", watched_transcode)
+    fake_api.latency = 0.2
+    config = write_config(
+        tmp_path, fake_api.url, api={"concurrency": 1}, extra={"prepare": {"transcode": "always"}}
+    )
+    with running_daemon(config, backoff_base=0.05) as running:
+        core_pin = running.daemon.cores
+        core_pin.pressure.busy_cores = 0.0  # any CPU counts: a backlog is enough
+        core_pin.keep_cores = 0.0
+        core_pin.release_after = 600.0
+        inbox = tmp_path / "inbox"
+        for index in range(4):
+            (inbox / f"early{index}.wav").write_bytes(wav_bytes(4000, seed=index))
+        wait_until(lambda: core_pin.cpu is not None, 15, "the pin")
+        pinned = core_pin.cpu
+        assert pinned is not None
+        for index in range(4):  # prepared while the pin holds (nothing releases it here)
+            (inbox / f"late{index}.wav").write_bytes(wav_bytes(4000, seed=10 + index))
+        wait_until(lambda: len(list((inbox / "done").glob("*.wav"))) == 8, 30, "every file")
+        assert core_pin.cpu == pinned
+        assert pinned_but_wide(pinned), "the threads that transcoded are pinned again"
+    while_pinned = [cpus for pin, cpus in during if pin is not None]
+    assert len(while_pinned) >= 4
+    assert all(cpus == ALLOWED for cpus in while_pinned)
