@@ -294,6 +294,26 @@ def pinned_but_wide(cpu: int) -> bool:
         return all(cpus == {cpu} for tid, cpus in affinities().items() if tid not in wide)
 
 
+def held_until_stop(core_pin: CorePin) -> None:
+    """Make ``core_pin`` pin on any backlog and keep the pin until the daemon stops."""
+    core_pin.pressure.busy_cores = 0.0  # any CPU counts: a backlog is enough
+    core_pin.keep_cores = 0.0
+    core_pin.release_after = 600.0
+
+
+def drop_wavs(inbox: Path, prefix: str, count: int, seed: int = 0) -> None:
+    """Write ``count`` small WAVs into ``inbox``."""
+    for index in range(count):
+        (inbox / f"{prefix}{index}.wav").write_bytes(wav_bytes(4000, seed=seed + index))
+
+
+def pin_of(core_pin: CorePin) -> int:
+    """Wait for ``core_pin`` to pin; its CPU."""
+    wait_until(lambda: core_pin.cpu is not None, 15, "the pin")
+    assert core_pin.cpu is not None
+    return core_pin.cpu
+
+
 def test_a_daemon_pushing_a_backlog_runs_on_one_cpu_then_on_all(
     tmp_path: Path, fake_api: FakeAPI
 ) -> None:
@@ -303,15 +323,10 @@ def test_a_daemon_pushing_a_backlog_runs_on_one_cpu_then_on_all(
     config = write_config(tmp_path, fake_api.url, api={"concurrency": 1})
     with capture_logs() as logs, running_daemon(config, backoff_base=0.05) as running:
         core_pin = running.daemon.cores
-        core_pin.pressure.busy_cores = 0.0  # any CPU counts: a backlog is enough
-        core_pin.keep_cores = 0.0
-        core_pin.release_after = 600.0  # only the stop releases it
+        held_until_stop(core_pin)  # only the stop releases it
         inbox = tmp_path / "inbox"
-        for index in range(8):
-            (inbox / f"{index}.wav").write_bytes(wav_bytes(4000, seed=index))
-        wait_until(lambda: core_pin.cpu is not None, 15, "the pin")
-        pinned = core_pin.cpu
-        assert pinned is not None
+        drop_wavs(inbox, "", 8)
+        pinned = pin_of(core_pin)
         assert pinned_but_wide(pinned)
         wait_until(lambda: len(list((inbox / "done").glob("*.wav"))) == 8, 30, "every file")
         assert core_pin.cpu == pinned
@@ -341,17 +356,11 @@ def test_a_pinned_daemon_transcodes_on_every_cpu(
     )
     with running_daemon(config, backoff_base=0.05) as running:
         core_pin = running.daemon.cores
-        core_pin.pressure.busy_cores = 0.0  # any CPU counts: a backlog is enough
-        core_pin.keep_cores = 0.0
-        core_pin.release_after = 600.0
+        held_until_stop(core_pin)
         inbox = tmp_path / "inbox"
-        for index in range(4):
-            (inbox / f"early{index}.wav").write_bytes(wav_bytes(4000, seed=index))
-        wait_until(lambda: core_pin.cpu is not None, 15, "the pin")
-        pinned = core_pin.cpu
-        assert pinned is not None
-        for index in range(4):  # prepared while the pin holds (nothing releases it here)
-            (inbox / f"late{index}.wav").write_bytes(wav_bytes(4000, seed=10 + index))
+        drop_wavs(inbox, "early", 4)
+        pinned = pin_of(core_pin)
+        drop_wavs(inbox, "late", 4, seed=10)  # prepared while the pin holds
         wait_until(lambda: len(list((inbox / "done").glob("*.wav"))) == 8, 30, "every file")
         assert core_pin.cpu == pinned
         assert pinned_but_wide(pinned), "the threads that transcoded are pinned again"
