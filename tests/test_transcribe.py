@@ -5,7 +5,10 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import os
+import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -230,6 +233,47 @@ def test_success_returns_transcript_and_sends_the_right_upload(
     assert upload.authorization == f"Bearer {API_KEY}"
     assert upload.extra_fields == {}
     assert not upload.chunked  # streamed with a Content-Length from fstat
+
+
+#: transcribes each file named on the command line (run under strace below)
+UPLOAD_SCRIPT = """
+import sys
+from pathlib import Path
+from sfwatch.config import Secret
+from sfwatch.transcribe import Transcriber
+with Transcriber(sys.argv[1], Secret(sys.argv[2]), timeout_seconds=20) as client:
+    for name in sys.argv[3:]:
+        client.transcribe(Path(name), Path(name).name, "m")
+"""
+
+
+def socket_writes(fake_api: FakeAPI, audio: Path, trace: Path) -> int:
+    """How many socket writes a new process makes to upload ``audio`` once."""
+    strace = ["strace", "-f", "-qq", "-o", str(trace), "-e", "trace=sendto,sendmsg,write"]
+    subprocess.run(
+        [*strace, sys.executable, "-c", UPLOAD_SCRIPT, fake_api.url, API_KEY, str(audio)],
+        check=True,
+        timeout=60,
+    )
+    lines = trace.read_text().splitlines()
+    return sum(1 for line in lines if "sendto(" in line or "sendmsg(" in line)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_request_body_is_sent_in_few_writes(fake_api: FakeAPI, tmp_path: Path) -> None:
+    """A short recording goes out in two writes (headers, body); a large one in 64 KiB ones."""
+    short = tmp_path / "short.mp3"
+    short.write_bytes(os.urandom(20_000))
+    large = tmp_path / "large.mp3"
+    large.write_bytes(os.urandom(1_000_000))
+    assert socket_writes(fake_api, short, tmp_path / "short.trace") == 2
+    # 1,000,000 bytes in writes of 64 KiB: 16, with the fields and boundaries around them
+    assert 2 + 15 <= socket_writes(fake_api, large, tmp_path / "large.trace") <= 2 + 17
+    uploads = fake_api.wait_for_uploads(2)
+    assert [(u.sha256, u.size) for u in uploads] == [
+        (sha256_of(short), 20_000),
+        (sha256_of(large), 1_000_000),
+    ]
 
 
 def test_base_url_with_trailing_slash_works(fake_api: FakeAPI, audio: Path) -> None:
