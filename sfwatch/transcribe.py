@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import mimetypes
+import os
 import socket
 import threading
 import time
@@ -513,7 +514,7 @@ class Transcriber:
             _translated(f"no answer within timeout_seconds ({self.timeout_seconds:g} s)"),
             path.open("rb", buffering=0) as raw,  # (httpx reads 64 KiB at a time anyway)
         ):
-            size = path.stat().st_size
+            size = os.fstat(raw.fileno()).st_size  # (the file opened, not its name again)
             audio = cast("BinaryIO", _DeadlineFile(raw, deadline))
             post = self._client.build_request(
                 "POST",
