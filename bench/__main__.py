@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="repetitions where practical")
     parser.add_argument("--quick", action="store_true", help="smaller workloads, one run")
     parser.add_argument("--profile", action="store_true", help="py-spy every daemon")
+    parser.add_argument(
+        "--perf", action="store_true", help="perf record every daemon (kernel and C libraries too)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the scratch folders")
     parser.add_argument(
         "--outbox",
@@ -63,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.siblings > 1:
         common.SUFFIX += f".siblings-{args.siblings}"
     profiling.ENABLED = args.profile
+    profiling.PERF = args.perf
     names = list(BENCHMARKS) if "all" in args.names else args.names
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:

@@ -333,7 +333,7 @@ class DaemonRun:
         profile: str | None = None,
     ) -> None:
         self.config = config
-        self.profile = profile if profiling.ENABLED else None
+        self.profile = profile if profiling.ENABLED or profiling.PERF else None
         self._spies: list[tuple[subprocess.Popen[bytes], str]] = []
         self.args = args
         self.sample_interval = sample_interval
@@ -363,15 +363,21 @@ class DaemonRun:
         self.sampler.start()
         if self.profile is not None:
             time.sleep(0.3)  # py-spy needs the interpreter up
-            for gil in (False, True):
+            for gil in (False, True) if profiling.ENABLED else ():
                 tag = f"{self.profile}{'-gil' if gil else ''}"
                 self._spies.append((profiling.attach(self.proc.pid, tag, gil=gil), tag))
+            if profiling.PERF:
+                tag = f"perf-{self.profile}"
+                self._spies.append((profiling.attach_perf(self.proc.pid, self.profile), tag))
         return self
 
     def _end_profiles(self) -> None:
         seconds = time.time() - self.launched
         for spy, tag in self._spies:
-            print(profiling.finish(spy, tag, seconds), flush=True)
+            if tag.startswith("perf-"):
+                print(profiling.finish_perf(spy, tag.removeprefix("perf-")), flush=True)
+            else:
+                print(profiling.finish(spy, tag, seconds), flush=True)
         self._spies = []
 
     def lines(self) -> list[dict[str, Any]]:

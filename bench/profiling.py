@@ -5,6 +5,12 @@ benchmark starts (sampling every thread, on-CPU samples only, plus ``--gil``
 for a second profile of who holds the GIL) and writes the collapsed stacks to
 ``bench/results/profile-<tag>.txt`` plus a summary of the top entries: self time
 (the innermost frame) and inclusive time (every frame on the stack, once).
+
+``python -m bench a --perf`` attaches ``perf record`` instead (or as well): it sees
+what py-spy cannot, the kernel and the C libraries (the interpreter itself, SQLite,
+FFmpeg), and writes ``bench/results/perf-<tag>.data`` plus a summary: the share of
+the daemon's CPU in each library and in a few kernel paths that decide our figures
+(docs/benchmarks.md, "Where the CPU goes").
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 #: set by ``python -m bench --profile``
 ENABLED = False
+#: set by ``python -m bench --perf``
+PERF = False
 
 
 def py_spy() -> str | None:
@@ -113,4 +121,64 @@ def finish(proc: subprocess.Popen[bytes], tag: str, seconds: float | None = None
         return f"{path.name}: no profile written"
     text = summarize(path, ticks=seconds * RATE if seconds else None)
     (RESULTS / f"profile-{tag}.summary.txt").write_text(text + "\n", encoding="utf-8")
+    return text
+
+
+#: kernel and interpreter entry points worth a line of their own (inclusive shares)
+PERF_PATHS = {
+    "__ext4_new_inode": "making an inode (ext4)",
+    "do_fsync": "fsync",
+    "__x64_sys_futex": "futex: the interpreter lock's hand-offs",
+    "__schedule": "task switches",
+    "__x64_sys_openat": "openat",
+    "gc_collect_main": "the cyclic garbage collector",
+    "_PyEval_EvalFrameDefault": "the bytecode loop (its own time)",
+}
+
+
+def attach_perf(pid: int, tag: str) -> subprocess.Popen[bytes]:
+    """Start ``perf record`` on ``pid`` (every thread, call graphs); it ends with the process."""
+    exe = shutil.which("perf")
+    if exe is None:
+        raise RuntimeError("perf is not installed (Debian: apt-get install linux-perf)")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    command = [exe, "record", "-e", "cpu-clock", "-F", "999", "-g", "-p", str(pid)]
+    command += ["-o", str(RESULTS / f"perf-{tag}.data")]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _perf_report(data: Path, *options: str) -> list[tuple[float, float | None, str]]:
+    """``perf report`` rows as (share, self share or None, name)."""
+    command = ["perf", "report", "-i", str(data), "--stdio", "-g", "none", *options]
+    text = subprocess.run(command, capture_output=True, text=True, check=False).stdout
+    rows = []
+    for line in text.splitlines():
+        match = re.match(r"\s*([\d.]+)%\s+(?:([\d.]+)%\s+)?(?:\[[.k]\]\s+)?(.+?)\s*$", line)
+        if match and not line.startswith("#"):
+            own = float(match[2]) if match[2] is not None else None
+            rows.append((float(match[1]), own, match[3]))
+    return rows
+
+
+def finish_perf(proc: subprocess.Popen[bytes], tag: str) -> str:
+    """Wait for perf to write its file; write and return the summary."""
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        proc.wait(30)
+    data = RESULTS / f"perf-{tag}.data"
+    if not data.exists():
+        return f"{data.name}: no profile written"
+    lines = [f"{data.name}: share of the daemon's CPU", "  by library:"]
+    libraries = _perf_report(data, "--no-children", "--sort", "dso")
+    lines += [f"    {share:5.1f}%  {name}" for share, _, name in libraries[:8]]
+    lines.append("  paths (inclusive; the bytecode loop: its own time):")
+    symbols = {name: (share, own) for share, own, name in _perf_report(data, "--sort", "sym")}
+    for symbol, meaning in PERF_PATHS.items():
+        share, own = symbols.get(symbol, (0.0, 0.0))
+        shown = own if symbol == "_PyEval_EvalFrameDefault" and own is not None else share
+        lines.append(f"    {shown:5.1f}%  {meaning} ({symbol})")
+    text = "\n".join(lines)
+    (RESULTS / f"perf-{tag}.summary.txt").write_text(text + "\n", encoding="utf-8")
     return text
