@@ -109,15 +109,20 @@ def summarize(path: Path, top: int = 25, ticks: float | None = None) -> str:
     return "\n".join(lines)
 
 
-def finish(proc: subprocess.Popen[bytes], tag: str, seconds: float | None = None) -> str:
-    """Wait for py-spy to write its file; write and return the summary."""
+def _ended(proc: subprocess.Popen[bytes], path: Path, wait: float) -> bool:
+    """Wait for a profiler to end (ending it after ``wait`` s); whether it wrote ``path``."""
     try:
-        proc.wait(30)
+        proc.wait(wait)
     except subprocess.TimeoutExpired:
         proc.terminate()
-        proc.wait(10)
+        proc.wait(wait)
+    return path.exists()
+
+
+def finish(proc: subprocess.Popen[bytes], tag: str, seconds: float | None = None) -> str:
+    """Wait for py-spy to write its file; write and return the summary."""
     path = RESULTS / f"profile-{tag}.txt"
-    if not path.exists():
+    if not _ended(proc, path, 30):
         return f"{path.name}: no profile written"
     text = summarize(path, ticks=seconds * RATE if seconds else None)
     (RESULTS / f"profile-{tag}.summary.txt").write_text(text + "\n", encoding="utf-8")
@@ -162,13 +167,8 @@ def _perf_report(data: Path, *options: str) -> list[tuple[float, float | None, s
 
 def finish_perf(proc: subprocess.Popen[bytes], tag: str) -> str:
     """Wait for perf to write its file; write and return the summary."""
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.terminate()
-        proc.wait(30)
     data = RESULTS / f"perf-{tag}.data"
-    if not data.exists():
+    if not _ended(proc, data, 60):
         return f"{data.name}: no profile written"
     lines = [f"{data.name}: share of the daemon's CPU", "  by library:"]
     libraries = _perf_report(data, "--no-children", "--sort", "dso")
