@@ -257,11 +257,12 @@ class Daemon:
         self.started = True
         stop_deadline: float | None = None
         while True:
+            pause: float | None = None
             try:
                 self.tick()
             except Exception:  # a bug, or the state_dir's disk full: log, pause, go on
                 self.log.exception("sfwatch.loop_error")
-                self.notes.wakeup.wait(1.0)
+                pause = 1.0
             if self.stop_level == 1 and stop_deadline is None:
                 self.notifier.stopping()
                 stop_deadline = time.monotonic() + self.grace_seconds
@@ -279,7 +280,7 @@ class Daemon:
                 break
             if self.burst and self._idle():
                 break
-            self.notes.wakeup.wait(self._sleep_time())
+            self.notes.wakeup.wait(pause if pause is not None else self._pause())
             self.notes.wakeup.clear()
         self._shutdown()
         self.log.info("sfwatch.daemon_stopped", **dict(self.scheduler.counts))
@@ -331,6 +332,14 @@ class Daemon:
             and not self.probe.running
             and self.outbox.idle()  # deliveries due now; retries wait for the next start
         )
+
+    def _pause(self) -> float:
+        """How long the loop may sleep; a bug working it out is logged like a turn's."""
+        try:
+            return self._sleep_time()
+        except Exception:
+            self.log.exception("sfwatch.loop_error")
+            return 1.0
 
     def _sleep_time(self) -> float:
         now = time.monotonic()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from sfwatch.daemon import Daemon
 from tests.audiogen import wav_bytes
 from tests.conftest import files_under, running_daemon, wait_until, write_config
 from tests.fakeapi import (
@@ -122,3 +123,32 @@ def test_unusable_200_twice_fails_the_file(tmp_path: Path, fake_api: FakeAPI) ->
         (daemon.inbox / "odd.mp3").write_bytes(wav_bytes(1000))
         wait_until((daemon.inbox / "failed" / "odd.mp3.error.json").exists, 20, "failed")
     assert len(fake_api.uploads) == 2
+
+
+def test_a_bug_in_the_loop_is_logged_and_the_loop_goes_on(
+    tmp_path: Path, fake_api: FakeAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A turn that raises, then working out the sleep: a loop_error each; the file is done."""
+    bugs = {"tick": 1, "_sleep_time": 1}  # how many more times each raises
+
+    def buggy(name: str) -> object:
+        original = getattr(Daemon, name)
+
+        def method(self: Daemon) -> object:
+            if bugs[name]:
+                bugs[name] -= 1
+                raise RuntimeError(f"a bug in {name}")
+            return original(self)
+
+        return method
+
+    for name in bugs:
+        monkeypatch.setattr(Daemon, name, buggy(name))
+    config = write_config(tmp_path, fake_api.url)
+    with capture_logs() as logs, running_daemon(config) as daemon:
+        (daemon.inbox / "a.mp3").write_bytes(wav_bytes(10_000))
+        wait_until((daemon.inbox / "done" / "a.mp3").exists, 20, "a.mp3 done")
+        wait_until(lambda: not any(bugs.values()), 10, "both bugs hit")
+    assert daemon.result == [0], "the daemon stopped as asked, not on the bugs"
+    errors = [e for e in logs if e["event"] == "sfwatch.loop_error"]
+    assert len(errors) == 2
