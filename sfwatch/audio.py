@@ -16,13 +16,40 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-import av
+from sfwatch.errors import PrepareError
+
+
+class _PyAV:
+    """``av``, imported at its first use (``warm_up`` starts that early, in the background).
+
+    Importing PyAV loads FFmpeg's libraries: 40-70 ms here with them in the page
+    cache, more from a cold disk. Made before the daemon watches, it delays the
+    first upload by as much; the daemon waits for files to settle anyway
+    (docs/benchmarks.md, d). The import system's lock makes a use during the
+    background import wait for it.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(importlib.import_module("av"), name)
+
+
+if TYPE_CHECKING:
+    import av
+else:
+    av = _PyAV()
+
+
+def warm_up() -> None:
+    """Import PyAV now (from a background thread: the first probe then finds it loaded)."""
+    importlib.import_module("av")
+
 
 if TYPE_CHECKING:
     # numpy is imported where loudness is measured (only long files are cut): it is
@@ -30,7 +57,6 @@ if TYPE_CHECKING:
     # to_ndarray and from_ndarray import it the same way.
     import numpy as np
 
-from sfwatch.errors import PrepareError
 
 #: what transcoding produces: what the models use internally, in a format every server takes
 TARGET_RATE = 16_000

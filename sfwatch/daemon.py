@@ -39,6 +39,7 @@ from types import FrameType
 from typing import Any
 
 from sfwatch import __version__
+from sfwatch.audio import warm_up
 from sfwatch.config import Config, Secret, load_config
 from sfwatch.cores import CorePin
 from sfwatch.endpoint import Endpoint
@@ -210,6 +211,7 @@ class Daemon:
         )
         self.stop_level = 0  # 0 running, 1 warm stop, 2 cold stop
         self.abandoned = False  # uploads were still running when run() returned
+        self.unusable = False  # PyAV could not be imported: stopped, exit code 1
         self.last_tick = time.monotonic()
         self._published = 0.0
         self._last_state: dict[str, Any] = {}
@@ -238,6 +240,8 @@ class Daemon:
 
     def run(self) -> int:
         """Run until stopped (or, in burst mode, until there is nothing left to do)."""
+        # PyAV is imported while the first files settle, not before we watch for them.
+        threading.Thread(target=self._warm_up, name="sfwatch-warm-up", daemon=True).start()
         self._install_signals()
         self._start_endpoint()
         self.intake.start()
@@ -284,7 +288,18 @@ class Daemon:
             self.notes.wakeup.clear()
         self._shutdown()
         self.log.info("sfwatch.daemon_stopped", **dict(self.scheduler.counts))
-        return 0
+        return 1 if self.unusable else 0
+
+    def _warm_up(self) -> None:
+        """Import PyAV (a background thread); if it cannot be, stop: no file can be prepared."""
+        try:
+            warm_up()
+        except ImportError as exc:  # (not installed, or FFmpeg's libraries failing to load)
+            # As an import at start-up would have: every claim stays where it is.
+            self.log.error("sfwatch.pyav_unavailable", error=f"{type(exc).__name__}: {exc}")
+            self.unusable = True
+            self.stop_level = 2
+            self.notes.wakeup.set()
 
     def tick(self) -> None:
         """One turn of the work loop."""

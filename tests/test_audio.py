@@ -27,6 +27,8 @@ from tests.audiogen import (
     write_audio,
     write_video,
 )
+from tests.conftest import daemon_process, write_config
+from tests.fakeapi import FakeAPI
 
 #: seconds of slack for durations that depend on codec framing
 FRAME_SLACK = 0.1
@@ -588,3 +590,43 @@ def test_the_daemon_starts_without_numpy() -> None:
     code = "import sys, sfwatch.cli, sfwatch.daemon; print('numpy' in sys.modules)"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert run.stdout.strip() == "False"
+
+
+# -- PyAV is imported while the first files settle -------------------------------------
+
+
+def test_pyav_is_imported_at_its_first_use_not_with_the_daemon(tmp_path: Path) -> None:
+    """Importing the daemon leaves PyAV unloaded; a probe loads it, also from two threads."""
+    sample = tmp_path / "a.wav"
+    write_audio(sample, 0.5)
+    code = (
+        "import sys, threading\n"
+        "import sfwatch.daemon\n"
+        "from sfwatch.audio import probe\n"
+        "assert 'av' not in sys.modules, 'imported with the daemon'\n"
+        "found = []\n"
+        "threads = [threading.Thread(target=lambda: found.append(probe(sys.argv[1])))"
+        " for _ in range(2)]\n"
+        "[t.start() for t in threads]; [t.join() for t in threads]\n"
+        "assert 'av' in sys.modules and [i.container for i in found] == ['wav', 'wav'], found\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(sample)], check=True, timeout=60)
+
+
+def test_a_daemon_without_pyav_stops_and_leaves_every_file(
+    tmp_path: Path, fake_api: FakeAPI
+) -> None:
+    """PyAV failing to import: one pyav_unavailable error, exit code 1, the file untouched."""
+    shadow = tmp_path / "shadow" / "av"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('libavformat.so: cannot open')\n")
+    config = write_config(tmp_path, fake_api.url)
+    audio_file = tmp_path / "inbox" / "a.wav"
+    write_audio(audio_file, 0.5)
+    with daemon_process(config, PYTHONPATH=str(tmp_path / "shadow")) as daemon:
+        assert daemon.wait(20) == 1
+        (error,) = daemon.events("sfwatch.pyav_unavailable")
+    assert "libavformat.so: cannot open" in error["error"]
+    assert audio_file.exists(), "left in the inbox for the next start"
+    assert not (tmp_path / "inbox" / "failed").exists()
+    assert fake_api.uploads == []
