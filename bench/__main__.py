@@ -67,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         common.SUFFIX += f".siblings-{args.siblings}"
     profiling.ENABLED = args.profile
     profiling.PERF = args.perf
+    # (checked before any daemon starts: a missing profiler must not leave one running)
+    if args.profile and profiling.py_spy() is None:
+        parser.error("--profile needs py-spy: .venv/bin/pip install py-spy")
+    if args.perf and shutil.which("perf") is None:
+        parser.error("--perf needs perf (Debian: apt-get install linux-perf)")
     names = list(BENCHMARKS) if "all" in args.names else args.names
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:

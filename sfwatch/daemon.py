@@ -212,6 +212,7 @@ class Daemon:
         self.stop_level = 0  # 0 running, 1 warm stop, 2 cold stop
         self.abandoned = False  # uploads were still running when run() returned
         self.unusable = False  # PyAV could not be imported: stopped, exit code 1
+        self.audio_ready = threading.Event()  # PyAV's import has ended (_warm_up)
         self.last_tick = time.monotonic()
         self._published = 0.0
         self._last_state: dict[str, Any] = {}
@@ -291,14 +292,21 @@ class Daemon:
         return 1 if self.unusable else 0
 
     def _warm_up(self) -> None:
-        """Import PyAV (a background thread); if it cannot be, stop: no file can be prepared."""
+        """Import PyAV (a background thread); if it cannot be, stop: no file can be prepared.
+
+        Until it has ended, files settle but none is claimed, so a failed import
+        leaves every file where it was, as an import at start-up would have.
+        """
         try:
             warm_up()
-        except ImportError as exc:  # (not installed, or FFmpeg's libraries failing to load)
-            # As an import at start-up would have: every claim stays where it is.
+        # Not installed, FFmpeg's libraries failing to load (ImportError), a build for
+        # another PyAV or numpy (ValueError "size changed"): whatever it is, it is fatal.
+        except Exception as exc:  # noqa: BLE001 - logged, and the daemon stops
             self.log.error("sfwatch.pyav_unavailable", error=f"{type(exc).__name__}: {exc}")
             self.unusable = True
             self.stop_level = 2
+        finally:
+            self.audio_ready.set()
             self.notes.wakeup.set()
 
     def tick(self) -> None:
@@ -319,7 +327,10 @@ class Daemon:
         self.slots.grant(stopping=self.stop_level > 0)
         self.probe.step(may_start=self.stop_level == 0)
         if self.stop_level == 0:
-            while (item := self.ready.next_job(self.slots.uploads_allowed())) is not None:
+            # (nothing is claimed before PyAV is known to load: _warm_up)
+            while self.audio_ready.is_set() and (
+                (item := self.ready.next_job(self.slots.uploads_allowed())) is not None
+            ):
                 self.slots.submit(item)
             for job in self.leases.adopt_expired():
                 self.scheduler.resume(job, self.instance)
