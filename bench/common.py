@@ -8,6 +8,7 @@ writes them; the benchmarks use ``time.time()`` for everything they compare.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -211,15 +212,31 @@ def memory_kb(pid: int) -> tuple[int, int] | None:
     return values["VmRSS"], values["VmHWM"]
 
 
+def child_pids(pid: int) -> list[int]:
+    """The child processes of ``pid`` now (a daemon's worker processes)."""
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
 class ProcSampler(threading.Thread):
-    """Polls a process's memory and CPU time until it exits or ``stop()`` is called."""
+    """Polls a process's memory and CPU time until it exits or ``stop()`` is called.
+
+    Its child processes (``workers``) count too: CPU is the sum of each one's last
+    reading, memory the peak of the sum of their RSS (each process's own pages, and
+    the libraries they map counted once per process: an upper bound).
+    """
 
     def __init__(self, pid: int, interval: float = 0.05) -> None:
         super().__init__(name=f"sampler-{pid}", daemon=True)
         self.pid = pid
         self.interval = interval
-        self.peak_rss_kb = 0  # max of every VmRSS and VmHWM read
-        self.cpu = 0.0  # the last CPU seconds read
+        self.peak_rss_kb = 0  # max of every VmRSS and VmHWM read (summed over processes)
+        self.cpu = 0.0  # the last CPU seconds read (summed over processes)
+        self._children_cpu: dict[int, float] = {}
         self._stop_event = threading.Event()
 
     def sample(self) -> bool:
@@ -227,8 +244,14 @@ class ProcSampler(threading.Thread):
         cpu = cpu_seconds(self.pid)
         if mem is None or cpu is None:
             return False
-        self.peak_rss_kb = max(self.peak_rss_kb, *mem)
-        self.cpu = cpu
+        rss = mem[0]
+        for child in child_pids(self.pid):
+            child_mem, child_cpu = memory_kb(child), cpu_seconds(child)
+            if child_mem is not None and child_cpu is not None:
+                rss += child_mem[0]
+                self._children_cpu[child] = child_cpu
+        self.peak_rss_kb = max(self.peak_rss_kb, rss, mem[1])
+        self.cpu = cpu + sum(self._children_cpu.values())
         return True
 
     def run(self) -> None:

@@ -22,6 +22,7 @@ the daemon no longer uses: ``sfwatch.inotify`` replaced it.)
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -55,6 +56,13 @@ def apply(spec: str) -> None:
             slots.FINISHING_HEADROOM = int(value)
         elif name == "no-core-pin":
             cores.CorePin.turn = lambda *_a, **_k: None  # type: ignore[method-assign]
+        elif name == "cpu-by-config":
+            # sibling i (config "...-i.yaml") runs on CPU i mod the allowed count
+            config = sys.argv[sys.argv.index("-c") + 1]
+            stem = config.rsplit(".", 1)[0]
+            index = int(stem.rsplit("-", 1)[1]) if stem.rsplit("-", 1)[-1].isdigit() else 0
+            allowed = sorted(os.sched_getaffinity(0))
+            os.sched_setaffinity(0, {allowed[index % len(allowed)]})
         else:
             raise SystemExit(f"bench.patched: unknown patch {name!r}")
 

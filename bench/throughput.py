@@ -92,6 +92,7 @@ def backlog_run(
     seconds: float = 0.1,
     transcode: bool = False,
     siblings: int = 1,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """One burst run over ``files`` present at start; the measured quantities.
 
@@ -100,6 +101,7 @@ def backlog_run(
     ``siblings``: that many daemons on the one inbox, each with its own ``state_dir``
     and ``concurrency ÷ siblings`` uploads (design §6.3), so that the API sees the
     same concurrency; CPU and peak RSS are their sums.
+    ``workers``: the config's ``workers`` (processes of one daemon, sharing its ledger).
     """
     if root.exists():
         shutil.rmtree(root)
@@ -117,6 +119,8 @@ def backlog_run(
             }
         if transcode:
             extra["prepare"] = {"transcode": "always"}
+        if workers > 1:
+            extra["workers"] = workers
         per_daemon = max(1, concurrency // siblings)
         config = write_config(root, fake.url, concurrency=per_daemon, settle=settle, extra=extra)
         configs = [config, *(sibling_config(config, i) for i in range(1, siblings))]

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--burst", action="store_true", help="process what is in the watched folders, then exit"
     )
+    # (how the face starts its worker processes: sfwatch/workers.py; not for people)
+    run.add_argument("--worker", metavar="K/N", help=argparse.SUPPRESS)
     check = command("check", "validate the config (and with --online, the key and endpoint)")
     check.add_argument("--online", action="store_true", help="also call GET /user/info")
     one = command("transcribe", "transcribe files once: a sibling .txt each, nothing moved")
@@ -115,14 +117,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     """``sfwatch run``: the daemon."""
     from sfwatch.daemon import Daemon  # noqa: PLC0415 - keeps `check` and `--help` light
     from sfwatch.outbox import check_integrations  # noqa: PLC0415 - as Daemon above
+    from sfwatch.workers import Share, become_worker  # noqa: PLC0415 - as Daemon above
 
+    share = None
+    if args.worker is not None:
+        share = Share.parse(args.worker)
+        become_worker()
     config = _load(args)
     key = load_api_key(config)
     check_integrations(config)
-    configure(config.log.format, config.log.level, secrets=[key.reveal()])
-    for warning in config_warnings(config):
+    fields = {} if share is None else {"worker": share.index}
+    configure(config.log.format, config.log.level, secrets=[key.reveal()], fields=fields)
+    for warning in config_warnings(config) if share is None else ():  # (the face says them)
         get_logger().warning("sfwatch.config_warning", message=warning)
-    daemon = Daemon(config, key, burst=args.burst)
+    daemon = Daemon(config, key, burst=args.burst, share=share)
     try:
         code = daemon.run()
     except Exception:

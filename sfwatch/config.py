@@ -65,6 +65,8 @@ LOG_FORMATS = ("json", "console", "auto")
 TRANSCODE_MODES = ("auto", "always", "never")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_CONCURRENCY = 256
+#: the most worker processes one ``sfwatch run`` starts
+MAX_WORKERS = 64
 SYSTEM_CONFIG = Path("/etc/sfwatch/config.yaml")
 NO_KEY_MESSAGE = (
     "no API key: set $SILICONFLOW_API_KEY, api.api_key_file, or a systemd credential named api_key"
@@ -195,6 +197,8 @@ class Config:
     hooks: HooksConfig = HooksConfig()  # noqa: RUF009 - frozen (config_extras.py)
     webhooks: tuple[WebhookConfig, ...] = ()
     notify: NotifyConfig = NotifyConfig()  # noqa: RUF009 - frozen (config_extras.py)
+    #: processes in one ``sfwatch run`` (workers.py); ``workers: auto`` is one per allowed CPU
+    workers: int = 1
 
 
 # The YAML keys are the dataclasses' field names, so a new field is a new key.
@@ -221,6 +225,7 @@ def default_config_dict() -> dict[str, Any]:
         "hooks": asdict(HooksConfig()),
         "webhooks": [],
         "notify": {**asdict(notify), "urls": list(notify.urls), "on": list(notify.on)},
+        "workers": 1,
         "watch": [watch],
     }
 
@@ -318,7 +323,18 @@ def parse_config(
     top = Section(
         data,
         "",
-        ("api", "state_dir", "log", "prepare", "metrics", "hooks", "webhooks", "notify", "watch"),
+        (
+            "api",
+            "state_dir",
+            "log",
+            "prepare",
+            "metrics",
+            "hooks",
+            "webhooks",
+            "notify",
+            "workers",
+            "watch",
+        ),
     )
     api = _parse_api(top.data.get("api"), base_dir)
     state_dir = top.optional_path("state_dir", base_dir)
@@ -338,6 +354,7 @@ def parse_config(
         hooks=parse_hooks(top.data.get("hooks"), base_dir),
         webhooks=parse_webhooks(top.data.get("webhooks"), base_dir),
         notify=parse_notify(top.data.get("notify")),
+        workers=_parse_workers(top, api),
     )
 
 
@@ -433,6 +450,27 @@ def _parse_api(data: object, base_dir: Path) -> ApiConfig:
         max_upload_bytes=api.integer("max_upload_bytes", 50_000_000, 1024),
         max_audio_seconds=api.positive("max_audio_seconds", 3600.0),
     )
+
+
+def _parse_workers(top: Section, api: ApiConfig) -> int:
+    """``workers``: 1 to ``MAX_WORKERS`` processes, or ``auto`` (one per CPU we may use).
+
+    They share ``api.concurrency`` (each takes at least one upload), so ``auto`` takes
+    no more of them than that.
+    """
+    value = top.data.get("workers")
+    if value == "auto":
+        return max(1, min(MAX_WORKERS, api.concurrency, len(os.sched_getaffinity(0))))
+    if isinstance(value, str):
+        raise ConfigError("workers", f"must be an integer or auto, got {show(value)}")
+    workers = top.integer("workers", 1, 1, MAX_WORKERS)
+    if workers > api.concurrency:
+        raise ConfigError(
+            "workers",
+            f"{workers} workers need at least one upload each: "
+            f"api.concurrency is {api.concurrency}",
+        )
+    return workers
 
 
 def _parse_prepare(data: object) -> PrepareConfig:

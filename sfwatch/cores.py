@@ -120,8 +120,11 @@ class CorePin:
         release_after: float = RELEASE_AFTER,
         repick_after: float = REPICK_AFTER,
         keep_cores: float = KEEP_CORES,
+        prefer: int | None = None,
     ) -> None:
         self.log = log
+        #: worker K of several (workers.py) pins to the K-th allowed CPU: not all to one
+        self.prefer = prefer
         self.pressure = pressure if pressure is not None else Pressure(clock=clock)
         self.clock = clock
         self.release_after = release_after
@@ -158,7 +161,8 @@ class CorePin:
             self.release()
 
     def _pin(self, now: float) -> None:
-        cpu = current_cpu()
+        ordered = sorted(self.allowed)
+        cpu = current_cpu() if self.prefer is None else ordered[self.prefer % len(ordered)]
         if cpu is None or cpu not in self.allowed:
             cpu = min(self.allowed)
         if self._apply({cpu}):

@@ -64,6 +64,7 @@ from sfwatch.scheduler import Scheduler
 from sfwatch.slots import UploadSlots
 from sfwatch.transcribe import Transcriber
 from sfwatch.worker import HOST_ERRORS, Worker
+from sfwatch.workers import STOP_SIGNAL, Share, Workers, lock_worker
 
 #: how long a warm stop waits for uploads in flight
 DEFAULT_GRACE_SECONDS = 60.0
@@ -75,6 +76,8 @@ PUBLISH_EVERY = 2.0
 STATE_REFRESH = 30.0
 #: a loop that has not ticked for this long is frozen (it ticks every TICK seconds)
 FROZEN_AFTER = 30.0
+#: a worker of several counts as busy (and pins) at less: they share the CPUs with each other
+WORKER_BUSY_CORES = 0.5
 #: how long a stop waits for hooks and webhooks in flight (the rest run at the next start)
 OUTBOX_GRACE = 5.0
 
@@ -131,16 +134,25 @@ class Daemon:
         grace_seconds: float = DEFAULT_GRACE_SECONDS,
         lease_seconds: float | None = None,
         backoff_base: float = 1.0,
+        share: Share | None = None,
     ) -> None:
+        #: which of the run's worker processes this is (workers.py); the face by default
+        self.share = share or Share(0, config.workers)
+        config = self.share.config(config)  # (its part of api.concurrency)
         #: the config the daemon started with (the folders' settings: ``folders``)
         self.config = config
         self.burst = burst
         self.grace_seconds = grace_seconds
-        self.instance = instance_name(config.state_dir)
+        base = instance_name(config.state_dir)
+        self.instance = self.share.instance(base)
         self.log = get_logger()
-        self._lock_fd = lock_state_dir(config.state_dir)
+        self._lock_fd = _hold_lock(config.state_dir, self.share)
+        #: the face's workers 1 … N-1 (none for ``workers: 1``, or in a worker)
+        self.workers = Workers(
+            config, self.share.count if self.share.face else 1, burst=burst, log=self.log
+        )
         self.folders = Folders(config.watch)
-        self.intake = Intake(self.folders)
+        self.intake = Intake(self.folders, owns=self.share.owns)
         self.notes = self.intake.notes
         self.settler = self.intake.settler
         self.watchers = self.intake.watchers
@@ -150,7 +162,16 @@ class Daemon:
         # to scrub it from what they send, which should never hold it anyway.
         #: files wait for a slot while the daemon is CPU-bound: deliveries wait too
         self.pressure = Pressure()
-        self.cores = CorePin(self.log)  # one CPU while busy (cores.py)
+        # one CPU while busy (cores.py); each worker its own, when there are several
+        self.cores = (
+            CorePin(
+                self.log,
+                pressure=Pressure(busy_cores=WORKER_BUSY_CORES),
+                prefer=self.share.index,
+            )
+            if self.share.count > 1
+            else CorePin(self.log)
+        )
         self.outbox = Outbox(
             config,
             self.ledger,
@@ -158,6 +179,8 @@ class Daemon:
             backoff_base=backoff_base,
             scrub=_scrubber(api_key),
             yield_to=self.pressure.busy,
+            # the other workers' finishes do not wake the face's dispatcher: it looks
+            idle_wait=1.0 if self.share.count > 1 else None,
         )
         self.transcriber = Transcriber(
             config.api.base_url,
@@ -207,7 +230,12 @@ class Daemon:
             announce=self.outbox.account_event,
         )
         self.reconciler = Reconciler(
-            self.folders, self.ledger, self.scheduler, self.slots, self.instance
+            self.folders,
+            self.ledger,
+            self.scheduler,
+            self.slots,
+            self.instance,
+            others=self.share.others(base),
         )
         self.stop_level = 0  # 0 running, 1 warm stop, 2 cold stop
         self.abandoned = False  # uploads were still running when run() returned
@@ -231,11 +259,16 @@ class Daemon:
         self._ledger_id = (stat.st_dev, stat.st_ino)
         #: the status last published (the metrics' gauges read it, from another thread)
         self.published: dict[str, Any] = self.status()
-        self.metrics: Metrics | None = None
         self.endpoint: Endpoint | None = None
-        if config.metrics.listen is not None:
-            self.metrics = Metrics(lambda: self.published)
-            self.events.subscribe(self.metrics.on_event)
+        self.metrics = self._make_metrics()
+
+    def _make_metrics(self) -> Metrics | None:
+        """The metrics, when ``metrics.listen`` is set (the face's: workers.py)."""
+        if self.config.metrics.listen is None or not self.share.face:
+            return None
+        metrics = Metrics(lambda: self.published)
+        self.events.subscribe(metrics.on_event)
+        return metrics
 
     # -- the loop ------------------------------------------------------------------
 
@@ -244,15 +277,19 @@ class Daemon:
         # PyAV is imported while the first files settle, not before we watch for them.
         threading.Thread(target=self._warm_up, name="sfwatch-warm-up", daemon=True).start()
         self._install_signals()
+        self.workers.start()
         self._start_endpoint()
         self.intake.start()
         self.leases.beat()
         self.reconciler.startup()
-        self.outbox.start()  # after reconcile: the rows it finished are in the outbox too
+        if self.share.face:  # (the face delivers every worker's events)
+            self.outbox.start()  # after reconcile: the rows it finished are in the outbox too
         self.log.info(
             "sfwatch.daemon_started",
             version=__version__,
             instance=self.instance,
+            worker=self.share.index,
+            workers=self.share.count,
             watches=self._watch_paths(),
             state_dir=str(self.config.state_dir),
             pid=os.getpid(),
@@ -277,7 +314,7 @@ class Daemon:
                     in_flight=len(self.slots),
                     grace_seconds=self.grace_seconds,
                 )
-            if self.stop_level >= 1 and not self.slots:
+            if self.stop_level >= 1 and not self.slots and not self.workers.running():
                 break
             if self.stop_level >= 2 or (stop_deadline and time.monotonic() > stop_deadline):
                 self.log.warning("sfwatch.daemon_stopping", mode="cold", in_flight=len(self.slots))
@@ -289,7 +326,7 @@ class Daemon:
             self.notes.wakeup.clear()
         self._shutdown()
         self.log.info("sfwatch.daemon_stopped", **dict(self.scheduler.counts))
-        return 1 if self.unusable else 0
+        return 1 if self.unusable else self.workers.worst()
 
     def _warm_up(self) -> None:
         """Import PyAV (a background thread); if it cannot be, stop: no file can be prepared.
@@ -317,6 +354,7 @@ class Daemon:
         if self.reload_requested:
             self.reload_requested = False
             self.reload()
+        self.workers.poll()
         self.intake.take_notes(self.ready.queued)
         self.ready.add(self.intake.settled())
         for result in self.slots.reap():
@@ -356,7 +394,9 @@ class Daemon:
             and not self.ready
             and not len(self.scheduler)
             and not self.probe.running
-            and self.outbox.idle()  # deliveries due now; retries wait for the next start
+            and not self.workers.running()
+            # deliveries due now (the face's); retries wait for the next start
+            and (not self.share.face or self.outbox.idle())
         )
 
     def _pause(self) -> float:
@@ -502,7 +542,7 @@ class Daemon:
         self.notifier.reloading()
         self.log.info("sfwatch.reload_started", config=str(self.config.source))
         try:
-            new = load_config(self.config.source or Path("sfwatch.yaml"))
+            new = self.share.config(load_config(self.config.source or Path("sfwatch.yaml")))
         except ConfigError as exc:
             self.log.error("sfwatch.reload_failed", error=str(exc), kept="the running config")
             self.notifier.ready(self.status_line())
@@ -518,6 +558,7 @@ class Daemon:
                 "hooks",
                 "webhooks",
                 "notify",
+                "workers",
             )
             if getattr(new, name) != getattr(self.config, name)
         ]
@@ -542,16 +583,23 @@ class Daemon:
         # writer's lock. The loop logs the signal on its next turn.
         self.signals.append(signal.Signals(signum).name)
         self.request_stop()
+        self.workers.stop()  # each stop the face gets, each worker gets (workers.py)
 
     def _on_hup(self, _signum: int, _frame: FrameType | None) -> None:
         self.reload_requested = True
         self.notes.wakeup.set()
+        self.workers.reload()
 
     def _install_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+        if self.share.face:
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+        else:  # a worker stops when the face says so, whoever else signals the service
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(STOP_SIGNAL, self._on_signal)
         signal.signal(signal.SIGHUP, self._on_hup)
 
     def _shutdown(self) -> None:
@@ -567,10 +615,17 @@ class Daemon:
         if self.endpoint is not None:
             self.endpoint.close()
         self.outbox.stop(0.0 if self.abandoned else OUTBOX_GRACE)
+        # A cold stop: the workers were told too, and leave at once (else they are killed).
+        self.workers.wait(self.grace_seconds + OUTBOX_GRACE if not self.abandoned else OUTBOX_GRACE)
         if not self.abandoned:
             self.transcriber.close()
             self.ledger.close()
         os.close(self._lock_fd)  # (a cold stop exits the process, which releases it too)
+
+
+def _hold_lock(state_dir: Path, share: Share) -> int:
+    """The face holds ``daemon.lock``; worker K, ``worker-K.lock`` (workers.py)."""
+    return lock_state_dir(state_dir) if share.face else lock_worker(state_dir, share)
 
 
 def _scrubber(api_key: Secret) -> Callable[[str], str]:

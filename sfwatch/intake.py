@@ -14,6 +14,7 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from sfwatch.config import WatchConfig
@@ -47,9 +48,11 @@ _GONE = {errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EBADF}
 class Intake:
     """Observers, the scanner and the settler for every watched folder."""
 
-    def __init__(self, folders: Folders) -> None:
+    def __init__(self, folders: Folders, owns: Callable[[Path], bool] | None = None) -> None:
         #: the folders' settings (a reload replaces them; the scanner thread reads them)
         self.folders = folders
+        #: whether a file is this worker process's to take (workers.py); every file if None
+        self.owns = owns
         self.log = get_logger()
         self.notes = PathNotes()
         self.settler = Settler()
@@ -233,6 +236,8 @@ class Intake:
             return
         if under_link(path, watch.path):
             return  # a path through a symlinked folder: links are not followed
+        if self.owns is not None and not stat.S_ISDIR(st.st_mode) and not self.owns(path):
+            return  # another worker's file: it settles it, and says why if it skips it
         if stat.S_ISDIR(st.st_mode):
             if (cut := too_deep(path, watch.path, folder=True)) is not None:
                 self._too_deep(cut, watch)

@@ -545,9 +545,11 @@ class Ledger:
             last_error=json.dumps({"reason": "vanished", "message": why}),
         )
 
-    def open_jobs(self) -> list[JobRow]:
-        """Every job not yet final (reconciled against the file system at start-up)."""
-        return [_row(r) for r in self._query("SELECT * FROM jobs WHERE status = 'claimed'")]
+    def open_jobs(self, skip: Sequence[str] = ()) -> list[JobRow]:
+        """Every job not yet final (reconciled against the file system at start-up), but
+        those of the instances in ``skip`` (the run's other worker processes)."""
+        rows = self._query("SELECT * FROM jobs WHERE status = 'claimed'")
+        return [_row(r) for r in rows if r["instance"] not in skip]
 
     def _update(self, job_id: str, *, durable: bool = False, **fields: Any) -> None:
         self._write(lambda db: self._set(db, job_id, **fields), durable=durable)

@@ -183,8 +183,12 @@ def configure(
     level: str = "info",
     secrets: Iterable[str] = (),
     stream: TextIO | None = None,
+    fields: dict[str, Any] | None = None,
 ) -> None:
-    """Set up structlog and the standard-library loggers for the whole process."""
+    """Set up structlog and the standard-library loggers for the whole process.
+
+    ``fields``: added to every line (a worker process's ``worker``: workers.py).
+    """
     out = stream if stream is not None else sys.stdout
     use_console = fmt == "console" or (fmt == "auto" and out.isatty())
     renderer: Processor = (
@@ -193,7 +197,9 @@ def configure(
         else structlog.processors.JSONRenderer(ensure_ascii=False, sort_keys=False)
     )
     redact = Redactor(secrets)
+    fixed = dict(fields or {})
     shared: list[Processor] = [
+        lambda _logger, _name, event: {**event, **fixed} if fixed else event,
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),

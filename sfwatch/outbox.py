@@ -220,8 +220,11 @@ class Outbox:
         scrub: Callable[[str], str] = _same,
         yield_to: Callable[[], bool] | None = None,
         yield_limit: float = YIELD_LIMIT,
+        idle_wait: float | None = None,
     ) -> None:
         self.config = config
+        #: the longest the dispatcher sleeps: short when other processes add rows
+        self.idle_wait = IDLE_WAIT if idle_wait is None else idle_wait
         self.ledger = ledger
         self.instance = instance
         self.base = RETRY_BASE * backoff_base
@@ -390,7 +393,7 @@ class Outbox:
             with self._lock:
                 self._in_flight.add(row.id)
             lane.put(row)
-        waits = [IDLE_WAIT]
+        waits = [self.idle_wait]
         if (notify_wait := self._gather(now)) is not None:
             waits.append(notify_wait)
         if (due := self.ledger.outbox_next_due(now)) is not None:

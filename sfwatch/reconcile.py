@@ -38,12 +38,16 @@ class Reconciler:
         scheduler: Scheduler,
         slots: UploadSlots,
         instance: str,
+        *,
+        others: set[str] | None = None,
     ) -> None:
         self.folders = folders
         self.ledger = ledger
         self.scheduler = scheduler
         self.slots = slots
         self.instance = instance
+        #: the instance names of this run's other worker processes: their rows are theirs
+        self.others = others or set()
         self.log = get_logger()
 
     def startup(self) -> None:
@@ -51,7 +55,7 @@ class Reconciler:
         for watch in self.folders.watched():  # split parts are made again when needed
             with contextlib.suppress(OSError), work_area(watch.path).folder(["tmp"]) as tmp:
                 shutil.rmtree(self.instance, dir_fd=tmp)
-        rows = self.ledger.open_jobs()
+        rows = self.ledger.open_jobs(skip=sorted(self.others))
         for row in rows:  # claims of folders that have left the config finish there
             if Path(row.root) not in self.folders:
                 watch = retired_watch(row)

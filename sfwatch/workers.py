@@ -1,0 +1,276 @@
+"""Worker processes: one ``sfwatch run`` on several CPUs (docs/design.md §2, "Workers").
+
+Python runs one thread of a process at a time, so a daemon uses about one CPU
+however many upload threads it has. With ``workers: N`` the process systemd
+started (the *face*, worker 0) starts N - 1 more, ``sfwatch run --worker K/N``::
+
+    face (worker 0): its share of the files · systemd · metrics · the outbox
+      ├── worker 1: its share of the files
+      └── worker 2: …
+
+- **Shares.** Every worker watches every folder, but takes only the files whose
+  path hashes to its index (``Share.owns``): no two workers race for a file, and a
+  file renamed in the inbox simply belongs to whoever its new name says.
+- **One ledger.** Every worker writes the one ledger in ``state_dir`` (SQLite's
+  locks order their commits), under an instance name of its own (``<name>-w<K>``;
+  the face keeps the plain name, so nothing changes for ``workers: 1``). A
+  transcript one worker paid for is known to all, so the same content is not paid
+  twice whichever worker takes it. At start-up a worker reconciles only its own
+  rows and those of no worker of this run (``Share.others``).
+- **One face.** Only the face tells systemd (READY, STATUS, the watchdog), serves
+  ``metrics.listen`` and delivers the outbox: the other workers' finished files
+  join the outbox in the shared ledger and the face looks for them every second.
+- **Signals.** The workers run in sessions of their own and ignore SIGTERM and
+  SIGINT; the face passes on each stop it receives as SIGUSR1 (first warm, then
+  cold) and SIGHUP as SIGHUP. So a unit that signals every process of the service
+  (``KillMode=control-group``) stops them warm once, not cold.
+- **Deaths.** A worker dies with the face (``PR_SET_PDEATHSIG``, SIGKILL: a kill
+  is a crash, which every promise survives, and no orphan keeps working beside a
+  restarted face). A worker that dies is started again, after 1 s, then twice as
+  long each time up to a minute; it waits for its old self's lock
+  (``state_dir/worker-K.lock``), so two never run under one instance name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sfwatch.config import Config
+from sfwatch.errors import ConfigError
+
+#: the signal the face sends a worker for each stop it receives
+STOP_SIGNAL = signal.SIGUSR1
+#: a dead worker is started again after this, doubling up to RESTART_MAX
+RESTART_MIN = 1.0
+RESTART_MAX = 60.0
+#: a worker that ran this long before it died starts again after RESTART_MIN
+RESTART_RESET = 60.0
+#: how long a new worker waits for its old self's lock
+LOCK_WAIT = 120.0
+#: what a worker must not inherit: systemd talks to the face alone
+_FACE_ONLY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
+#: the face's pid, in a worker's environment (a worker whose face is gone leaves)
+FACE_ENV = "SFWATCH_FACE_PID"
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class Share:
+    """Worker ``index`` of ``count``: which files it takes, and its instance name."""
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> Share:
+        """``K/N`` as given to ``run --worker``."""
+        index, _, count = text.partition("/")
+        try:
+            share = cls(int(index), int(count))
+        except ValueError:
+            raise ConfigError("--worker", f"must be K/N, got {text!r}") from None
+        if not 0 < share.index < share.count:
+            raise ConfigError("--worker", f"must be K/N with 0 < K < N, got {text!r}")
+        return share
+
+    @property
+    def face(self) -> bool:
+        """Worker 0: the process systemd started, which talks to the rest of the house."""
+        return self.index == 0
+
+    def owns(self, path: Path) -> bool:
+        """Whether this worker takes the file at ``path`` (a hash of the path, not the name:
+        two ``a.wav`` in two folders need not go to one worker)."""
+        return self.count == 1 or zlib.crc32(os.fsencode(path)) % self.count == self.index
+
+    def instance(self, base: str) -> str:
+        """This worker's instance name; the face keeps ``base``."""
+        return base if self.face else f"{base}-w{self.index}"
+
+    def others(self, base: str) -> set[str]:
+        """The instance names of this run's other workers (their rows are theirs)."""
+        return {Share(i, self.count).instance(base) for i in range(self.count)} - {
+            self.instance(base)
+        }
+
+    def config(self, config: Config) -> Config:
+        """``config`` with this worker's part of ``api.concurrency`` and the request rate."""
+        if self.count == 1:
+            return config
+        api = config.api
+        concurrency = api.concurrency // self.count + (
+            1 if self.index < api.concurrency % self.count else 0
+        )
+        rate = api.requests_per_minute
+        return dataclasses.replace(
+            config,
+            api=dataclasses.replace(
+                api,
+                concurrency=max(1, concurrency),
+                requests_per_minute=None if rate is None else rate / self.count,
+            ),
+        )
+
+
+def lock_worker(state_dir: Path, share: Share, wait: float = LOCK_WAIT) -> int:
+    """Hold ``state_dir/worker-K.lock``, waiting up to ``wait`` for an old worker K to end."""
+    path = state_dir / f"worker-{share.index}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise ConfigError(
+                    "workers", f"worker {share.index} of an earlier run still holds its lock"
+                ) from None
+            time.sleep(0.1)
+            continue
+        return fd
+
+
+def become_worker() -> None:
+    """In a worker: die with the face, and leave at once if it is gone already."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    face = os.environ.get(FACE_ENV)
+    if face is not None and os.getppid() != int(face):
+        raise SystemExit(0)  # the face died before the prctl: nobody to work for
+
+
+@dataclass
+class _Child:
+    share: Share
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    restart_at: float | None = None
+    delay: float = RESTART_MIN
+    #: the exit code it ended with, once it will not be started again
+    ended: int | None = None
+
+
+class Workers:
+    """The face's workers 1 … N-1: started, signalled, restarted, waited for."""
+
+    def __init__(self, config: Config, count: int, *, burst: bool, log: Any) -> None:
+        self.config = config
+        self.burst = burst
+        self.log = log
+        self.stopping = False
+        self._children = [_Child(Share(i, count)) for i in range(1, count)]
+
+    def __len__(self) -> int:
+        return len(self._children)
+
+    def start(self) -> None:
+        """Start every worker (the face calls this first thing in ``run``)."""
+        if self._children and self.config.source is None:
+            raise ConfigError("workers", "workers need the config file: it is what they read")
+        for child in self._children:
+            self._spawn(child)
+
+    def _spawn(self, child: _Child) -> None:
+        command = [sys.executable, "-m", "sfwatch", "run", "-c", str(self.config.source)]
+        command += ["--worker", f"{child.share.index}/{child.share.count}"]
+        command += ["--burst"] if self.burst else []
+        env = {k: v for k, v in os.environ.items() if k not in _FACE_ONLY_ENV}
+        env[FACE_ENV] = str(os.getpid())
+        # (a session of its own: a terminal's Ctrl-C reaches the face, which passes it on)
+        child.proc = subprocess.Popen(command, env=env, start_new_session=True)
+        child.started = time.monotonic()
+        child.restart_at = None
+        self.log.info("sfwatch.worker_started", worker=child.share.index, pid=child.proc.pid)
+
+    def poll(self) -> None:
+        """Notice workers that ended; start again those that should not have (a turn)."""
+        now = time.monotonic()
+        for child in self._children:
+            if child.ended is not None:
+                continue
+            if child.proc is None:
+                if child.restart_at is not None and now >= child.restart_at and not self.stopping:
+                    self._spawn(child)
+                continue
+            code = child.proc.poll()
+            if code is None:
+                continue
+            child.proc = None
+            if self.stopping or (self.burst and code == 0):
+                child.ended = code
+                self.log.info("sfwatch.worker_stopped", worker=child.share.index, code=code)
+                continue
+            if now - child.started >= RESTART_RESET:
+                child.delay = RESTART_MIN
+            child.restart_at = now + child.delay
+            self.log.error(
+                "sfwatch.worker_died",
+                worker=child.share.index,
+                code=code,
+                signal=signal.Signals(-code).name if code < 0 else None,
+                restart_in=child.delay,
+            )
+            child.delay = min(RESTART_MAX, child.delay * 2)
+
+    def running(self) -> bool:
+        """Some worker runs, or will be started again."""
+        return any(c.ended is None for c in self._children)
+
+    def stop(self) -> None:
+        """Pass one stop on (from the face's signal handler: first warm, then cold)."""
+        self.stopping = True
+        self._signal(STOP_SIGNAL)
+
+    def reload(self) -> None:
+        """Pass SIGHUP on."""
+        self._signal(signal.SIGHUP)
+
+    def _signal(self, signum: signal.Signals) -> None:
+        for child in self._children:
+            if child.proc is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.proc.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        """Wait up to ``timeout`` for every worker to end, then kill the rest; the worst code."""
+        self.stopping = True
+        deadline = time.monotonic() + timeout
+        while self.running() and time.monotonic() < deadline:
+            self.poll()
+            if self.running():
+                time.sleep(0.05)
+        for child in self._children:
+            if child.proc is not None:
+                self.log.warning("sfwatch.worker_killed", worker=child.share.index)
+                with contextlib.suppress(ProcessLookupError):
+                    child.proc.kill()
+                child.ended = child.proc.wait()
+                child.proc = None
+            if child.ended is None:  # (waiting for a restart: nothing runs)
+                child.ended = 0
+        return self.worst()
+
+    def worst(self) -> int:
+        """The exit code of the run's workers: 0 when each ended well, else 1."""
+        return 0 if all(c.ended in (0, None) for c in self._children) else 1
+
+    def pids(self) -> list[int]:
+        """The workers running now."""
+        return [c.proc.pid for c in self._children if c.proc is not None]
+
+
+__all__ = ["FACE_ENV", "STOP_SIGNAL", "Share", "Workers", "become_worker", "lock_worker"]
