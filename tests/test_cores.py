@@ -367,3 +367,15 @@ def test_a_pinned_daemon_transcodes_on_every_cpu(
     while_pinned = [cpus for pin, cpus in during if pin is not None]
     assert len(while_pinned) >= 4
     assert all(cpus == ALLOWED for cpus in while_pinned)
+
+
+def test_worker_k_of_several_pins_to_the_kth_cpu(driver: Driver) -> None:
+    """A worker process's pin (``prefer``) is the K-th allowed CPU, not the one it runs on."""
+    ordered = sorted(ALLOWED)
+    for index in (0, 1, len(ordered)):  # (an index past the CPUs wraps round)
+        pressure = Pressure(clock=lambda: driver.now, cpu=lambda: driver.spent)
+        driver.pin = CorePin(driver.log, pressure=pressure, clock=lambda: driver.now, prefer=index)
+        assert driver.pinned() == ordered[index % len(ordered)]
+        assert all_on({ordered[index % len(ordered)]})
+        driver.pin.release()
+        assert all_on(ALLOWED)

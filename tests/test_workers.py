@@ -1,0 +1,342 @@
+"""Worker processes (``workers: N``, sfwatch/workers.py): real ``sfwatch run`` processes
+with real children, real signals, one ledger, the fake API on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from sfwatch.config import load_config, parse_config
+from sfwatch.daemon import instance_name
+from sfwatch.errors import ConfigError
+from sfwatch.ledger import Ledger
+from sfwatch.workers import Share
+from tests.conftest import daemon_process, run_cli, wait_until, write_config
+from tests.fakeapi import FakeAPI, Reply, Upload, stall
+from tests.test_crash import all_done, assert_delivered, print_logs, sha, wav
+
+
+def names_for(inbox: Path, count: int, worker: int, of: int = 2, prefix: str = "rec") -> list[str]:
+    """``count`` file names in ``inbox`` that worker ``worker`` of ``of`` takes."""
+    share = Share(worker, of)
+    found = []
+    i = 0
+    while len(found) < count:
+        name = f"{prefix}-{i:04d}.wav"
+        if share.owns(inbox / name):
+            found.append(name)
+        i += 1
+    return found
+
+
+def pids_alive(pids: list[int]) -> list[int]:
+    """The pids of ``pids`` that still run (zombies count as gone)."""
+    alive = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.append(pid)
+    return alive
+
+
+def worker_pids(lines: list[dict[str, object]]) -> list[int]:
+    """The pids of the workers the face started, as it logged them."""
+    return [int(str(e["pid"])) for e in lines if e.get("event") == "sfwatch.worker_started"]
+
+
+def ledger_rows(state: Path) -> list[tuple[str, str, str, str | None]]:
+    """(instance, root, rel, outcome) of every job in the ledger."""
+    with sqlite3.connect(state / "ledger.sqlite3") as db:
+        return list(db.execute("SELECT instance, root, rel, outcome FROM jobs"))
+
+
+def config_with_workers(tmp_path: Path, url: str, workers: object, **api: object) -> Path:
+    """A config in ``tmp_path`` with ``workers``."""
+    return write_config(tmp_path, url, api=dict(api), extra={"workers": workers})
+
+
+# -- the config -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (0, "between 1 and 64"),
+        (65, "between 1 and 64"),
+        ("many", "integer or auto"),
+        (True, "must be an integer"),
+        (5, "api.concurrency is 4"),
+    ],
+)
+def test_a_bad_workers_value_names_the_key(tmp_path: Path, value: object, message: str) -> None:
+    """workers: 0, 65, a word, a boolean, more than api.concurrency: an error naming the key."""
+    data = {
+        "api": {"concurrency": 4},
+        "state_dir": str(tmp_path / "state"),
+        "watch": [{"path": str(tmp_path / "in")}],
+        "workers": value,
+    }
+    with pytest.raises(ConfigError, match=message) as caught:
+        parse_config(data, tmp_path, env={})
+    assert caught.value.key == "workers"
+
+
+def test_workers_auto_is_one_per_cpu_within_the_concurrency(tmp_path: Path) -> None:
+    """workers: auto is the CPUs this process may use, at most api.concurrency."""
+    cpus = len(os.sched_getaffinity(0))
+    for concurrency in (1, 64):
+        data = {
+            "api": {"concurrency": concurrency},
+            "state_dir": str(tmp_path / "state"),
+            "watch": [{"path": str(tmp_path / "in")}],
+            "workers": "auto",
+        }
+        assert parse_config(data, tmp_path, env={}).workers == min(cpus, concurrency)
+
+
+def test_shares_split_the_files_and_the_concurrency(tmp_path: Path) -> None:
+    """Every path belongs to exactly one of N workers, and their concurrencies add up."""
+    data = {
+        "api": {"concurrency": 7, "requests_per_minute": 60},
+        "state_dir": str(tmp_path / "state"),
+        "watch": [{"path": str(tmp_path / "in")}],
+        "workers": 3,
+    }
+    config = parse_config(data, tmp_path, env={})
+    shares = [Share(i, 3) for i in range(3)]
+    paths = [tmp_path / "in" / f"sub{i % 7}" / f"f{i}.wav" for i in range(3000)]
+    owners = [[s.index for s in shares if s.owns(p)] for p in paths]
+    assert all(len(o) == 1 for o in owners)
+    counts = [sum(o == [i] for o in owners) for i in range(3)]
+    assert min(counts) > 800, f"an uneven split: {counts}"
+    assert sum(s.config(config).api.concurrency for s in shares) == 7
+    assert {s.config(config).api.requests_per_minute for s in shares} == {20.0}
+    assert {s.instance("h-1") for s in shares} == {"h-1", "h-1-w1", "h-1-w2"}
+    for bad in ("0/2", "2/2", "x", "1/"):
+        with pytest.raises(ConfigError, match="K/N"):
+            Share.parse(bad)
+
+
+# -- real processes ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_workers_share_the_files_and_one_ledger(tmp_path: Path, fake_api: FakeAPI) -> None:
+    """60 files, workers: 2: each uploaded once, each worker takes exactly its share,
+    both write the one ledger, status shows both, and one SIGTERM stops both."""
+    fake_api.responder = lambda _u: Reply(delay=0.05)
+    config = config_with_workers(tmp_path, fake_api.url, 2)
+    inbox = tmp_path / "inbox"
+    rng = random.Random()
+    files = {f"{'sub/' if i % 3 == 0 else ''}rec-{i:03d}.wav": wav(rng, 0.1) for i in range(60)}
+    for rel in list(files)[:30]:
+        (inbox / rel).parent.mkdir(exist_ok=True)
+        (inbox / rel).write_bytes(files[rel])
+    with daemon_process(config) as face:
+        face.wait_event("sfwatch.daemon_started", count=2)
+        for rel in list(files)[30:]:
+            (inbox / rel).write_bytes(files[rel])
+        try:
+            wait_until(lambda: all_done(inbox, len(files)), 60, "every file done")
+        except BaseException:
+            print_logs(tmp_path, ("error", "warning"))
+            raise
+        status = run_cli("status", "--json", "-c", str(config))
+        children = worker_pids(face.lines())
+        assert len(children) == 1
+        face.signal(signal.SIGTERM)
+        assert face.wait(30) == 0
+        wait_until(lambda: not pids_alive(children), 10, "the worker gone with the face")
+
+    assert_delivered(tmp_path, inbox, list(files.values()))
+    assert sorted(len(fake_api.uploads_of(sha(d))) for d in files.values()) == [1] * len(files)
+    base = instance_name(load_config(config).state_dir)
+    rows = ledger_rows(tmp_path / "state")
+    assert len(rows) == len(files)
+    for instance, root, rel, outcome in rows:
+        owner = Share(0, 2) if instance == base else Share(1, 2)
+        assert instance in (base, f"{base}-w1"), instance
+        assert owner.owns(Path(root) / rel), f"{rel} taken by {instance}, not its owner"
+        assert outcome == "done"
+    assert {r[0] for r in rows} == {base, f"{base}-w1"}, "a worker did no work"
+    daemons = {d["instance"] for d in json.loads(status.stdout)["daemons"]}
+    assert daemons == {base, f"{base}-w1"}
+    stops = face.events("sfwatch.daemon_stopping")
+    assert sorted(e.get("worker", 0) for e in stops) == [0, 1]
+    assert {e["mode"] for e in stops} == {"warm"}
+
+
+@pytest.mark.slow
+def test_the_same_recording_in_two_workers_shares_is_paid_once(
+    tmp_path: Path, fake_api: FakeAPI
+) -> None:
+    """One recording under a name of worker 0's, then under one of worker 1's: one upload."""
+    config = config_with_workers(tmp_path, fake_api.url, 2)
+    inbox = tmp_path / "inbox"
+    data = wav(random.Random(), 0.2)
+    first, second = names_for(inbox, 1, 0)[0], names_for(inbox, 1, 1)[0]
+    with daemon_process(config) as face:
+        face.wait_event("sfwatch.daemon_started", count=2)
+        (inbox / first).write_bytes(data)
+        wait_until(lambda: all_done(inbox, 1), 30, "the first copy done")
+        (inbox / second).write_bytes(data)
+        wait_until(lambda: all_done(inbox, 2), 30, "the second copy done")
+        face.signal(signal.SIGTERM)
+        assert face.wait(30) == 0
+    assert len(fake_api.uploads_of(sha(data))) == 1
+    outcomes = {
+        e["file"].rsplit("/", 1)[-1]: e["outcome"] for e in face.events("sfwatch.job_finished")
+    }
+    assert outcomes == {first: "done", second: "dedup"}
+    assert [e.get("worker") for e in face.events("sfwatch.job_finished")] == [None, 1]
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_started_again_and_finishes_its_claims(
+    tmp_path: Path, fake_api: FakeAPI
+) -> None:
+    """Worker 1 SIGKILLed with uploads in flight: the face starts it again, and the new
+    one resumes the claims its old self left; nothing is lost, none is vanished."""
+    stalling = threading.Event()
+    stalling.set()
+
+    def respond(upload: Upload) -> Reply | None:
+        return stall(30) if stalling.is_set() else None
+
+    fake_api.responder = respond
+    config = config_with_workers(tmp_path, fake_api.url, 2, timeout_seconds=30)
+    inbox = tmp_path / "inbox"
+    rng = random.Random()
+    files = {name: wav(rng, 0.1) for name in names_for(inbox, 6, 1)}
+    with daemon_process(config) as face:
+        face.wait_event("sfwatch.daemon_started", count=2)
+        for name, data in files.items():
+            (inbox / name).write_bytes(data)
+        wait_until(lambda: fake_api.in_flight == 2, 20, "worker 1's two uploads")
+        [child] = worker_pids(face.lines())
+        os.kill(child, signal.SIGKILL)
+        stalling.clear()
+        died = face.wait_event("sfwatch.worker_died")[0]
+        assert died["signal"] == "SIGKILL" and died["worker"] == 1
+        face.wait_event("sfwatch.worker_started", count=2)
+        try:
+            wait_until(lambda: all_done(inbox, len(files)), 60, "every file done")
+        except BaseException:
+            print_logs(tmp_path, ("error", "warning"))
+            raise
+        face.signal(signal.SIGTERM)
+        assert face.wait(30) == 0
+        assert not face.events("sfwatch.job_vanished")
+        assert not face.events("sfwatch.claims_adopted"), "resumed by its new self, not adopted"
+    assert_delivered(tmp_path, inbox, list(files.values()))
+    # The two killed in flight went again (never answered: not paid); the rest once.
+    assert sum(len(fake_api.uploads_of(sha(d))) for d in files.values()) == len(files) + 2
+
+
+@pytest.mark.slow
+def test_killing_the_face_takes_its_workers_and_a_restart_finishes_everything(
+    tmp_path: Path, fake_api: FakeAPI
+) -> None:
+    """SIGKILL to the face: its worker dies with it (no orphan works on); the next run
+    finishes every file, and neither worker's start-up takes the other's rows as lost."""
+    stalling = threading.Event()
+    stalling.set()
+    fake_api.responder = lambda _u: stall(30) if stalling.is_set() else None
+    config = config_with_workers(tmp_path, fake_api.url, 2, timeout_seconds=30)
+    inbox = tmp_path / "inbox"
+    rng = random.Random()
+    files = {n: wav(rng, 0.1) for n in names_for(inbox, 6, 0) + names_for(inbox, 6, 1)}
+    for name, data in files.items():
+        (inbox / name).write_bytes(data)
+    with daemon_process(config) as face:
+        wait_until(lambda: fake_api.in_flight == 4, 20, "both workers' uploads")
+        children = worker_pids(face.lines())
+        face.kill()
+    wait_until(lambda: not pids_alive(children), 10, "the worker killed with its face")
+    stalling.clear()
+    with daemon_process(config, "--burst") as again:
+        assert again.wait(60) == 0
+        assert not again.events("sfwatch.job_vanished")
+    assert_delivered(tmp_path, inbox, list(files.values()))
+    assert {r[3] for r in ledger_rows(tmp_path / "state")} == {"done"}
+
+
+@pytest.mark.slow
+def test_sigterm_to_every_process_is_one_warm_stop(tmp_path: Path, fake_api: FakeAPI) -> None:
+    """A unit's KillMode=control-group signals every process at once: the workers ignore
+    it and stop warm when the face passes it on; uploads in flight finish."""
+    fake_api.responder = lambda _u: Reply(delay=1.5)
+    config = config_with_workers(tmp_path, fake_api.url, 2)
+    inbox = tmp_path / "inbox"
+    rng = random.Random()
+    files = {n: wav(rng, 0.1) for n in names_for(inbox, 2, 0) + names_for(inbox, 2, 1)}
+    with daemon_process(config) as face:
+        face.wait_event("sfwatch.daemon_started", count=2)
+        for name, data in files.items():
+            (inbox / name).write_bytes(data)
+        wait_until(lambda: fake_api.in_flight == 4, 20, "four uploads in flight")
+        [child] = worker_pids(face.lines())
+        os.kill(child, signal.SIGTERM)
+        face.signal(signal.SIGTERM)
+        assert face.wait(30) == 0
+        stops = face.events("sfwatch.daemon_stopping")
+    assert sorted((e.get("worker", 0), e["mode"]) for e in stops) == [(0, "warm"), (1, "warm")]
+    assert all_done(inbox, len(files)), "the uploads in flight were not let finish"
+
+
+@pytest.mark.slow
+def test_a_workers_finished_files_run_the_face_s_hooks(tmp_path: Path, fake_api: FakeAPI) -> None:
+    """Hooks of files worker 1 finished are delivered once each, by the face."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    config = write_config(
+        tmp_path,
+        fake_api.url,
+        extra={
+            "workers": 2,
+            "hooks": {"on_done": ["sh", "-c", f'touch "{marks}/$SFWATCH_JOB_ID"']},
+        },
+    )
+    inbox = tmp_path / "inbox"
+    rng = random.Random()
+    names = names_for(inbox, 3, 0) + names_for(inbox, 3, 1)
+    for name in names:
+        (inbox / name).write_bytes(wav(rng, 0.1))
+    with daemon_process(config, "--burst") as face:
+        assert face.wait(60) == 0
+        hooks = face.events("sfwatch.hook_finished")
+    finished = {e["job_id"] for e in face.events("sfwatch.job_finished")}
+    assert len(finished) == len(names)
+    assert {p.name for p in marks.iterdir()} == finished
+    assert len(hooks) == len(names)
+    assert {e.get("worker") for e in hooks} == {None}, "a hook run by a worker, not the face"
+
+
+@pytest.mark.slow
+def test_each_worker_reconciles_only_its_own_rows(tmp_path: Path, fake_api: FakeAPI) -> None:
+    """An open row of worker 1 whose claimed file is gone is worker 1's to call vanished:
+    the face's start-up, which runs first, leaves it alone."""
+    config = config_with_workers(tmp_path, fake_api.url, 2)
+    state = load_config(config).state_dir
+    base = instance_name(state)
+    Ledger.in_state_dir(state).close()  # (the schema)
+    with sqlite3.connect(state / "ledger.sqlite3") as db:
+        db.execute(
+            "INSERT INTO jobs (job_id, instance, root, rel, size, status, work_path, created,"
+            " updated) VALUES ('j-w1', ?, ?, 'gone.wav', 10, 'claimed', ?, 0, 0)",
+            (f"{base}-w1", str(tmp_path / "inbox"), str(tmp_path / "nowhere" / "gone.wav")),
+        )
+    with daemon_process(config, "--burst") as face:
+        assert face.wait(30) == 0
+    vanished = face.events("sfwatch.job_vanished")
+    assert [(e["job_id"], e.get("worker")) for e in vanished] == [("j-w1", 1)]
