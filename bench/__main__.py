@@ -57,7 +57,15 @@ def main(argv: list[str] | None = None) -> int:
         metavar="K",
         help="a, d: K daemons on the one inbox, each with its own state and C÷K uploads",
     )
+    parser.add_argument(
+        "--workers",
+        default="1",
+        metavar="N",
+        help="a, d: the config's workers (processes of one daemon: N or auto)",
+    )
     args = parser.parse_args(argv)
+    if args.workers != "auto" and not (args.workers.isdigit() and int(args.workers) >= 1):
+        parser.error("--workers must be a positive integer or auto")
     if args.siblings < 1:
         parser.error("--siblings must be at least 1")
     if args.quick:
@@ -65,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         common.SUFFIX = ".quick"
     if args.siblings > 1:
         common.SUFFIX += f".siblings-{args.siblings}"
+    if args.workers != "1":
+        common.SUFFIX += f".workers-{args.workers}"
     profiling.ENABLED = args.profile
     profiling.PERF = args.perf
     # (checked before any daemon starts: a missing profiler must not leave one running)

@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> list[Figure]:
             timeout=900,
             profile="d" if i == 0 else None,
             siblings=args.siblings,
+            workers=args.workers,
         )
         print(f"  d run {i + 1}: {result}", flush=True)
         detail["runs"].append(result)

@@ -92,7 +92,7 @@ def backlog_run(
     seconds: float = 0.1,
     transcode: bool = False,
     siblings: int = 1,
-    workers: int = 1,
+    workers: int | str = 1,
 ) -> dict[str, Any]:
     """One burst run over ``files`` present at start; the measured quantities.
 
@@ -119,8 +119,8 @@ def backlog_run(
             }
         if transcode:
             extra["prepare"] = {"transcode": "always"}
-        if workers > 1:
-            extra["workers"] = workers
+        if workers not in (1, "1"):
+            extra["workers"] = int(workers) if str(workers).isdigit() else workers
         per_daemon = max(1, concurrency // siblings)
         config = write_config(root, fake.url, concurrency=per_daemon, settle=settle, extra=extra)
         configs = [config, *(sibling_config(config, i) for i in range(1, siblings))]
@@ -165,6 +165,7 @@ def backlog_run(
         "latency": latency,
         "concurrency": concurrency,
         "siblings": siblings,
+        "workers": workers,
         "settle_seconds": settle,
         "exit_code": code,
         "finished": n,
@@ -313,6 +314,7 @@ def run(args: argparse.Namespace) -> list[Figure]:
                 concurrency,
                 profile=f"a-c{concurrency}" if i == 0 else None,
                 siblings=args.siblings,
+                workers=args.workers,
             )
             ideal = concurrency / latency
             result["ratio"] = round(result["files_per_s"] / ideal, 3)

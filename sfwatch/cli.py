@@ -117,13 +117,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     """``sfwatch run``: the daemon."""
     from sfwatch.daemon import Daemon  # noqa: PLC0415 - keeps `check` and `--help` light
     from sfwatch.outbox import check_integrations  # noqa: PLC0415 - as Daemon above
-    from sfwatch.workers import Share, become_worker  # noqa: PLC0415 - as Daemon above
+    from sfwatch.workers import (  # noqa: PLC0415 - as Daemon above
+        Share,
+        become_worker,
+        check_face_config,
+    )
 
     share = None
     if args.worker is not None:
         share = Share.parse(args.worker)
         become_worker()
     config = _load(args)
+    if share is not None:
+        check_face_config(config, share)
     key = load_api_key(config)
     check_integrations(config)
     fields = {} if share is None else {"worker": share.index}

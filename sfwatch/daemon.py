@@ -64,7 +64,7 @@ from sfwatch.scheduler import Scheduler
 from sfwatch.slots import UploadSlots
 from sfwatch.transcribe import Transcriber
 from sfwatch.worker import HOST_ERRORS, Worker
-from sfwatch.workers import STOP_SIGNAL, Share, Workers, lock_worker
+from sfwatch.workers import STOP_SIGNAL, Share, Workers, lock_worker, release_signals
 
 #: how long a warm stop waits for uploads in flight
 DEFAULT_GRACE_SECONDS = 60.0
@@ -78,6 +78,8 @@ STATE_REFRESH = 30.0
 FROZEN_AFTER = 30.0
 #: a worker of several counts as busy (and pins) at less: they share the CPUs with each other
 WORKER_BUSY_CORES = 0.5
+#: ... and keeps its pin down to this (pinned, it needs less CPU for the same work)
+WORKER_KEEP_CORES = 0.15
 #: how long a stop waits for hooks and webhooks in flight (the rest run at the next start)
 OUTBOX_GRACE = 5.0
 
@@ -167,6 +169,7 @@ class Daemon:
             CorePin(
                 self.log,
                 pressure=Pressure(busy_cores=WORKER_BUSY_CORES),
+                keep_cores=WORKER_KEEP_CORES,
                 prefer=self.share.index,
             )
             if self.share.count > 1
@@ -191,7 +194,10 @@ class Daemon:
             config.api.concurrency, config.api.requests_per_minute, backoff_base=backoff_base
         )
         self.leases = LeaseKeeper(
-            self.instance, self.folders, lease_seconds=lease_seconds or DEFAULT_LEASE_SECONDS
+            self.instance,
+            self.folders,
+            lease_seconds=lease_seconds or DEFAULT_LEASE_SECONDS,
+            workers=self.share.live(base),
         )
         #: what the pipeline tells besides the log (the metrics listen here)
         self.events = Events()
@@ -235,7 +241,7 @@ class Daemon:
             self.scheduler,
             self.slots,
             self.instance,
-            others=self.share.others(base),
+            not_mine=self.share.not_mine(base),
         )
         self.stop_level = 0  # 0 running, 1 warm stop, 2 cold stop
         self.abandoned = False  # uploads were still running when run() returned
@@ -473,6 +479,8 @@ class Daemon:
             )
         if (problem_text := self._state_dir_problem()) is not None:
             return Health("state_dir", problem_text)
+        if (problem_text := self.workers.problem()) is not None:
+            return Health("worker_down", problem_text)
         return HEALTHY
 
     def _state_dir_problem(self) -> str | None:
@@ -601,6 +609,8 @@ class Daemon:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(STOP_SIGNAL, self._on_signal)
         signal.signal(signal.SIGHUP, self._on_hup)
+        if not self.share.face:
+            release_signals()  # (held since the process began: workers.become_worker)
 
     def _shutdown(self) -> None:
         self.slots.close_gate()  # (before anything here can raise: see close_gate)

@@ -237,7 +237,7 @@ class Intake:
         if under_link(path, watch.path):
             return  # a path through a symlinked folder: links are not followed
         if self.owns is not None and not stat.S_ISDIR(st.st_mode) and not self.owns(path):
-            return  # another worker's file: it settles it, and says why if it skips it
+            return  # another worker's file: it settles it
         if stat.S_ISDIR(st.st_mode):
             if (cut := too_deep(path, watch.path, folder=True)) is not None:
                 self._too_deep(cut, watch)
@@ -270,8 +270,12 @@ class Intake:
         self._skip(folder, watch, "too_deep")
 
     def _skip(self, path: Path, watch: WatchConfig, reason: str | None = None) -> None:
-        """Log once why a path is not taken (a link, a FIFO, a non-UTF-8 name, no access, depth)."""
-        if path in self.skipped:
+        """Log once why a path is not taken (a link, a FIFO, a non-UTF-8 name, no access, depth).
+
+        With several worker processes, the one whose share the path is says it (a
+        folder's path hashes to one of them as a file's does).
+        """
+        if path in self.skipped or (self.owns is not None and not self.owns(path)):
             return
         if reason is None:
             if not os.path.lexists(path):

@@ -186,6 +186,8 @@ class JobRow:
     timing: Timing | None = None
     #: wall-clock time of the claim (``transcript_name``'s ``{date}``)
     created: float = 0.0
+    #: the daemon (worker process) whose claim it is
+    instance: str = ""
 
 
 @dataclass(frozen=True)
@@ -535,21 +537,36 @@ class Ledger:
         if events and self.on_outbox is not None:
             self.on_outbox()
 
-    def lost(self, job_id: str, why: str, status: JobStatus = JobStatus.LOST) -> None:
-        """The claimed file is gone from the work area: removed, or adopted by a sibling."""
-        self._update(
-            job_id,
-            status=status,
-            running=0,
-            stage=None,
-            last_error=json.dumps({"reason": "vanished", "message": why}),
-        )
+    def lost(
+        self, job_id: str, why: str, status: JobStatus = JobStatus.LOST, *, instance: str = ""
+    ) -> None:
+        """The claimed file is gone from the work area: removed, or adopted by a sibling.
 
-    def open_jobs(self, skip: Sequence[str] = ()) -> list[JobRow]:
+        Only an open row changes; an adopted one only while it is still ``instance``'s:
+        in a ledger shared by worker processes the adopter has taken the row over
+        (``take_over``), and may have finished it.
+        """
+        error = json.dumps({"reason": "vanished", "message": why})
+
+        def record(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE jobs SET status = ?, running = 0, stage = NULL, last_error = ?,"
+                " updated = ? WHERE job_id = ? AND status = 'claimed'"
+                " AND (? = '' OR instance = ?)",
+                (status, error, time.time(), job_id, instance, instance),
+            )
+
+        self._write(record)
+
+    def open_jobs(self, skip: Callable[[str], bool] | None = None) -> list[JobRow]:
         """Every job not yet final (reconciled against the file system at start-up), but
-        those of the instances in ``skip`` (the run's other worker processes)."""
+        those of instances ``skip`` says are not ours (other worker processes')."""
         rows = self._query("SELECT * FROM jobs WHERE status = 'claimed'")
-        return [_row(r) for r in rows if r["instance"] not in skip]
+        return [_row(r) for r in rows if skip is None or not skip(r["instance"])]
+
+    def take_over(self, job_id: str, instance: str) -> None:
+        """An adopted job's row is now ``instance``'s (a ledger shared by worker processes)."""
+        self._update(job_id, instance=instance)
 
     def _update(self, job_id: str, *, durable: bool = False, **fields: Any) -> None:
         self._write(lambda db: self._set(db, job_id, **fields), durable=durable)
@@ -799,6 +816,7 @@ def _outbox_row(row: sqlite3.Row) -> OutboxRow:
 
 def _row(row: sqlite3.Row) -> JobRow:
     return JobRow(
+        instance=row["instance"],
         job_id=row["job_id"],
         root=row["root"],
         rel=row["rel"],

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from sfwatch.claim import claimed_files
@@ -39,15 +40,15 @@ class Reconciler:
         slots: UploadSlots,
         instance: str,
         *,
-        others: set[str] | None = None,
+        not_mine: Callable[[str], bool] | None = None,
     ) -> None:
         self.folders = folders
         self.ledger = ledger
         self.scheduler = scheduler
         self.slots = slots
         self.instance = instance
-        #: the instance names of this run's other worker processes: their rows are theirs
-        self.others = others or set()
+        #: whether an instance is another worker process's: its rows are its own
+        self.not_mine = not_mine
         self.log = get_logger()
 
     def startup(self) -> None:
@@ -55,7 +56,7 @@ class Reconciler:
         for watch in self.folders.watched():  # split parts are made again when needed
             with contextlib.suppress(OSError), work_area(watch.path).folder(["tmp"]) as tmp:
                 shutil.rmtree(self.instance, dir_fd=tmp)
-        rows = self.ledger.open_jobs(skip=sorted(self.others))
+        rows = self.ledger.open_jobs(skip=self.not_mine)
         for row in rows:  # claims of folders that have left the config finish there
             if Path(row.root) not in self.folders:
                 watch = retired_watch(row)

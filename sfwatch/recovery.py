@@ -59,8 +59,12 @@ class LeaseKeeper:
         folders: Folders,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         clock: Callable[[], float] = time.monotonic,
+        workers: set[str] | None = None,
     ) -> None:
         self.instance = instance
+        #: this run's other worker processes: the face starts them again, and they resume
+        #: their own claims; adopting those would race them (workers.py)
+        self.workers = workers or set()
         #: leases are kept in the folders watched now (a reload changes them)
         self.folders = folders
         self.lease_seconds = lease_seconds
@@ -110,7 +114,7 @@ class LeaseKeeper:
             try:
                 with work_area(work_dir.parent).folder(["work"]) as work:
                     for other in sorted(os.listdir(work)):  # noqa: PTH208 - a handle
-                        if other == self.instance or not _ours(work, other):
+                        if other in (self.instance, *self.workers) or not _ours(work, other):
                             continue
                         if self._expired(work, work_dir / "work" / other, now):
                             adopted.extend(self._adopt(work_dir, work, other))

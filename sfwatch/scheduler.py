@@ -163,7 +163,9 @@ class Scheduler:
             row = self.ledger.claimed(job, instance, watch_dirs(self.folders.for_root(job.root)))
             if job.text is not None:  # an adopted job whose text a sibling paid for
                 self.ledger.transcribed(job, self.worker.model_for(job), None)
-        elif row.running:
+        elif row.instance != instance:  # adopted, in a ledger we share: the row is ours now
+            self.ledger.take_over(job.job_id, instance)
+        if row.running:
             if row.stage == "prepare" and row.boot_id == boot_id():
                 crashes = self.ledger.crashed(job.job_id)
             else:
@@ -318,7 +320,12 @@ class Scheduler:
             self.log.warning(
                 "sfwatch.job_adopted", job_id=job.job_id, file=str(job.source), by=sibling
             )
-            self.ledger.lost(job.job_id, f"adopted by {sibling}", JobStatus.ADOPTED)
+            self.ledger.lost(
+                job.job_id,
+                f"adopted by {sibling}",
+                JobStatus.ADOPTED,
+                instance=self.worker.instance,
+            )
             self.counts["adopted"] += 1
             self.events.emit("sfwatch.job_adopted", {"job_id": job.job_id, "by": sibling})
             return

@@ -38,16 +38,19 @@ import ctypes
 import dataclasses
 import fcntl
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sfwatch.config import Config
+from sfwatch.cores import wide
 from sfwatch.errors import ConfigError
 
 #: the signal the face sends a worker for each stop it receives
@@ -63,6 +66,12 @@ LOCK_WAIT = 120.0
 _FACE_ONLY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
 #: the face's pid, in a worker's environment (a worker whose face is gone leaves)
 FACE_ENV = "SFWATCH_FACE_PID"
+#: the face's state_dir, in a worker's environment: a worker that reads another leaves
+STATE_ENV = "SFWATCH_FACE_STATE_DIR"
+#: a worker's exit code when its config is not the face's (or is broken): not restarted
+EXIT_CONFIG = 2
+#: signals a worker holds until its handlers are in place (else the first would kill it)
+_HELD = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 _PR_SET_PDEATHSIG = 1
 
 
@@ -99,11 +108,19 @@ class Share:
         """This worker's instance name; the face keeps ``base``."""
         return base if self.face else f"{base}-w{self.index}"
 
-    def others(self, base: str) -> set[str]:
-        """The instance names of this run's other workers (their rows are theirs)."""
+    def live(self, base: str) -> set[str]:
+        """The instance names of this run's other workers (the face starts them again)."""
         return {Share(i, self.count).instance(base) for i in range(self.count)} - {
             self.instance(base)
         }
+
+    def not_mine(self, base: str) -> Callable[[str], bool]:
+        """Whether a ledger row's instance is another worker's, of this run or of an
+        earlier one with more workers: its rows are left to it, or to whoever adopts
+        its claims once its lease has expired (never to every worker at once)."""
+        mine = self.instance(base)
+        pattern = re.compile(rf"{re.escape(base)}(-w[0-9]+)?")
+        return lambda instance: instance != mine and pattern.fullmatch(instance) is not None
 
     def config(self, config: Config) -> Config:
         """``config`` with this worker's part of ``api.concurrency`` and the request rate."""
@@ -144,13 +161,30 @@ def lock_worker(state_dir: Path, share: Share, wait: float = LOCK_WAIT) -> int:
 
 
 def become_worker() -> None:
-    """In a worker: die with the face, and leave at once if it is gone already."""
+    """In a worker: die with the face, leave at once if it is gone already, and hold
+    signals until the daemon's handlers are in place (``release_signals``)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
     face = os.environ.get(FACE_ENV)
     if face is not None and os.getppid() != int(face):
         raise SystemExit(0)  # the face died before the prctl: nobody to work for
+
+
+def release_signals() -> None:
+    """Let the signals ``become_worker`` held through (those pending arrive now)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)
+
+
+def check_face_config(config: Config, share: Share) -> None:
+    """A worker's config must be the face's where it matters: the file may have been
+    edited since the face read it (a restarted worker reads it again)."""
+    face_state = os.environ.get(STATE_ENV)
+    if face_state is not None and Path(face_state) != config.state_dir:
+        raise ConfigError("state_dir", "changed since the service started: restart it")
+    if config.workers != share.count:
+        raise ConfigError("workers", "changed since the service started: restart it")
 
 
 @dataclass
@@ -190,8 +224,11 @@ class Workers:
         command += ["--burst"] if self.burst else []
         env = {k: v for k, v in os.environ.items() if k not in _FACE_ONLY_ENV}
         env[FACE_ENV] = str(os.getpid())
-        # (a session of its own: a terminal's Ctrl-C reaches the face, which passes it on)
-        child.proc = subprocess.Popen(command, env=env, start_new_session=True)
+        env[STATE_ENV] = str(self.config.state_dir)
+        # (a session of its own: a terminal's Ctrl-C reaches the face, which passes it on;
+        # wide: a worker started while the face is pinned must not inherit its one CPU)
+        with wide():
+            child.proc = subprocess.Popen(command, env=env, start_new_session=True)
         child.started = time.monotonic()
         child.restart_at = None
         self.log.info("sfwatch.worker_started", worker=child.share.index, pid=child.proc.pid)
@@ -203,7 +240,9 @@ class Workers:
             if child.ended is not None:
                 continue
             if child.proc is None:
-                if child.restart_at is not None and now >= child.restart_at and not self.stopping:
+                if self.stopping:
+                    child.ended = 0  # (it was waiting to be started again: nothing runs)
+                elif child.restart_at is not None and now >= child.restart_at:
                     self._spawn(child)
                 continue
             code = child.proc.poll()
@@ -213,6 +252,10 @@ class Workers:
             if self.stopping or (self.burst and code == 0):
                 child.ended = code
                 self.log.info("sfwatch.worker_stopped", worker=child.share.index, code=code)
+                continue
+            if code == EXIT_CONFIG:  # its log says why; starting it again would say it again
+                child.ended = code
+                self.log.error("sfwatch.worker_failed", worker=child.share.index, code=code)
                 continue
             if now - child.started >= RESTART_RESET:
                 child.delay = RESTART_MIN
@@ -234,6 +277,9 @@ class Workers:
         """Pass one stop on (from the face's signal handler: first warm, then cold)."""
         self.stopping = True
         self._signal(STOP_SIGNAL)
+        for child in self._children:
+            if child.proc is None and child.ended is None:
+                child.ended = 0  # (waiting to be started again: it will not be)
 
     def reload(self) -> None:
         """Pass SIGHUP on."""
@@ -264,6 +310,14 @@ class Workers:
                 child.ended = 0
         return self.worst()
 
+    def problem(self) -> str | None:
+        """Why the face is unhealthy for its workers: one that cannot run (systemd's
+        watchdog then restarts the whole service, which reads the config afresh)."""
+        for child in self._children:
+            if child.ended is not None and child.ended != 0 and not self.stopping:
+                return f"worker {child.share.index} ended with exit code {child.ended}"
+        return None
+
     def worst(self) -> int:
         """The exit code of the run's workers: 0 when each ended well, else 1."""
         return 0 if all(c.ended in (0, None) for c in self._children) else 1
@@ -273,4 +327,13 @@ class Workers:
         return [c.proc.pid for c in self._children if c.proc is not None]
 
 
-__all__ = ["FACE_ENV", "STOP_SIGNAL", "Share", "Workers", "become_worker", "lock_worker"]
+__all__ = [
+    "FACE_ENV",
+    "STOP_SIGNAL",
+    "Share",
+    "Workers",
+    "become_worker",
+    "check_face_config",
+    "lock_worker",
+    "release_signals",
+]

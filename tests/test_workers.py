@@ -12,13 +12,15 @@ import threading
 from pathlib import Path
 
 import pytest
+import yaml
+from structlog.testing import capture_logs
 
 from sfwatch.config import load_config, parse_config
 from sfwatch.daemon import instance_name
 from sfwatch.errors import ConfigError
 from sfwatch.ledger import Ledger
 from sfwatch.workers import Share
-from tests.conftest import daemon_process, run_cli, wait_until, write_config
+from tests.conftest import daemon_process, run_cli, running_daemon, wait_until, write_config
 from tests.fakeapi import FakeAPI, Reply, Upload, stall
 from tests.test_crash import all_done, assert_delivered, print_logs, sha, wav
 
@@ -340,3 +342,78 @@ def test_each_worker_reconciles_only_its_own_rows(tmp_path: Path, fake_api: Fake
         assert face.wait(30) == 0
     vanished = face.events("sfwatch.job_vanished")
     assert [(e["job_id"], e.get("worker")) for e in vanished] == [("j-w1", 1)]
+
+
+@pytest.mark.slow
+def test_a_stop_while_a_worker_waits_to_be_started_again_is_quick(
+    tmp_path: Path, fake_api: FakeAPI
+) -> None:
+    """SIGTERM while a dead worker waits out its restart delay: the face stops warm at
+    once, not after the grace period, and the worker is not started again."""
+    config = config_with_workers(tmp_path, fake_api.url, 2)
+    with daemon_process(config) as face:
+        face.wait_event("sfwatch.daemon_started", count=2)
+        [child] = worker_pids(face.lines())
+        os.kill(child, signal.SIGKILL)
+        face.wait_event("sfwatch.worker_died")
+        face.signal(signal.SIGTERM)
+        assert face.wait(10) == 0
+        assert len(face.events("sfwatch.worker_started")) == 1
+        assert {e["mode"] for e in face.events("sfwatch.daemon_stopping")} == {"warm"}
+
+
+@pytest.mark.slow
+def test_a_worker_that_reads_another_config_stops_and_the_face_says_so(
+    tmp_path: Path, fake_api: FakeAPI
+) -> None:
+    """The config file's state_dir edited, then worker 1 dies: the one started again reads
+    the new file, refuses it (exit 2), is not started again, and the face logs why."""
+    config = config_with_workers(tmp_path, fake_api.url, 2)
+    with daemon_process(config) as face:
+        face.wait_event("sfwatch.daemon_started", count=2)
+        data = yaml.safe_load(config.read_text(encoding="utf-8"))
+        data["state_dir"] = str(tmp_path / "elsewhere")
+        config.write_text(yaml.safe_dump(data), encoding="utf-8")
+        [child] = worker_pids(face.lines())
+        os.kill(child, signal.SIGKILL)
+        failed = face.wait_event("sfwatch.worker_failed", timeout=20)
+        assert failed[0]["code"] == 2
+        raw = [e.get("raw", "") for e in face.lines()]
+        assert any("state_dir: changed since the service started" in r for r in raw), raw
+        face.signal(signal.SIGTERM)
+        assert face.wait(20) == 1, "a worker that could not run is a failed run"
+    assert len(face.events("sfwatch.worker_started")) == 2
+    assert not (tmp_path / "elsewhere").exists()
+
+
+@pytest.mark.slow
+def test_fewer_workers_after_a_crash_adopt_the_claims_of_the_ones_gone(
+    tmp_path: Path, fake_api: FakeAPI
+) -> None:
+    """workers: 2 killed with claims in hand, restarted as workers: 1: worker 1's claims
+    are left to the lease, then adopted; their rows become the face's, and end done."""
+    stalling = threading.Event()
+    stalling.set()
+    fake_api.responder = lambda _u: stall(30) if stalling.is_set() else None
+    config = config_with_workers(tmp_path, fake_api.url, 2, timeout_seconds=30)
+    inbox = tmp_path / "inbox"
+    rng = random.Random()
+    files = {n: wav(rng, 0.1) for n in names_for(inbox, 3, 0) + names_for(inbox, 3, 1)}
+    for name, data in files.items():
+        (inbox / name).write_bytes(data)
+    with daemon_process(config) as face:
+        wait_until(lambda: fake_api.in_flight == 4, 20, "both workers' uploads")
+        face.kill()
+    stalling.clear()
+    data = yaml.safe_load(config.read_text(encoding="utf-8"))
+    data["workers"] = 1
+    config.write_text(yaml.safe_dump(data), encoding="utf-8")
+    base = instance_name(load_config(config).state_dir)
+    with capture_logs() as logs, running_daemon(config, lease_seconds=2.0) as one:
+        wait_until(lambda: all_done(inbox, len(files)), 40, "every file done")
+        one.stop()
+    events = [e["event"] for e in logs]
+    assert "sfwatch.claims_adopted" in events
+    assert "sfwatch.job_vanished" not in events
+    assert_delivered(tmp_path, inbox, list(files.values()))
+    assert {(r[0], r[3]) for r in ledger_rows(tmp_path / "state")} == {(base, "done")}
