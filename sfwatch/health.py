@@ -23,7 +23,7 @@ class Health:
     """The daemon's health, for systemd's watchdog and ``/healthz`` alike.
 
     ``reason`` is None when healthy, else one of ``loop_frozen``, ``observer_down``,
-    ``scanner_down``, ``upload_stuck``, ``state_dir`` (readiness adds ``starting``,
+    ``scanner_down``, ``upload_stuck``, ``state_dir``, ``worker_down`` (readiness adds ``starting``,
     ``scanning``, ``stopping``); ``detail`` says more, for a person.
     """
 

@@ -1,4 +1,6 @@
-"""Worker processes: one ``sfwatch run`` on several CPUs (docs/design.md §2, "Workers").
+"""Worker processes: one ``sfwatch run`` on several CPUs.
+
+docs/design.md §2, "Workers: one run on several CPUs", is the whole design; in short:
 
 Python runs one thread of a process at a time, so a daemon uses about one CPU
 however many upload threads it has. With ``workers: N`` the process systemd

@@ -28,7 +28,7 @@ from tests.test_crash import all_done, assert_delivered, print_logs, sha, wav
 def names_for(inbox: Path, count: int, worker: int, of: int = 2, prefix: str = "rec") -> list[str]:
     """``count`` file names in ``inbox`` that worker ``worker`` of ``of`` takes."""
     share = Share(worker, of)
-    found = []
+    found: list[str] = []
     i = 0
     while len(found) < count:
         name = f"{prefix}-{i:04d}.wav"
