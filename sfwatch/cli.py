@@ -115,12 +115,12 @@ def _load(args: argparse.Namespace) -> Config:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``sfwatch run``: the daemon."""
-    from sfwatch.daemon import Daemon  # noqa: PLC0415 - keeps `check` and `--help` light
-    from sfwatch.outbox import check_integrations  # noqa: PLC0415 - as Daemon above
-    from sfwatch.workers import (  # noqa: PLC0415 - as Daemon above
+    from sfwatch.workers import (  # noqa: PLC0415 - keeps `check` and `--help` light
         Share,
+        Workers,
         become_worker,
         check_face_config,
+        lock_state_dir,
     )
 
     share = None
@@ -131,12 +131,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     if share is not None:
         check_face_config(config, share)
     key = load_api_key(config)
-    check_integrations(config)
     fields = {} if share is None else {"worker": share.index}
     configure(config.log.format, config.log.level, secrets=[key.reveal()], fields=fields)
     for warning in config_warnings(config) if share is None else ():  # (the face says them)
         get_logger().warning("sfwatch.config_warning", message=warning)
-    daemon = Daemon(config, key, burst=args.burst, share=share)
+    started = None
+    if share is None and config.workers > 1:
+        # The workers import and start while the face does: they are ready when it is.
+        started = (
+            lock_state_dir(config.state_dir),
+            Workers(config, config.workers, burst=args.burst, log=get_logger()),
+        )
+        started[1].start()
+    from sfwatch.daemon import Daemon  # noqa: PLC0415 - as the workers above
+    from sfwatch.outbox import check_integrations  # noqa: PLC0415 - as the workers above
+
+    check_integrations(config)
+    daemon = Daemon(config, key, burst=args.burst, share=share, started=started)
     try:
         code = daemon.run()
     except Exception:

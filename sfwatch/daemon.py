@@ -25,7 +25,6 @@ is a cold stop (leave now; claimed files are resumed at the next start).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import re
@@ -64,7 +63,14 @@ from sfwatch.scheduler import Scheduler
 from sfwatch.slots import UploadSlots
 from sfwatch.transcribe import Transcriber
 from sfwatch.worker import HOST_ERRORS, Worker
-from sfwatch.workers import STOP_SIGNAL, Share, Workers, lock_worker, release_signals
+from sfwatch.workers import (
+    STOP_SIGNAL,
+    Share,
+    Workers,
+    lock_state_dir,
+    lock_worker,
+    release_signals,
+)
 
 #: how long a warm stop waits for uploads in flight
 DEFAULT_GRACE_SECONDS = 60.0
@@ -89,27 +95,6 @@ def instance_name(state_dir: Path) -> str:
     host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:40] or "host"
     digest = hashlib.sha256(str(state_dir).encode()).hexdigest()[:8]
     return f"{host}-{digest}"
-
-
-def lock_state_dir(state_dir: Path) -> int:
-    """Hold ``state_dir/daemon.lock`` for this process; ConfigError if another holds it.
-
-    Two daemons on one state_dir would share an instance name and resume each
-    other's claims while both are working on them.
-    """
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(state_dir / "daemon.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise ConfigError(
-            "state_dir", f"{state_dir} is in use by another sfwatch daemon (pid {holder})"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
-    return fd
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -137,6 +122,7 @@ class Daemon:
         lease_seconds: float | None = None,
         backoff_base: float = 1.0,
         share: Share | None = None,
+        started: tuple[int, Workers] | None = None,
     ) -> None:
         #: which of the run's worker processes this is (workers.py); the face by default
         self.share = share or Share(0, config.workers)
@@ -148,10 +134,12 @@ class Daemon:
         base = instance_name(config.state_dir)
         self.instance = self.share.instance(base)
         self.log = get_logger()
-        self._lock_fd = _hold_lock(config.state_dir, self.share)
-        #: the face's workers 1 … N-1 (none for ``workers: 1``, or in a worker)
-        self.workers = Workers(
-            config, self.share.count if self.share.face else 1, burst=burst, log=self.log
+        # ``started``: the face's lock and workers, taken and started before the heavy
+        # imports (cli.py), so that the workers are ready when the face is
+        self._lock_fd, self.workers = started or (
+            _hold_lock(config.state_dir, self.share),
+            #: the face's workers 1 … N-1 (none for ``workers: 1``, or in a worker)
+            Workers(config, self.share.count if self.share.face else 1, burst=burst, log=self.log),
         )
         self.folders = Folders(config.watch)
         self.intake = Intake(self.folders, owns=self.share.owns)

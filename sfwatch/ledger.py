@@ -268,19 +268,19 @@ class Ledger:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, timeout=10, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
+        _wal(self._db)
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=10000")
         with self._lock:
             self._db.executescript(SCHEMA)  # (executescript manages its own transaction)
-            have = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
-            for name, kind in ADDED_COLUMNS.items():
-                if name not in have:
-                    self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
-            have = {row["name"] for row in self._db.execute("PRAGMA table_info(transcripts)")}
-            for name, kind in ADDED_TRANSCRIPT_COLUMNS.items():
-                if name not in have:
-                    self._db.execute(f"ALTER TABLE transcripts ADD COLUMN {name} {kind}")
+            for table, added in (
+                ("jobs", ADDED_COLUMNS),
+                ("transcripts", ADDED_TRANSCRIPT_COLUMNS),
+            ):
+                have = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
+                for name, kind in added.items():
+                    if name not in have:
+                        _add_column(self._db, table, name, kind)
         self._commits = GroupCommit(self._db, self._lock)
         # Reads have a connection of their own: in WAL mode they see every committed
         # write and never wait for a commit's fsync (which holds the writer's lock).
@@ -764,6 +764,32 @@ class Ledger:
                 {"instance": row["instance"], "pid": row["pid"], "updated": row["updated"], **state}
             )
         return out
+
+
+def _wal(db: sqlite3.Connection, wait: float = 10.0) -> None:
+    """Put the ledger in WAL mode. Another process turning a new ledger to WAL at the
+    same moment (a worker: workers.py) makes SQLite answer "locked" at once, without
+    its busy wait: so wait here, briefly and a few times."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+        else:
+            return
+
+
+def _add_column(db: sqlite3.Connection, table: str, name: str, kind: str) -> None:
+    """``ALTER TABLE … ADD COLUMN``, unless another process (a worker: workers.py) that
+    opened the ledger at the same moment has just added it."""
+    try:
+        db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+    except sqlite3.OperationalError as exc:
+        if "duplicate column" not in str(exc):
+            raise
 
 
 def _plan_fields(plan: Plan) -> dict[str, Any]:

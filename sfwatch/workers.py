@@ -143,6 +143,27 @@ class Share:
         )
 
 
+def lock_state_dir(state_dir: Path) -> int:
+    """Hold ``state_dir/daemon.lock`` for this process; ConfigError if another holds it.
+
+    Two daemons on one state_dir would share an instance name and resume each
+    other's claims while both are working on them.
+    """
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(state_dir / "daemon.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise ConfigError(
+            "state_dir", f"{state_dir} is in use by another sfwatch daemon (pid {holder})"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
 def lock_worker(state_dir: Path, share: Share, wait: float = LOCK_WAIT) -> int:
     """Hold ``state_dir/worker-K.lock``, waiting up to ``wait`` for an old worker K to end."""
     path = state_dir / f"worker-{share.index}.lock"
@@ -208,13 +229,17 @@ class Workers:
         self.burst = burst
         self.log = log
         self.stopping = False
+        self.started = False
         self._children = [_Child(Share(i, count)) for i in range(1, count)]
 
     def __len__(self) -> int:
         return len(self._children)
 
     def start(self) -> None:
-        """Start every worker (the face calls this first thing in ``run``)."""
+        """Start every worker (the face calls this first thing in ``run``; once)."""
+        if self.started:
+            return
+        self.started = True
         if self._children and self.config.source is None:
             raise ConfigError("workers", "workers need the config file: it is what they read")
         for child in self._children:

@@ -8,7 +8,10 @@ import os
 import random
 import signal
 import sqlite3
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -417,3 +420,24 @@ def test_fewer_workers_after_a_crash_adopt_the_claims_of_the_ones_gone(
     assert "sfwatch.job_vanished" not in events
     assert_delivered(tmp_path, inbox, list(files.values()))
     assert {(r[0], r[3]) for r in ledger_rows(tmp_path / "state")} == {(base, "done")}
+
+
+def test_workers_opening_a_new_ledger_at_once_all_succeed(tmp_path: Path) -> None:
+    """Processes creating and upgrading one new ledger at the same moment all get it."""
+    script = (
+        "import sys, time; from pathlib import Path; from sfwatch.ledger import Ledger\n"
+        "start = float(sys.argv[2])\n"
+        "while time.time() < start: pass\n"
+        "Ledger(Path(sys.argv[1])).close()\n"
+    )
+    for attempt in range(4):
+        path = tmp_path / f"ledger-{attempt}.sqlite3"
+        start = f"{time.time() + 0.6:.3f}"
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", script, str(path), start], stderr=subprocess.PIPE
+            )
+            for _ in range(4)
+        ]
+        errors = [p.communicate(timeout=30)[1].decode() for p in procs]
+        assert [p.returncode for p in procs] == [0] * 4, errors
