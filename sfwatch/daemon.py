@@ -83,9 +83,9 @@ STATE_REFRESH = 30.0
 #: a loop that has not ticked for this long is frozen (it ticks every TICK seconds)
 FROZEN_AFTER = 30.0
 #: a worker of several counts as busy (and pins) at less: they share the CPUs with each other
-WORKER_BUSY_CORES = 0.5
+WORKER_BUSY_CORES = 0.25
 #: ... and keeps its pin down to this (pinned, it needs less CPU for the same work)
-WORKER_KEEP_CORES = 0.15
+WORKER_KEEP_CORES = 0.1
 #: how long a stop waits for hooks and webhooks in flight (the rest run at the next start)
 OUTBOX_GRACE = 5.0
 
