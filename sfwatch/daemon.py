@@ -69,6 +69,7 @@ from sfwatch.workers import (
     Workers,
     lock_state_dir,
     lock_worker,
+    merged,
     release_signals,
 )
 
@@ -131,7 +132,7 @@ class Daemon:
         self.config = config
         self.burst = burst
         self.grace_seconds = grace_seconds
-        base = instance_name(config.state_dir)
+        self.base = base = instance_name(config.state_dir)
         self.instance = self.share.instance(base)
         self.log = get_logger()
         # ``started``: the face's lock and workers, taken and started before the heavy
@@ -508,7 +509,7 @@ class Daemon:
         now = self._published = time.monotonic()
         self.leases.beat()
         status = self.status()
-        self.published = status
+        self.published = self._with_workers(status)
         # The ledger write is fsynced: an idle daemon makes one a minute, not one per tick.
         if status != self._last_state or now - self._state_written >= STATE_REFRESH:
             try:
@@ -518,7 +519,18 @@ class Daemon:
                 raise
             self.state_error = None
             self._last_state, self._state_written = status, now
-        self.notifier.status(self.status_line())
+        self.notifier.status(format_status(self.published))
+
+    def _with_workers(self, status: dict[str, Any]) -> dict[str, Any]:
+        """The face's status with its workers' (what they last published to the ledger)."""
+        if not self.share.face or not len(self.workers):
+            return status
+        live = self.share.live(self.base)
+        try:
+            others = [s for s in self.ledger.daemon_states() if s.get("instance") in live]
+        except HOST_ERRORS:
+            return status  # (the state disk: the face's own numbers will do)
+        return merged(status, others)
 
     # -- the metrics and health listener --------------------------------------------
 

@@ -22,7 +22,7 @@ from sfwatch.config import load_config, parse_config
 from sfwatch.daemon import instance_name
 from sfwatch.errors import ConfigError
 from sfwatch.ledger import Ledger
-from sfwatch.workers import Share
+from sfwatch.workers import Share, merged
 from tests.conftest import daemon_process, run_cli, running_daemon, wait_until, write_config
 from tests.fakeapi import FakeAPI, Reply, Upload, stall
 from tests.test_crash import all_done, assert_delivered, print_logs, sha, wav
@@ -441,3 +441,35 @@ def test_workers_opening_a_new_ledger_at_once_all_succeed(tmp_path: Path) -> Non
         ]
         errors = [p.communicate(timeout=30)[1].decode() for p in procs]
         assert [p.returncode for p in procs] == [0] * 4, errors
+
+
+def test_the_face_s_status_adds_its_workers_numbers() -> None:
+    """STATUS= and the gauges: the face's numbers plus each worker's; a pause shows."""
+    own = {
+        "queued": 3,
+        "in_flight": 2,
+        "uploading": 1,
+        "limit": 2,
+        "paused": False,
+        "paused_reason": None,
+        "counts": {"done": 5},
+        "watches": ["/in"],
+    }
+    other = {
+        "instance": "h-w1",
+        "pid": 9,
+        "updated": 0.0,
+        "queued": 4,
+        "in_flight": 2,
+        "uploading": 2,
+        "limit": 2,
+        "paused": True,
+        "paused_reason": "rate_limited",
+        "counts": {"done": 7, "failed": 1},
+    }
+    total = merged(own, [other])
+    assert (total["queued"], total["in_flight"], total["uploading"], total["limit"]) == (7, 4, 3, 4)
+    assert total["counts"] == {"done": 12, "failed": 1}
+    assert (total["paused"], total["paused_reason"]) == (True, "rate_limited")
+    assert total["watches"] == ["/in"] and own["counts"] == {"done": 5}, "own changed"
+    assert merged(own, []) is own
