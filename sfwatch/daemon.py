@@ -40,7 +40,7 @@ from typing import Any
 from sfwatch import __version__
 from sfwatch.audio import warm_up
 from sfwatch.config import Config, Secret, load_config
-from sfwatch.cores import CorePin
+from sfwatch.cores import CorePin, wide
 from sfwatch.endpoint import Endpoint
 from sfwatch.errors import ConfigError
 from sfwatch.events import Events
@@ -272,13 +272,12 @@ class Daemon:
         # PyAV is imported while the first files settle, not before we watch for them.
         threading.Thread(target=self._warm_up, name="sfwatch-warm-up", daemon=True).start()
         self._install_signals()
-        self.workers.start()
-        self._start_endpoint()
-        self.intake.start()
-        self.leases.beat()
-        self.reconciler.startup()
-        if self.share.face:  # (the face delivers every worker's events)
-            self.outbox.start()  # after reconcile: the rows it finished are in the outbox too
+        try:
+            self._start()
+        except BaseException:
+            self.workers.stop()  # (an in-process caller goes on: no worker may outlive this)
+            self.workers.wait(OUTBOX_GRACE)
+            raise
         self.log.info(
             "sfwatch.daemon_started",
             version=__version__,
@@ -323,6 +322,16 @@ class Daemon:
         self.log.info("sfwatch.daemon_stopped", **dict(self.scheduler.counts))
         return 1 if self.unusable else self.workers.worst()
 
+    def _start(self) -> None:
+        """Start-up: the workers, the listener, the observers, recovery, the outbox."""
+        self.workers.start()
+        self._start_endpoint()
+        self.intake.start()
+        self.leases.beat()
+        self.reconciler.startup()
+        if self.share.face:  # (the face delivers every worker's events)
+            self.outbox.start()  # after reconcile: the rows it finished are in the outbox too
+
     def _warm_up(self) -> None:
         """Import PyAV (a background thread); if it cannot be, stop: no file can be prepared.
 
@@ -337,6 +346,8 @@ class Daemon:
             self.log.error("sfwatch.pyav_unavailable", error=f"{type(exc).__name__}: {exc}")
             self.unusable = True
             self.stop_level = 2
+            self.workers.stop()  # (twice: a cold stop for them too)
+            self.workers.stop()
         finally:
             self.audio_ready.set()
             self.notes.wakeup.set()
@@ -527,7 +538,12 @@ class Daemon:
             return status
         live = self.share.live(self.base)
         try:
-            others = [s for s in self.ledger.daemon_states() if s.get("instance") in live]
+            running = self.workers.pids()  # (not a dead one's last numbers)
+            others = [
+                s
+                for s in self.ledger.daemon_states()
+                if s.get("instance") in live and s.get("pid") in running
+            ]
         except HOST_ERRORS:
             return status  # (the state disk: the face's own numbers will do)
         return merged(status, others)
@@ -550,7 +566,9 @@ class Daemon:
         self.notifier.reloading()
         self.log.info("sfwatch.reload_started", config=str(self.config.source))
         try:
-            new = self.share.config(load_config(self.config.source or Path("sfwatch.yaml")))
+            with wide():  # (workers: auto counts the CPUs this thread may use: all of them)
+                loaded = load_config(self.config.source or Path("sfwatch.yaml"))
+            new = self.share.config(loaded)
         except ConfigError as exc:
             self.log.error("sfwatch.reload_failed", error=str(exc), kept="the running config")
             self.notifier.ready(self.status_line())

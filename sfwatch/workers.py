@@ -62,6 +62,8 @@ RESTART_MIN = 1.0
 RESTART_MAX = 60.0
 #: a worker that ran this long before it died starts again after RESTART_MIN
 RESTART_RESET = 60.0
+#: a worker dead this many times in a row makes the face unhealthy (and ends a burst's)
+BURST_CRASHES = 3
 #: how long a new worker waits for its old self's lock
 LOCK_WAIT = 120.0
 #: what a worker must not inherit: systemd talks to the face alone
@@ -121,6 +123,8 @@ class Share:
         earlier one with more workers: its rows are left to it, or to whoever adopts
         its claims once its lease has expired (never to every worker at once)."""
         mine = self.instance(base)
+        if not self.face:  # rows of other names (a host renamed) are the face's alone
+            return lambda instance: instance != mine
         pattern = re.compile(rf"{re.escape(base)}(-w[0-9]+)?")
         return lambda instance: instance != mine and pattern.fullmatch(instance) is not None
 
@@ -242,6 +246,8 @@ class _Child:
     delay: float = RESTART_MIN
     #: the exit code it ended with, once it will not be started again
     ended: int | None = None
+    #: deaths in a row (each within RESTART_RESET of its start)
+    crashes: int = 0
 
 
 class Workers:
@@ -260,7 +266,7 @@ class Workers:
 
     def start(self) -> None:
         """Start every worker (the face calls this first thing in ``run``; once)."""
-        if self.started:
+        if self.started or self.stopping:
             return
         self.started = True
         if self._children and self.config.source is None:
@@ -277,8 +283,14 @@ class Workers:
         env[STATE_ENV] = str(self.config.state_dir)
         # (a session of its own: a terminal's Ctrl-C reaches the face, which passes it on;
         # wide: a worker started while the face is pinned must not inherit its one CPU)
-        with wide():
-            child.proc = subprocess.Popen(command, env=env, start_new_session=True)
+        # (held: a stop or reload reaching it before its handlers would kill it; a new
+        # process keeps the signal mask, and workers.release_signals lets them through)
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+        try:
+            with wide():
+                child.proc = subprocess.Popen(command, env=env, start_new_session=True)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         child.started = time.monotonic()
         child.restart_at = None
         self.log.info("sfwatch.worker_started", worker=child.share.index, pid=child.proc.pid)
@@ -308,7 +320,13 @@ class Workers:
                 self.log.error("sfwatch.worker_failed", worker=child.share.index, code=code)
                 continue
             if now - child.started >= RESTART_RESET:
-                child.delay = RESTART_MIN
+                child.delay, child.crashes = RESTART_MIN, 0
+            child.crashes += 1
+            if self.burst and child.crashes >= BURST_CRASHES:
+                # A burst must end: its share stays in the inbox for the next run.
+                child.ended = code
+                self.log.error("sfwatch.worker_failed", worker=child.share.index, code=code)
+                continue
             child.restart_at = now + child.delay
             self.log.error(
                 "sfwatch.worker_died",
@@ -364,17 +382,21 @@ class Workers:
         """Why the face is unhealthy for its workers: one that cannot run (systemd's
         watchdog then restarts the whole service, which reads the config afresh)."""
         for child in self._children:
-            if child.ended is not None and child.ended != 0 and not self.stopping:
+            if self.stopping:
+                break
+            if child.ended is not None and child.ended != 0:
                 return f"worker {child.share.index} ended with exit code {child.ended}"
+            if child.crashes >= BURST_CRASHES:
+                return f"worker {child.share.index} died {child.crashes} times in a row"
         return None
 
     def worst(self) -> int:
         """The exit code of the run's workers: 0 when each ended well, else 1."""
         return 0 if all(c.ended in (0, None) for c in self._children) else 1
 
-    def pids(self) -> list[int]:
+    def pids(self) -> set[int]:
         """The workers running now."""
-        return [c.proc.pid for c in self._children if c.proc is not None]
+        return {c.proc.pid for c in self._children if c.proc is not None}
 
 
 __all__ = [

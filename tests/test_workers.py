@@ -3,6 +3,7 @@ with real children, real signals, one ledger, the fake API on loopback."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -52,6 +53,11 @@ def pids_alive(pids: list[int]) -> list[int]:
         if state != "Z":
             alive.append(pid)
     return alive
+
+
+def gone(pid: int) -> bool:
+    """The process ``pid`` has ended."""
+    return not pids_alive([pid])
 
 
 def worker_pids(lines: list[dict[str, object]]) -> list[int]:
@@ -329,22 +335,27 @@ def test_a_workers_finished_files_run_the_face_s_hooks(tmp_path: Path, fake_api:
 
 @pytest.mark.slow
 def test_each_worker_reconciles_only_its_own_rows(tmp_path: Path, fake_api: FakeAPI) -> None:
-    """An open row of worker 1 whose claimed file is gone is worker 1's to call vanished:
-    the face's start-up, which runs first, leaves it alone."""
+    """An open row of worker 1 whose claimed file is gone is worker 1's to call vanished,
+    one of another instance name the face's: each row is reconciled by one process."""
     config = config_with_workers(tmp_path, fake_api.url, 2)
     state = load_config(config).state_dir
     base = instance_name(state)
     Ledger.in_state_dir(state).close()  # (the schema)
     with sqlite3.connect(state / "ledger.sqlite3") as db:
-        db.execute(
-            "INSERT INTO jobs (job_id, instance, root, rel, size, status, work_path, created,"
-            " updated) VALUES ('j-w1', ?, ?, 'gone.wav', 10, 'claimed', ?, 0, 0)",
-            (f"{base}-w1", str(tmp_path / "inbox"), str(tmp_path / "nowhere" / "gone.wav")),
-        )
+        for job_id, instance in (("j-w1", f"{base}-w1"), ("j-old", "oldhost-1a2b3c4d")):
+            db.execute(
+                "INSERT INTO jobs (job_id, instance, root, rel, size, status, work_path,"
+                " created, updated) VALUES (?, ?, ?, 'gone.wav', 10, 'claimed', ?, 0, 0)",
+                (job_id, instance, str(tmp_path / "inbox"), str(tmp_path / "no" / "gone.wav")),
+            )
     with daemon_process(config, "--burst") as face:
         assert face.wait(30) == 0
     vanished = face.events("sfwatch.job_vanished")
-    assert [(e["job_id"], e.get("worker")) for e in vanished] == [("j-w1", 1)]
+    # (a row of another host name, here before a rename, is the face's alone)
+    assert sorted((e["job_id"], e.get("worker")) for e in vanished) == [
+        ("j-old", None),
+        ("j-w1", 1),
+    ]
 
 
 @pytest.mark.slow
@@ -473,3 +484,50 @@ def test_the_face_s_status_adds_its_workers_numbers() -> None:
     assert (total["paused"], total["paused_reason"]) == (True, "rate_limited")
     assert total["watches"] == ["/in"] and own["counts"] == {"done": 5}, "own changed"
     assert merged(own, []) is own
+
+
+@pytest.mark.slow
+def test_a_burst_ends_when_a_worker_keeps_dying(tmp_path: Path, fake_api: FakeAPI) -> None:
+    """run --burst: a worker that dies three times in a row is not started again, and the
+    run ends (exit 1) with its files left claimed for the next run, not lost."""
+    fake_api.responder = lambda _u: stall(60)
+    config = config_with_workers(tmp_path, fake_api.url, 2, timeout_seconds=60)
+    inbox = tmp_path / "inbox"
+    rng = random.Random()
+    names = names_for(inbox, 2, 1)  # worker 1's alone: the face is idle
+    for name in names:
+        (inbox / name).write_bytes(wav(rng, 0.1))
+    with daemon_process(config, "--burst") as face:
+        for death in range(1, 4):
+            wait_until(lambda: fake_api.in_flight == 2, 30, "worker 1's uploads")
+            child = worker_pids(face.lines())[-1]
+            os.kill(child, signal.SIGKILL)
+            wait_until(functools.partial(gone, child), 10, "the worker dead")
+            if death < 3:
+                face.wait_event("sfwatch.worker_started", count=death + 1, timeout=20)
+        assert face.wait(20) == 1
+        assert face.events("sfwatch.worker_failed")
+    base = instance_name(load_config(config).state_dir)
+    rows = ledger_rows(tmp_path / "state")
+    assert sorted((r[0], r[2], r[3]) for r in rows) == [(f"{base}-w1", n, None) for n in names]
+
+
+@pytest.mark.slow
+def test_a_signal_reaching_a_new_worker_before_its_handlers_is_held(
+    tmp_path: Path, fake_api: FakeAPI
+) -> None:
+    """A reload (SIGHUP) sent to a worker the moment it is started does not kill it: it
+    reloads once its handlers are in place."""
+    config = config_with_workers(tmp_path, fake_api.url, 2)
+    with daemon_process(config) as face:
+        [started] = face.wait_event("sfwatch.worker_started", timeout=20)
+        os.kill(int(started["pid"]), signal.SIGHUP)  # (it is still importing Python)
+        reloads = wait_until(
+            lambda: [e for e in face.events("sfwatch.reload_finished") if e.get("worker") == 1],
+            20,
+            "worker 1's reload",
+        )
+        assert reloads
+        assert not face.events("sfwatch.worker_died")
+        face.signal(signal.SIGTERM)
+        assert face.wait(20) == 0
