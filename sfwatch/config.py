@@ -65,6 +65,19 @@ LOG_FORMATS = ("json", "console", "auto")
 TRANSCODE_MODES = ("auto", "always", "never")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_CONCURRENCY = 256
+#: the config file's top-level keys; a reload applies ``watch``, the rest need a restart
+TOP_KEYS = (
+    "api",
+    "state_dir",
+    "log",
+    "prepare",
+    "metrics",
+    "hooks",
+    "webhooks",
+    "notify",
+    "workers",
+    "watch",
+)
 #: the most worker processes one ``sfwatch run`` starts
 MAX_WORKERS = 64
 SYSTEM_CONFIG = Path("/etc/sfwatch/config.yaml")
@@ -320,22 +333,7 @@ def parse_config(
         raise ConfigError("", "config file is empty")
     if not isinstance(data, dict):
         raise ConfigError("", f"the config must be a mapping of keys to values, got {show(data)}")
-    top = Section(
-        data,
-        "",
-        (
-            "api",
-            "state_dir",
-            "log",
-            "prepare",
-            "metrics",
-            "hooks",
-            "webhooks",
-            "notify",
-            "workers",
-            "watch",
-        ),
-    )
+    top = Section(data, "", TOP_KEYS)
     api = _parse_api(top.data.get("api"), base_dir)
     state_dir = top.optional_path("state_dir", base_dir)
     explicit_state = state_dir is not None

@@ -39,7 +39,7 @@ from typing import Any
 
 from sfwatch import __version__
 from sfwatch.audio import warm_up
-from sfwatch.config import Config, Secret, load_config
+from sfwatch.config import TOP_KEYS, Config, Secret, load_config
 from sfwatch.cores import CorePin, wide
 from sfwatch.endpoint import Endpoint
 from sfwatch.errors import ConfigError
@@ -575,18 +575,8 @@ class Daemon:
             return
         needs_restart = [
             name
-            for name in (
-                "api",
-                "state_dir",
-                "log",
-                "prepare",
-                "metrics",
-                "hooks",
-                "webhooks",
-                "notify",
-                "workers",
-            )
-            if getattr(new, name) != getattr(self.config, name)
+            for name in TOP_KEYS
+            if name != "watch" and getattr(new, name) != getattr(self.config, name)
         ]
         if needs_restart:
             self.log.warning("sfwatch.reload_partial", needs_restart=needs_restart)

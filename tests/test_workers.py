@@ -76,6 +76,29 @@ def config_with_workers(tmp_path: Path, url: str, workers: object, **api: object
     return write_config(tmp_path, url, api=dict(api), extra={"workers": workers})
 
 
+def killed_with_claims(
+    tmp_path: Path, fake_api: FakeAPI, per_worker: int
+) -> tuple[Path, dict[str, bytes], list[int]]:
+    """A face of ``workers: 2`` SIGKILLed with both workers' uploads in flight (the fake
+    answers again afterwards): its config, the files dropped, its workers' pids."""
+    stalling = threading.Event()
+    stalling.set()
+    fake_api.responder = lambda _u: stall(30) if stalling.is_set() else None
+    config = config_with_workers(tmp_path, fake_api.url, 2, timeout_seconds=30)
+    inbox = tmp_path / "inbox"
+    rng = random.Random()
+    names = names_for(inbox, per_worker, 0) + names_for(inbox, per_worker, 1)
+    files = {n: wav(rng, 0.1) for n in names}
+    for name, data in files.items():
+        (inbox / name).write_bytes(data)
+    with daemon_process(config) as face:
+        wait_until(lambda: fake_api.in_flight == 4, 20, "both workers' uploads")
+        children = worker_pids(face.lines())
+        face.kill()
+    stalling.clear()
+    return config, files, children
+
+
 # -- the config -----------------------------------------------------------------------------
 
 
@@ -260,21 +283,9 @@ def test_killing_the_face_takes_its_workers_and_a_restart_finishes_everything(
 ) -> None:
     """SIGKILL to the face: its worker dies with it (no orphan works on); the next run
     finishes every file, and neither worker's start-up takes the other's rows as lost."""
-    stalling = threading.Event()
-    stalling.set()
-    fake_api.responder = lambda _u: stall(30) if stalling.is_set() else None
-    config = config_with_workers(tmp_path, fake_api.url, 2, timeout_seconds=30)
+    config, files, children = killed_with_claims(tmp_path, fake_api, 6)
     inbox = tmp_path / "inbox"
-    rng = random.Random()
-    files = {n: wav(rng, 0.1) for n in names_for(inbox, 6, 0) + names_for(inbox, 6, 1)}
-    for name, data in files.items():
-        (inbox / name).write_bytes(data)
-    with daemon_process(config) as face:
-        wait_until(lambda: fake_api.in_flight == 4, 20, "both workers' uploads")
-        children = worker_pids(face.lines())
-        face.kill()
     wait_until(lambda: not pids_alive(children), 10, "the worker killed with its face")
-    stalling.clear()
     with daemon_process(config, "--burst") as again:
         assert again.wait(60) == 0
         assert not again.events("sfwatch.job_vanished")
@@ -406,19 +417,8 @@ def test_fewer_workers_after_a_crash_adopt_the_claims_of_the_ones_gone(
 ) -> None:
     """workers: 2 killed with claims in hand, restarted as workers: 1: worker 1's claims
     are left to the lease, then adopted; their rows become the face's, and end done."""
-    stalling = threading.Event()
-    stalling.set()
-    fake_api.responder = lambda _u: stall(30) if stalling.is_set() else None
-    config = config_with_workers(tmp_path, fake_api.url, 2, timeout_seconds=30)
+    config, files, _ = killed_with_claims(tmp_path, fake_api, 3)
     inbox = tmp_path / "inbox"
-    rng = random.Random()
-    files = {n: wav(rng, 0.1) for n in names_for(inbox, 3, 0) + names_for(inbox, 3, 1)}
-    for name, data in files.items():
-        (inbox / name).write_bytes(data)
-    with daemon_process(config) as face:
-        wait_until(lambda: fake_api.in_flight == 4, 20, "both workers' uploads")
-        face.kill()
-    stalling.clear()
     data = yaml.safe_load(config.read_text(encoding="utf-8"))
     data["workers"] = 1
     config.write_text(yaml.safe_dump(data), encoding="utf-8")
