@@ -32,6 +32,7 @@ from sfwatch.config import (
     shown_url,
 )
 from sfwatch.errors import (
+    EXIT_CONFIG,
     ConfigError,
     RateLimited,
     SfwatchError,
@@ -48,7 +49,7 @@ from sfwatch.settle import signature_of
 from sfwatch.text import printable
 from sfwatch.transcribe import Transcriber
 
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+EXIT_OK, EXIT_FAILED = 0, 1
 
 
 def build_parser() -> argparse.ArgumentParser:

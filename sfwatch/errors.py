@@ -33,6 +33,10 @@ class SfwatchError(Exception):
     """Base class of every error sfwatch raises on purpose."""
 
 
+#: the exit code of a command (or a worker process) stopped by a ConfigError
+EXIT_CONFIG = 2
+
+
 class ConfigError(SfwatchError):
     """A config value is wrong; ``str()`` reads ``key.path: what is wrong``."""
 

@@ -53,7 +53,7 @@ from typing import Any
 
 from sfwatch.config import Config
 from sfwatch.cores import wide
-from sfwatch.errors import ConfigError
+from sfwatch.errors import EXIT_CONFIG, ConfigError
 
 #: the signal the face sends a worker for each stop it receives
 STOP_SIGNAL = signal.SIGUSR1
@@ -72,8 +72,6 @@ _FACE_ONLY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS"
 FACE_ENV = "SFWATCH_FACE_PID"
 #: the face's state_dir, in a worker's environment: a worker that reads another leaves
 STATE_ENV = "SFWATCH_FACE_STATE_DIR"
-#: a worker's exit code when its config is not the face's (or is broken): not restarted
-EXIT_CONFIG = 2
 #: signals a worker holds until its handlers are in place (else the first would kill it)
 _HELD = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 _PR_SET_PDEATHSIG = 1
