@@ -52,6 +52,7 @@ def status_report(config: Config) -> dict[str, Any]:
         for state in ledger.daemon_states():
             age = time.time() - float(state.get("updated") or 0)
             running = age < STALE_AFTER and _pid_alive(int(state.get("pid") or 0))
+            state.pop("metrics", None)  # a worker's counters, for its face's /metrics
             daemons.append({**state, "running": running, "age_seconds": round(age, 1)})
         failures = [_failure(row) for row in ledger.recent_failures(10)]
         return {

@@ -58,6 +58,7 @@ from sfwatch.probe import AccountProbe
 from sfwatch.ready import Claimer, ClaimMiss, ReadyQueue
 from sfwatch.reconcile import Reconciler
 from sfwatch.recovery import DEFAULT_LEASE_SECONDS, LeaseKeeper
+from sfwatch.runstatus import WorkerReports, format_status
 from sfwatch.safefs import let_go
 from sfwatch.scheduler import Scheduler
 from sfwatch.slots import UploadSlots
@@ -69,7 +70,6 @@ from sfwatch.workers import (
     Workers,
     lock_state_dir,
     lock_worker,
-    merged,
     release_signals,
 )
 
@@ -96,18 +96,6 @@ def instance_name(state_dir: Path) -> str:
     host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:40] or "host"
     digest = hashlib.sha256(str(state_dir).encode()).hexdigest()[:8]
     return f"{host}-{digest}"
-
-
-def format_status(status: dict[str, Any]) -> str:
-    """``Daemon.status()`` as one line for systemd's STATUS= (`systemctl status`)."""
-    counts = status["counts"]
-    done = counts.get("done", 0) + counts.get("dedup", 0)
-    line = (
-        f"queued {status['queued'] + status['settling']}, waiting {status['waiting']}, "
-        f"in flight {status['in_flight']} (uploading {status['uploading']}), done {done}, "
-        f"failed {counts.get('failed', 0)}"
-    )
-    return f"{line}; paused: {status['paused']}" if status["paused"] else line
 
 
 class Daemon:
@@ -255,13 +243,18 @@ class Daemon:
         #: the status last published (the metrics' gauges read it, from another thread)
         self.published: dict[str, Any] = self.status()
         self.endpoint: Endpoint | None = None
+        self.reports = WorkerReports()  # the face's: what its workers published
         self.metrics = self._make_metrics()
 
     def _make_metrics(self) -> Metrics | None:
-        """The metrics, when ``metrics.listen`` is set (the face's: workers.py)."""
-        if self.config.metrics.listen is None or not self.share.face:
+        """The metrics, when ``metrics.listen`` is set.
+
+        Only the face serves them; a worker counts its own and publishes the tally
+        with its status, for the face to add in (runstatus.py).
+        """
+        if self.config.metrics.listen is None:
             return None
-        metrics = Metrics(lambda: self.published)
+        metrics = Metrics(lambda: self.published, self.reports.tallies)
         self.events.subscribe(metrics.on_event)
         return metrics
 
@@ -520,6 +513,8 @@ class Daemon:
         now = self._published = time.monotonic()
         self.leases.beat()
         status = self.status()
+        if self.metrics is not None and not self.share.face:
+            status["metrics"] = self.metrics.snapshot()  # for the face's /metrics
         self.published = self._with_workers(status)
         # The ledger write is fsynced: an idle daemon makes one a minute, not one per tick.
         if status != self._last_state or now - self._state_written >= STATE_REFRESH:
@@ -536,25 +531,19 @@ class Daemon:
         """The face's status with its workers' (what they last published to the ledger)."""
         if not self.share.face or not len(self.workers):
             return status
-        live = self.share.live(self.base)
         try:
-            running = self.workers.pids()  # (not a dead one's last numbers)
-            others = [
-                s
-                for s in self.ledger.daemon_states()
-                if s.get("instance") in live and s.get("pid") in running
-            ]
+            states = self.ledger.daemon_states()
         except HOST_ERRORS:
             return status  # (the state disk: the face's own numbers will do)
-        return merged(status, others)
+        return self.reports.status(status, states, self.share.live(self.base), self.workers.pids())
 
     # -- the metrics and health listener --------------------------------------------
 
     def _start_endpoint(self) -> None:
         """Listen on ``metrics.listen`` if set; a failure is logged, and work goes on."""
         listen = self.config.metrics.listen
-        if self.metrics is None or listen is None:
-            return
+        if self.metrics is None or listen is None or not self.share.face:
+            return  # (a worker's counts reach the face's listener through the ledger)
         self.endpoint = start_endpoint(
             listen, self.metrics, self.current_health, self.readiness, self.log
         )

@@ -20,16 +20,24 @@ one process (the tests) do not collide.
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 # prometheus-client: the reference implementation of the exposition formats (text
 # and OpenMetrics, with their escaping and content negotiation) and of thread-safe
 # counters and histograms; hand-written, each would be a place to get the format wrong.
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import choose_encoder
 
 from sfwatch import __version__
@@ -117,83 +125,176 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, value=value)
 
 
-class Metrics:
-    """The registry of one daemon, fed by its events and its published status."""
+class Tally:
+    """The counters and the histogram of one process, as plain numbers.
 
-    def __init__(self, status: Callable[[], Mapping[str, Any]]) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.files = Counter(
+    Plain numbers, not prometheus-client's objects, so that the face can add its
+    workers' tallies (``snapshot()``, published to the ledger) to its own at scrape
+    time: one ``/metrics`` counts the whole run (docs/design.md, "Workers").
+    """
+
+    def __init__(self) -> None:
+        self.files: dict[str, float] = {}  # "outcome/reason"
+        self.uploads: dict[str, float] = {}  # status class
+        self.buckets = [0.0] * (len(UPLOAD_BUCKETS) + 1)  # per bucket, the last +Inf
+        self.upload_sum = 0.0
+        self.audio_seconds = 0.0
+        self.bytes_uploaded = 0.0
+        self.last_success = 0.0
+
+    def add(self, other: Mapping[str, Any]) -> None:
+        """Add a ``snapshot()`` (another process's; a malformed one adds what it can)."""
+        pairs = ((self.files, other.get("files")), (self.uploads, other.get("uploads")))
+        for mine, theirs in pairs:
+            for key, n in theirs.items() if isinstance(theirs, dict) else ():
+                if key in mine and isinstance(n, int | float):
+                    mine[key] += n
+        buckets = other.get("buckets")
+        if isinstance(buckets, list) and len(buckets) == len(self.buckets):
+            self.buckets = [a + float(b) for a, b in zip(self.buckets, buckets, strict=True)]
+        for name in ("upload_sum", "audio_seconds", "bytes_uploaded"):
+            if isinstance(n := other.get(name), int | float):
+                setattr(self, name, getattr(self, name) + n)
+        if isinstance(n := other.get("last_success"), int | float):
+            self.last_success = max(self.last_success, n)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The numbers as JSON-able data, for ``add()`` in another process."""
+        return {
+            "files": dict(self.files),
+            "uploads": dict(self.uploads),
+            "buckets": list(self.buckets),
+            "upload_sum": self.upload_sum,
+            "audio_seconds": self.audio_seconds,
+            "bytes_uploaded": self.bytes_uploaded,
+            "last_success": self.last_success,
+        }
+
+
+def new_tally() -> Tally:
+    """A tally with every series at 0: increase() and alerts see the first one."""
+    tally = Tally()
+    for outcome in OUTCOMES:
+        for reason in FAILED_REASONS if outcome == "failed" else ("",):
+            tally.files[f"{outcome}/{reason}"] = 0.0
+    tally.uploads = dict.fromkeys(STATUS_CLASSES, 0.0)
+    return tally
+
+
+class _Counters:
+    """A collector: the counters and the histogram, this process's and its workers'."""
+
+    def __init__(self, tally: Callable[[], Tally]) -> None:
+        self.tally = tally
+
+    def collect(self) -> Iterator[Metric]:
+        t = self.tally()
+        files = CounterMetricFamily(
             "sfwatch_files",
             "Files finished, by outcome (done, dedup, failed; vanished, adopted) and reason.",
-            ["outcome", "reason"],
-            registry=r,
+            labels=["outcome", "reason"],
         )
-        self.uploads = Counter(
+        for key, n in t.files.items():
+            files.add_metric(key.split("/", 1), n)
+        yield files
+        uploads = CounterMetricFamily(
             "sfwatch_uploads",
             "HTTP upload attempts, by the answer's status class (error: no answer).",
-            ["status_class"],
-            registry=r,
+            labels=["status_class"],
         )
-        self.upload_seconds = Histogram(
+        for status_class, n in t.uploads.items():
+            uploads.add_metric([status_class], n)
+        yield uploads
+        bounds = [*(repr(float(b)) for b in UPLOAD_BUCKETS), "+Inf"]  # (as prometheus-client)
+        yield HistogramMetricFamily(
             "sfwatch_upload_seconds",
             "Duration of one HTTP upload attempt, sending and waiting for the answer.",
-            buckets=UPLOAD_BUCKETS,
-            registry=r,
+            buckets=list(zip(bounds, itertools.accumulate(t.buckets), strict=True)),
+            sum_value=t.upload_sum,
         )
-        self.audio_seconds = Counter(
+        yield CounterMetricFamily(
             "sfwatch_audio_seconds",
             "Seconds of audio of the files transcribed (outcome done).",
-            registry=r,
+            value=t.audio_seconds,
         )
-        self.bytes_uploaded = Counter(
+        yield CounterMetricFamily(
             "sfwatch_bytes_uploaded",
             "Bytes sent in upload attempts the service answered.",
-            registry=r,
+            value=t.bytes_uploaded,
         )
-        self.last_success = Gauge(
+        yield _gauge(
             "sfwatch_last_success_timestamp_seconds",
             "Unix time a file last finished done or dedup (0: not yet).",
-            registry=r,
+            t.last_success,
         )
-        Gauge("sfwatch_build_info", "The running sfwatch version.", ["version"], registry=r).labels(
-            __version__
-        ).set(1)
-        # Every series exists from the start, at 0: increase() and alerts see the first one.
-        for outcome in OUTCOMES:
-            for reason in FAILED_REASONS if outcome == "failed" else ("",):
-                self.files.labels(outcome, reason)
-        for status_class in STATUS_CLASSES:
-            self.uploads.labels(status_class)
+
+
+class Metrics:
+    """The metrics of one daemon: fed by its events, its published status and, on the
+    face, its workers' tallies (``others``)."""
+
+    def __init__(
+        self,
+        status: Callable[[], Mapping[str, Any]],
+        others: Callable[[], Iterable[Mapping[str, Any]]] = tuple,
+    ) -> None:
+        self.own = new_tally()
+        self._lock = threading.Lock()  # events come from every upload thread
+        self.others = others
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        build = Gauge("sfwatch_build_info", "The running sfwatch version.", ["version"], registry=r)
+        build.labels(__version__).set(1)
+        r.register(_Counters(self.total))
         r.register(_StatusGauges(status))
 
     def on_event(self, event: str, fields: Mapping[str, Any]) -> None:
         """An ``events.Listener``: count what happened."""
+        with self._lock:
+            self._count(event, fields)
+
+    def _count(self, event: str, fields: Mapping[str, Any]) -> None:
+        t = self.own
         if event == "sfwatch.job_finished":
             self._finished(fields)
         elif event == "sfwatch.upload_finished":
             status_class = fields.get("status_class")
-            self.uploads.labels(status_class if status_class in STATUS_CLASSES else "error").inc()
-            self.upload_seconds.observe(max(0.0, float(fields.get("seconds") or 0.0)))
-            self.bytes_uploaded.inc(max(0, int(fields.get("bytes_sent") or 0)))
+            t.uploads[status_class if status_class in STATUS_CLASSES else "error"] += 1
+            seconds = max(0.0, float(fields.get("seconds") or 0.0))
+            t.buckets[bisect.bisect_left(UPLOAD_BUCKETS, seconds)] += 1
+            t.upload_sum += seconds
+            t.bytes_uploaded += max(0, int(fields.get("bytes_sent") or 0))
         elif event == "sfwatch.job_vanished":
-            self.files.labels("vanished", "").inc()
+            t.files["vanished/"] += 1
         elif event == "sfwatch.job_adopted":
-            self.files.labels("adopted", "").inc()
+            t.files["adopted/"] += 1
 
     def _finished(self, fields: Mapping[str, Any]) -> None:
+        t = self.own
         outcome = fields.get("outcome")
         if outcome == "failed":
             reason = fields.get("reason")
-            self.files.labels("failed", reason if reason in FAILED_REASONS else "other").inc()
+            t.files[f"failed/{reason if reason in FAILED_REASONS else 'other'}"] += 1
             return
         if outcome not in ("done", "dedup"):
             return
-        self.files.labels(outcome, "").inc()
-        self.last_success.set(time.time())
+        t.files[f"{outcome}/"] += 1
+        t.last_success = time.time()
         seconds = fields.get("audio_seconds")
         if outcome == "done" and isinstance(seconds, int | float) and seconds > 0:
-            self.audio_seconds.inc(seconds)
+            t.audio_seconds += seconds
+
+    def snapshot(self) -> dict[str, Any]:
+        """This process's tally, for the face (a worker publishes it with its status)."""
+        with self._lock:
+            return self.own.snapshot()
+
+    def total(self) -> Tally:
+        """This process's tally and its workers' added up: what a scrape shows."""
+        total = new_tally()
+        total.add(self.snapshot())
+        for other in self.others():
+            total.add(other)
+        return total
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """The exposition for a scrape's ``Accept`` header: (body, content type)."""
@@ -201,4 +302,4 @@ class Metrics:
         return encoder(self.registry), content_type
 
 
-__all__ = ["Metrics"]
+__all__ = ["Metrics", "Tally"]

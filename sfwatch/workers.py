@@ -145,29 +145,6 @@ class Share:
         )
 
 
-#: the status numbers the face adds up over its workers (``merged``)
-_SUMMED = ("settling", "queued", "waiting", "in_flight", "uploading", "limit")
-
-
-def merged(own: dict[str, Any], others: list[dict[str, Any]]) -> dict[str, Any]:
-    """The face's status with its workers' last published ones added in: what systemd's
-    STATUS= and the metrics' gauges show for the whole run (``Daemon.status()`` keys)."""
-    if not others:
-        return own
-    total = dict(own)
-    counts = dict(own.get("counts") or {})
-    for other in others:
-        for key in _SUMMED:
-            if isinstance(other.get(key), int):
-                total[key] = int(total.get(key) or 0) + other[key]
-        for outcome, n in (other.get("counts") or {}).items():
-            counts[outcome] = counts.get(outcome, 0) + int(n)
-        if other.get("paused") and not total.get("paused"):
-            total["paused"], total["paused_reason"] = True, other.get("paused_reason")
-    total["counts"] = counts
-    return total
-
-
 def lock_state_dir(state_dir: Path) -> int:
     """Hold ``state_dir/daemon.lock`` for this process; ConfigError if another holds it.
 
@@ -405,6 +382,5 @@ __all__ = [
     "become_worker",
     "check_face_config",
     "lock_worker",
-    "merged",
     "release_signals",
 ]

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from sfwatch.daemon import format_status
+from sfwatch.runstatus import format_status
 from sfwatch.slots import prepared_ahead
 from tests.audiogen import wav_bytes
 from tests.conftest import (

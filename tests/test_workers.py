@@ -23,10 +23,13 @@ from sfwatch.config import load_config, parse_config
 from sfwatch.daemon import instance_name
 from sfwatch.errors import ConfigError
 from sfwatch.ledger import Ledger
-from sfwatch.workers import Share, merged
+from sfwatch.runstatus import WorkerReports, merged
+from sfwatch.workers import Share
+from tests.audiogen import wav_bytes
 from tests.conftest import daemon_process, run_cli, running_daemon, wait_until, write_config
 from tests.fakeapi import FakeAPI, Reply, Upload, stall
 from tests.test_crash import all_done, assert_delivered, print_logs, sha, wav
+from tests.test_metrics import free_port, listening_ports, scrape, value
 
 
 def names_for(inbox: Path, count: int, worker: int, of: int = 2, prefix: str = "rec") -> list[str]:
@@ -275,6 +278,43 @@ def test_a_killed_worker_is_started_again_and_finishes_its_claims(
     assert_delivered(tmp_path, inbox, list(files.values()))
     # The two killed in flight went again (never answered: not paid); the rest once.
     assert sum(len(fake_api.uploads_of(sha(d))) for d in files.values()) == len(files) + 2
+
+
+def test_the_face_s_metrics_count_every_worker_and_a_restart_keeps_the_count(
+    tmp_path: Path, fake_api: FakeAPI
+) -> None:
+    """The face's /metrics counts both workers' files; a worker SIGKILLed and started
+    again keeps its earlier counts in the total (a counter never goes down)."""
+    port = free_port()
+    listen = {"listen": f"127.0.0.1:{port}"}
+    config = write_config(tmp_path, fake_api.url, extra={"workers": 2, "metrics": listen})
+    inbox = tmp_path / "inbox"
+    done = {"outcome": "done", "reason": ""}
+
+    def counted(n: int) -> bool:
+        return value(scrape(port), "sfwatch_files_total", **done) == n
+
+    with daemon_process(config) as face:
+        face.wait_event("sfwatch.daemon_started", count=2)
+        for name in names_for(inbox, 3, 0) + names_for(inbox, 3, 1):
+            (inbox / name).write_bytes(wav_bytes(3000))
+        wait_until(lambda: counted(6), 20, "six files counted")
+        [child] = worker_pids(face.lines())
+        assert listening_ports(child) == []
+        assert listening_ports(face.proc.pid) == [port]
+        os.kill(child, signal.SIGKILL)
+        face.wait_event("sfwatch.worker_started", count=2)
+        for name in names_for(inbox, 2, 1, prefix="more"):
+            (inbox / name).write_bytes(wav_bytes(5000))
+        wait_until(lambda: counted(8), 20, "eight files counted")
+        after = scrape(port)
+        face.signal(signal.SIGTERM)
+        assert face.wait(30) == 0
+    assert value(after, "sfwatch_uploads_total", status_class="2xx") == 8
+    assert value(after, "sfwatch_upload_seconds_count") == 8
+    assert value(after, "sfwatch_upload_seconds_bucket", le="+Inf") == 8
+    assert value(after, "sfwatch_bytes_uploaded_total") == sum(u.size for u in fake_api.uploads)
+    assert value(after, "sfwatch_last_success_timestamp_seconds") > time.time() - 60
 
 
 @pytest.mark.slow
@@ -531,3 +571,26 @@ def test_a_signal_reaching_a_new_worker_before_its_handlers_is_held(
         assert not face.events("sfwatch.worker_died")
         face.signal(signal.SIGTERM)
         assert face.wait(20) == 0
+
+
+def test_the_face_keeps_a_restarted_worker_s_counts() -> None:
+    """A worker's new process starts counting at 0: the face adds its old self's last
+    tally; a dead pid's row and a malformed tally count for nothing."""
+    reports = WorkerReports()
+    own = {"queued": 0, "counts": {}}
+
+    def state(pid: int, done: int, **extra: object) -> dict[str, object]:
+        tally = {"files": {"done/": done}, "uploads": {"2xx": done}, "buckets": "bad"}
+        return {"instance": "h-w1", "pid": pid, "queued": 1, "metrics": tally, **extra}
+
+    def done() -> float:
+        return float(sum(t.get("files", {}).get("done/", 0) for t in reports.tallies()))
+
+    reports.status(own, [state(10, 3)], live={"h-w1"}, running={10})
+    assert done() == 3
+    assert reports.status(own, [state(10, 4)], live={"h-w1"}, running=set())["queued"] == 0
+    assert done() == 3, "a dead pid's row is not heard"
+    reports.status(own, [state(11, 2)], live={"h-w1"}, running={11})
+    assert done() == 3 + 2
+    reports.status(own, [state(11, 5, metrics=["nonsense"])], live={"h-w1"}, running={11})
+    assert done() == 3 + 2
