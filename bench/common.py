@@ -212,6 +212,19 @@ def memory_kb(pid: int) -> tuple[int, int] | None:
     return values["VmRSS"], values["VmHWM"]
 
 
+def pss_kb(pid: int) -> int | None:
+    """The proportional set size of ``pid`` in KiB: its own pages, and each shared page
+    divided by the processes that map it. None once it is gone."""
+    try:
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text(encoding="ascii")
+    except OSError:
+        return None
+    for line in rollup.splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    return None
+
+
 def child_pids(pid: int) -> list[int]:
     """The child processes of ``pid`` now (a daemon's worker processes)."""
     found: list[int] = []
@@ -226,15 +239,23 @@ class ProcSampler(threading.Thread):
     """Polls a process's memory and CPU time until it exits or ``stop()`` is called.
 
     Its child processes (``workers``) count too: CPU is the sum of each one's last
-    reading, memory the peak of the sum of their RSS (each process's own pages, and
-    the libraries they map counted once per process: an upper bound).
+    reading, ``peak_rss_kb`` the peak of the sum of their RSS (each process's own
+    pages, and the libraries they map counted once per process: an upper bound), and
+    ``peak_pss_kb`` the peak of the sum of their PSS (a shared page counted once in
+    all): the memory the group takes from the machine. PSS is read every
+    ``PSS_EVERY``-th sample only, as the kernel walks the page tables to find it.
     """
+
+    PSS_EVERY = 5
 
     def __init__(self, pid: int, interval: float = 0.05) -> None:
         super().__init__(name=f"sampler-{pid}", daemon=True)
         self.pid = pid
         self.interval = interval
         self.peak_rss_kb = 0  # max of every VmRSS and VmHWM read (summed over processes)
+        self.peak_pss_kb = 0  # max of the summed PSS (every PSS_EVERY-th sample)
+        self.processes = 1  # the most processes seen at once
+        self._samples = 0
         self.cpu = 0.0  # the last CPU seconds read (summed over processes)
         self._children_cpu: dict[int, float] = {}
         self._stop_event = threading.Event()
@@ -245,12 +266,18 @@ class ProcSampler(threading.Thread):
         if mem is None or cpu is None:
             return False
         rss = mem[0]
-        for child in child_pids(self.pid):
+        children = child_pids(self.pid)
+        for child in children:
             child_mem, child_cpu = memory_kb(child), cpu_seconds(child)
             if child_mem is not None and child_cpu is not None:
                 rss += child_mem[0]
                 self._children_cpu[child] = child_cpu
         self.peak_rss_kb = max(self.peak_rss_kb, rss, mem[1])
+        self.processes = max(self.processes, 1 + len(children))
+        if self._samples % self.PSS_EVERY == 0:
+            pss = sum(p or 0 for p in map(pss_kb, [self.pid, *children]))
+            self.peak_pss_kb = max(self.peak_pss_kb, pss)
+        self._samples += 1
         self.cpu = cpu + sum(self._children_cpu.values())
         return True
 
@@ -266,6 +293,10 @@ class ProcSampler(threading.Thread):
     @property
     def peak_rss_mb(self) -> float:
         return round(self.peak_rss_kb / 1024, 1)
+
+    @property
+    def peak_pss_mb(self) -> float:
+        return round(self.peak_pss_kb / 1024, 1)
 
 
 # -- the daemon ----------------------------------------------------------------------

@@ -134,6 +134,8 @@ def backlog_run(
             samplers = [d.sampler for d in daemons if d.sampler is not None]
             cpu = sum(s.cpu for s in samplers)
             peak = round(sum(s.peak_rss_mb for s in samplers), 1)
+            peak_pss = round(sum(s.peak_pss_mb for s in samplers), 1)
+            processes = sum(s.processes for s in samplers)
             started = sorted(
                 t for d in daemons for t in times_of(d.events("sfwatch.upload_started"))
             )
@@ -184,6 +186,11 @@ def backlog_run(
         "daemon_cpu_seconds": round(cpu, 2),
         "daemon_cpu_ms_per_file": round(cpu / max(n, 1) * 1000, 2),
         "peak_rss_mb": peak,
+        "peak_pss_mb": peak_pss,
+        "processes": processes,
+        # one process: its RSS (as every earlier figure); several: their summed PSS,
+        # which counts the libraries they share once (their summed RSS counts them N times)
+        "peak_memory_mb": peak if processes == 1 else peak_pss,
         "warnings_logged": problems,
         "outbox": outbox,
         "deliveries": len(delivered),
