@@ -73,8 +73,12 @@ class InotifyTree:
     ``enters(path, level)``: would a scan enter this folder (``level`` folders below
     the root)? ``takes(name)``: could a file of this name be taken? An event about a
     file that could not is not noted (our own transcripts and temporary files: the
-    work loop need not ``lstat`` them). ``note(path)``: something happened at
-    ``path``. ``overflowed()``: the kernel dropped events.
+    work loop need not ``lstat`` them). ``owns(path)``: is the file at ``path`` this
+    process's to take (``workers: N``: ``workers.Share.owns``)? An event about
+    another worker's file is not noted either: that worker notes it, and the kernel
+    says the path is no folder (``IN_ISDIR`` unset), which is all the work loop's
+    ``lstat`` would have found out before it let the path go. ``note(path)``:
+    something happened at ``path``. ``overflowed()``: the kernel dropped events.
     """
 
     def __init__(
@@ -85,10 +89,12 @@ class InotifyTree:
         note: Callable[[str], None],
         overflowed: Callable[[], None],
         takes: Callable[[str], bool] | None = None,
+        owns: Callable[[str], bool] | None = None,
     ) -> None:
         self.root = root
         self.enters = enters
         self.takes = takes
+        self.owns = owns
         self.note = note
         self.overflowed = overflowed
         self.log = get_logger()
@@ -200,13 +206,19 @@ class InotifyTree:
                     self._moved(*self._renames.pop(cookie), path, level)
                 elif mask & (flags.CREATE | flags.MOVED_TO):
                     self._add_tree(path, level)
-            elif self.takes is not None and not self.takes(name):
-                continue  # not a folder, and no file of that name is ever taken
+            elif not self._taken(name, path):
+                continue  # not a folder, and not a file this process could take
             self.note(path)
         for old, _ in self._renames.values():  # the other half was not for a watched folder
             self._remove_tree(old)
         self._renames.clear()
         return True
+
+    def _taken(self, name: str, path: str) -> bool:
+        """Could the file ``name`` at ``path`` (not a folder) be taken by this process?"""
+        if self.takes is not None and not self.takes(name):
+            return False
+        return self.owns is None or self.owns(path)
 
     def _moved_from(
         self, path: str, level: int, cookie: int, after: list[tuple[int, int, int, str]]
@@ -278,7 +290,7 @@ class InotifyTree:
                 continue  # unreadable or gone: intake says why when it looks
             for entry in entries:
                 if not entry.is_dir(follow_symlinks=False):
-                    if note_files and (self.takes is None or self.takes(entry.name)):
+                    if note_files and self._taken(entry.name, entry.path):
                         self.note(entry.path)
                     continue
                 if self._enter(entry.path, level + 1):

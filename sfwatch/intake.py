@@ -48,7 +48,7 @@ _GONE = {errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EBADF}
 class Intake:
     """Observers, the scanner and the settler for every watched folder."""
 
-    def __init__(self, folders: Folders, owns: Callable[[Path], bool] | None = None) -> None:
+    def __init__(self, folders: Folders, owns: Callable[[str | Path], bool] | None = None) -> None:
         #: the folders' settings (a reload replaces them; the scanner thread reads them)
         self.folders = folders
         #: whether a file is this worker process's to take (workers.py); every file if None
@@ -74,7 +74,7 @@ class Intake:
 
     def start_watcher(self, watch: WatchConfig) -> None:
         """Start (or restart) the observer of one folder."""
-        watcher = Watcher(watch, self.notes)
+        watcher = Watcher(watch, self.notes, self.owns)
         watcher.start()
         self.watchers[watch.path] = watcher
         self.log.info(

@@ -368,7 +368,9 @@ def enters(path: str, level: int, *, watch: WatchConfig, pruned: frozenset[str])
 class Watcher:
     """The watch of one folder: our inotify reader, or watchdog's polling observer."""
 
-    def __init__(self, watch: WatchConfig, notes: PathNotes) -> None:
+    def __init__(
+        self, watch: WatchConfig, notes: PathNotes, owns: Callable[[str], bool] | None = None
+    ) -> None:
         self.watch = watch
         self.notes = notes
         self.polling = needs_polling(watch)
@@ -383,6 +385,7 @@ class Watcher:
                 note=notes.note,
                 overflowed=self._overflowed,
                 takes=functools.partial(_wanted_name, watch=watch),
+                owns=owns,  # (polling: intake's lstat looks first, then asks whose it is)
             )
 
     def start(self) -> None:

@@ -101,7 +101,7 @@ class Share:
         """Worker 0: the process systemd started, which talks to the rest of the house."""
         return self.index == 0
 
-    def owns(self, path: Path) -> bool:
+    def owns(self, path: str | Path) -> bool:
         """Whether this worker takes the file at ``path`` (a hash of the path, not the name:
         two ``a.wav`` in two folders need not go to one worker)."""
         return self.count == 1 or zlib.crc32(os.fsencode(path)) % self.count == self.index

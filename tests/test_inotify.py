@@ -21,6 +21,7 @@ from structlog.testing import capture_logs
 from sfwatch.config import WatchConfig
 from sfwatch.inotify import InotifyTree
 from sfwatch.watch import MAX_DEPTH, PathNotes, Watcher
+from sfwatch.workers import Share
 from tests.conftest import wait_until
 from tests.test_watch import Collector, start_watcher
 
@@ -115,6 +116,36 @@ def test_files_that_are_never_taken_are_not_noted_but_folders_are(
     assert seen.has(inbox / "odd.txt"), "a folder is noted whatever its name"
     assert not seen.has(inbox / "talk.txt")
     assert not seen.has(inbox / ".talk.txt.0123abcd.sfwatch-tmp")
+
+
+def test_another_worker_s_files_are_not_noted_but_every_folder_is(tmp_path: Path) -> None:
+    """With ``owns`` (workers: N), a file of another worker's share makes no note, here or
+    in a folder moved in; a folder does whoever's its path is, and one's own files do."""
+    watch = WatchConfig(path=tmp_path / "inbox", poll=False)
+    watch.path.mkdir()
+    share = Share(0, 2)
+    notes = PathNotes()
+    watcher = Watcher(watch, notes, share.owns)
+    seen = Collector(notes)
+    inbox = watch.path
+    mine = [n for n in (f"r{i}.wav" for i in range(40)) if share.owns(inbox / n)][:3]
+    theirs = [n for n in (f"r{i}.wav" for i in range(40)) if not share.owns(inbox / n)][:3]
+    (tmp_path / "outside").mkdir()
+    folder = next(f"d{i}.wav" for i in range(40) if not share.owns(inbox / f"d{i}.wav"))
+    watcher.start()
+    try:
+        for name in mine + theirs:
+            (inbox / name).write_bytes(b"x")
+        (tmp_path / "outside" / "x.wav").write_bytes(b"x")
+        (tmp_path / "outside").rename(inbox / folder)  # a folder whose path is not ours
+        settled(
+            seen, inbox, next(n for n in (f"s{i}.mp3" for i in range(40)) if share.owns(inbox / n))
+        )
+        wait_until(lambda: seen.has(inbox / folder), 5, "the folder noted")
+        assert all(seen.has(inbox / name) for name in mine)
+        assert not any(seen.has(inbox / name) for name in theirs)
+    finally:
+        watcher.stop()
 
 
 def test_folder_moved_out_is_forgotten(
