@@ -318,12 +318,28 @@ class Daemon:
     def _start(self) -> None:
         """Start-up: the workers, the listener, the observers, recovery, the outbox."""
         self.workers.start()
+        if self.share.face:
+            self._forget_retired_workers()
         self._start_endpoint()
         self.intake.start()
         self.leases.beat()
         self.reconciler.startup()
         if self.share.face:  # (the face delivers every worker's events)
             self.outbox.start()  # after reconcile: the rows it finished are in the outbox too
+
+    def _forget_retired_workers(self) -> None:
+        """Drop the status rows of workers an earlier run had and this one has not, so
+        that `sfwatch status` does not list them for ever (the state disk failing here
+        is for the loop's health check to report, not for start-up to fail on)."""
+        try:
+            states = self.ledger.daemon_states()
+            retired = [
+                s["instance"] for s in states if self.share.retired(self.base, s["instance"])
+            ]
+            if retired:
+                self.ledger.forget_states(retired)
+        except HOST_ERRORS:
+            return
 
     def _warm_up(self) -> None:
         """Import PyAV (a background thread); if it cannot be, stop: no file can be prepared.

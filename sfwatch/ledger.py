@@ -33,7 +33,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -754,6 +754,11 @@ class Ledger:
         """Store what the running daemon is doing (queue, in flight, pause)."""
         row = (instance, pid, time.time(), json.dumps(state))
         self._write(lambda db: db.execute("INSERT OR REPLACE INTO daemon VALUES (?, ?, ?, ?)", row))
+
+    def forget_states(self, instances: Collection[str]) -> None:
+        """Remove the published states of ``instances`` (workers a run no longer has)."""
+        rows = [(instance,) for instance in instances]
+        self._write(lambda db: db.executemany("DELETE FROM daemon WHERE instance = ?", rows))
 
     def daemon_states(self) -> list[dict[str, Any]]:
         """What each daemon that used this ledger last published."""

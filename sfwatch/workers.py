@@ -116,6 +116,12 @@ class Share:
             self.instance(base)
         }
 
+    def retired(self, base: str, instance: str) -> bool:
+        """Whether ``instance`` is a worker of an earlier run with more workers than this
+        one (``<base>-w<K>``, K ≥ N): none of this run will use that name."""
+        match = re.fullmatch(rf"{re.escape(base)}-w([0-9]+)", instance)
+        return match is not None and int(match.group(1)) >= self.count
+
     def not_mine(self, base: str) -> Callable[[str], bool]:
         """Whether a ledger row's instance is another worker's, of this run or of an
         earlier one with more workers: its rows are left to it, or to whoever adopts

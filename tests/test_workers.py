@@ -456,16 +456,24 @@ def test_fewer_workers_after_a_crash_adopt_the_claims_of_the_ones_gone(
     tmp_path: Path, fake_api: FakeAPI
 ) -> None:
     """workers: 2 killed with claims in hand, restarted as workers: 1: worker 1's claims
-    are left to the lease, then adopted; their rows become the face's, and end done."""
+    are left to the lease, then adopted; their rows become the face's, and end done;
+    `sfwatch status` no longer lists worker 1."""
     config, files, _ = killed_with_claims(tmp_path, fake_api, 3)
     inbox = tmp_path / "inbox"
     data = yaml.safe_load(config.read_text(encoding="utf-8"))
     data["workers"] = 1
     config.write_text(yaml.safe_dump(data), encoding="utf-8")
     base = instance_name(load_config(config).state_dir)
+
+    def listed() -> set[str]:
+        report = json.loads(run_cli("status", "--json", "-c", str(config)).stdout)
+        return {d["instance"] for d in report["daemons"]}
+
+    assert listed() == {base, f"{base}-w1"}
     with capture_logs() as logs, running_daemon(config, lease_seconds=2.0) as one:
         wait_until(lambda: all_done(inbox, len(files)), 40, "every file done")
         one.stop()
+    assert listed() == {base}
     events = [e["event"] for e in logs]
     assert "sfwatch.claims_adopted" in events
     assert "sfwatch.job_vanished" not in events
