@@ -49,7 +49,6 @@ from sfwatch.health import HEALTHY, Health, start_endpoint
 from sfwatch.intake import Intake
 from sfwatch.ledger import Ledger
 from sfwatch.logs import Redactor, get_logger
-from sfwatch.metrics import Metrics
 from sfwatch.notify import Notifier
 from sfwatch.outbox import Outbox
 from sfwatch.pacing import Pacer
@@ -58,12 +57,12 @@ from sfwatch.probe import AccountProbe
 from sfwatch.ready import Claimer, ClaimMiss, ReadyQueue
 from sfwatch.reconcile import Reconciler
 from sfwatch.recovery import DEFAULT_LEASE_SECONDS, LeaseKeeper
-from sfwatch.runstatus import WorkerReports, format_status
+from sfwatch.runstatus import Publisher, format_status
 from sfwatch.safefs import let_go
 from sfwatch.scheduler import Scheduler
 from sfwatch.slots import UploadSlots
 from sfwatch.transcribe import Transcriber
-from sfwatch.worker import HOST_ERRORS, Worker
+from sfwatch.worker import Worker
 from sfwatch.workers import (
     STOP_SIGNAL,
     Share,
@@ -77,10 +76,6 @@ from sfwatch.workers import (
 DEFAULT_GRACE_SECONDS = 60.0
 #: the longest the loop sleeps: it also checks the observers' health
 TICK = 0.5
-#: how often `sfwatch status` and systemd's STATUS= see fresh numbers
-PUBLISH_EVERY = 2.0
-#: how often an unchanged status is written again (so `sfwatch status` knows we live)
-STATE_REFRESH = 30.0
 #: a loop that has not ticked for this long is frozen (it ticks every TICK seconds)
 FROZEN_AFTER = 30.0
 #: a worker of several counts as busy (and pins) at less: they share the CPUs with each other
@@ -225,9 +220,6 @@ class Daemon:
         self.unusable = False  # PyAV could not be imported: stopped, exit code 1
         self.audio_ready = threading.Event()  # PyAV's import has ended (_warm_up)
         self.last_tick = time.monotonic()
-        self._published = 0.0
-        self._last_state: dict[str, Any] = {}
-        self._state_written = 0.0
         self.notifier = Notifier()
         self.reload_requested = False
         self.signals: list[str] = []  # received, not yet logged
@@ -236,27 +228,21 @@ class Daemon:
         #: the health the loop last found (the watchdog's; /healthz reads it)
         self.last_health = HEALTHY
         self._health_at = float("-inf")
-        #: why the last ledger write of the status failed (the state dir's disk), if it did
-        self.state_error: str | None = None
         stat = self.ledger.path.stat()
         self._ledger_id = (stat.st_dev, stat.st_ino)
-        #: the status last published (the metrics' gauges read it, from another thread)
-        self.published: dict[str, Any] = self.status()
         self.endpoint: Endpoint | None = None
-        self.reports = WorkerReports()  # the face's: what its workers published
-        self.metrics = self._make_metrics()
-
-    def _make_metrics(self) -> Metrics | None:
-        """The metrics, when ``metrics.listen`` is set.
-
-        Only the face serves them; a worker counts its own and publishes the tally
-        with its status, for the face to add in (runstatus.py).
-        """
-        if self.config.metrics.listen is None:
-            return None
-        metrics = Metrics(lambda: self.published, self.reports.tallies)
-        self.events.subscribe(metrics.on_event)
-        return metrics
+        self.publisher = Publisher(
+            self.status,
+            self.ledger,
+            self.notifier,
+            share=self.share,
+            base=base,
+            running=self.workers.pids,
+            events=self.events,
+            metrics=config.metrics.listen is not None,
+        )
+        #: the metrics (``metrics.listen``); the face serves them, a worker publishes its tally
+        self.metrics = self.publisher.metrics
 
     # -- the loop ------------------------------------------------------------------
 
@@ -319,27 +305,13 @@ class Daemon:
         """Start-up: the workers, the listener, the observers, recovery, the outbox."""
         self.workers.start()
         if self.share.face:
-            self._forget_retired_workers()
+            self.publisher.forget_retired_workers()
         self._start_endpoint()
         self.intake.start()
         self.leases.beat()
         self.reconciler.startup()
         if self.share.face:  # (the face delivers every worker's events)
             self.outbox.start()  # after reconcile: the rows it finished are in the outbox too
-
-    def _forget_retired_workers(self) -> None:
-        """Drop the status rows of workers an earlier run had and this one has not, so
-        that `sfwatch status` does not list them for ever (the state disk failing here
-        is for the loop's health check to report, not for start-up to fail on)."""
-        try:
-            states = self.ledger.daemon_states()
-            retired = [
-                s["instance"] for s in states if self.share.retired(self.base, s["instance"])
-            ]
-            if retired:
-                self.ledger.forget_states(retired)
-        except HOST_ERRORS:
-            return
 
     def _warm_up(self) -> None:
         """Import PyAV (a background thread); if it cannot be, stop: no file can be prepared.
@@ -391,7 +363,7 @@ class Daemon:
         self.cores.turn(self.pressure.backlog)
         if self.stop_level == 0:
             self.intake.check_watchers()
-        if time.monotonic() - self._published >= PUBLISH_EVERY:
+        if self.publisher.due():
             self._publish()
         # A busy loop turns several times per file: health (a few stat calls) is asked
         # once per TICK, which is as often as an idle loop asks it.
@@ -501,8 +473,8 @@ class Daemon:
             return "the ledger in state_dir is not the one this daemon has open"
         if not os.access(self.config.state_dir, os.W_OK | os.X_OK):
             return "state_dir is not writable"
-        if self.state_error is not None:
-            return f"the last write to the ledger failed: {self.state_error}"
+        if (error := self.publisher.state_error) is not None:
+            return f"the last write to the ledger failed: {error}"
         return None
 
     def current_health(self) -> Health:
@@ -526,32 +498,8 @@ class Daemon:
         return self.current_health()
 
     def _publish(self) -> None:
-        now = self._published = time.monotonic()
         self.leases.beat()
-        status = self.status()
-        if self.metrics is not None and not self.share.face:
-            status["metrics"] = self.metrics.snapshot()  # for the face's /metrics
-        self.published = self._with_workers(status)
-        # The ledger write is fsynced: an idle daemon makes one a minute, not one per tick.
-        if status != self._last_state or now - self._state_written >= STATE_REFRESH:
-            try:
-                self.ledger.publish_state(self.instance, os.getpid(), status)
-            except HOST_ERRORS as exc:
-                self.state_error = getattr(exc, "strerror", None) or str(exc)
-                raise
-            self.state_error = None
-            self._last_state, self._state_written = status, now
-        self.notifier.status(format_status(self.published))
-
-    def _with_workers(self, status: dict[str, Any]) -> dict[str, Any]:
-        """The face's status with its workers' (what they last published to the ledger)."""
-        if not self.share.face or not len(self.workers):
-            return status
-        try:
-            states = self.ledger.daemon_states()
-        except HOST_ERRORS:
-            return status  # (the state disk: the face's own numbers will do)
-        return self.reports.status(status, states, self.share.live(self.base), self.workers.pids())
+        self.publisher.publish()
 
     # -- the metrics and health listener --------------------------------------------
 

@@ -1,9 +1,14 @@
-"""The status of a whole run: the face's own and what its workers publish.
+"""What a daemon publishes, and the status of a whole run: the face's own and what
+its workers publish.
 
-A daemon publishes its status (``Daemon.status()``) to the ledger every
-``PUBLISH_EVERY`` seconds. With ``workers: N`` (docs/design.md §2, "Workers") the
-face reads its workers' from there and adds them to its own, so that systemd's
-STATUS=, the metrics' gauges and ``/metrics``' counters cover the whole run:
+Every ``PUBLISH_EVERY`` seconds the work loop has its ``Publisher`` write the
+daemon's status (``Daemon.status()``) to the ledger, for ``sfwatch status`` and
+for its face, and tell systemd the run's STATUS= line; the metrics' gauges read
+the last published status (``Publisher.published``), never the loop's own state.
+
+With ``workers: N`` (docs/design.md §2, "Workers") the face reads its workers'
+statuses from there and adds them to its own, so that systemd's STATUS=, the
+metrics' gauges and ``/metrics``' counters cover the whole run:
 
 - the gauges' numbers (queue, in flight, limit) and the outcome counts are summed
   (``merged``); a pause of any worker is the run's pause;
@@ -17,10 +22,22 @@ STATUS=, the metrics' gauges and ``/metrics``' counters cover the whole run:
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+import os
+import time
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
-from sfwatch.metrics import Tally, new_tally
+from sfwatch.events import Events
+from sfwatch.ledger import Ledger
+from sfwatch.metrics import Metrics, Tally, new_tally
+from sfwatch.notify import Notifier
+from sfwatch.worker import HOST_ERRORS
+from sfwatch.workers import Share
+
+#: how often the loop publishes its status (to the ledger, STATUS=, the gauges)
+PUBLISH_EVERY = 2.0
+#: an unchanged status is written again this often (`sfwatch status` sees it is alive)
+STATE_REFRESH = 30.0
 
 #: the status numbers the face adds up over its workers (``merged``)
 _SUMMED = ("settling", "queued", "waiting", "in_flight", "uploading", "limit")
@@ -97,4 +114,87 @@ class WorkerReports:
         return self._tallies
 
 
-__all__ = ["WorkerReports", "format_status", "merged"]
+class Publisher:
+    """A daemon's publishing: its status to the ledger and systemd, and its metrics."""
+
+    def __init__(
+        self,
+        status: Callable[[], dict[str, Any]],
+        ledger: Ledger,
+        notifier: Notifier,
+        *,
+        share: Share,
+        base: str,
+        running: Callable[[], Collection[int]],
+        events: Events,
+        metrics: bool,
+    ) -> None:
+        """``status``: the daemon's own; ``running``: the pids of the face's workers now;
+        ``metrics``: count for ``metrics.listen`` (the face serves them, a worker
+        publishes its tally for the face)."""
+        self.status = status
+        self.ledger = ledger
+        self.notifier = notifier
+        self.share = share
+        self.base = base
+        self.instance = share.instance(base)
+        self.running = running
+        self.reports = WorkerReports()  # the face's: what its workers published
+        #: the status last published, the run's (the metrics' gauges read it, from
+        #: another thread)
+        self.published: dict[str, Any] = status()
+        self.metrics: Metrics | None = None
+        if metrics:
+            self.metrics = Metrics(lambda: self.published, self.reports.tallies)
+            events.subscribe(self.metrics.on_event)
+        #: why the last ledger write of the status failed (the state dir's disk), if it did
+        self.state_error: str | None = None
+        self.last = 0.0  # when it last published (monotonic)
+        self._last_state: dict[str, Any] = {}
+        self._state_written = 0.0
+
+    def due(self) -> bool:
+        """``PUBLISH_EVERY`` has passed since the last publish."""
+        return time.monotonic() - self.last >= PUBLISH_EVERY
+
+    def publish(self) -> None:
+        """Publish now; a ledger error is kept in ``state_error`` (health) and raised."""
+        now = self.last = time.monotonic()
+        status = self.status()
+        if self.metrics is not None and not self.share.face:
+            status["metrics"] = self.metrics.snapshot()  # for the face's /metrics
+        self.published = self._with_workers(status)
+        # The ledger write is fsynced: an idle daemon makes one a minute, not one per tick.
+        if status != self._last_state or now - self._state_written >= STATE_REFRESH:
+            try:
+                self.ledger.publish_state(self.instance, os.getpid(), status)
+            except HOST_ERRORS as exc:
+                self.state_error = getattr(exc, "strerror", None) or str(exc)
+                raise
+            self.state_error = None
+            self._last_state, self._state_written = status, now
+        self.notifier.status(format_status(self.published))
+
+    def _with_workers(self, status: dict[str, Any]) -> dict[str, Any]:
+        """The face's status with its workers' (what they last published to the ledger)."""
+        if not self.share.face or self.share.count == 1:
+            return status
+        try:
+            states = self.ledger.daemon_states()
+        except HOST_ERRORS:
+            return status  # (the state disk: the face's own numbers will do)
+        return self.reports.status(status, states, self.share.live(self.base), self.running())
+
+    def forget_retired_workers(self) -> None:
+        """Drop the status rows of workers an earlier run had and this one has not, so
+        that `sfwatch status` does not list them for ever (the state disk failing here
+        is for the loop's health check to report, not for start-up to fail on)."""
+        try:
+            names = [str(s["instance"]) for s in self.ledger.daemon_states()]
+            if retired := [n for n in names if self.share.retired(self.base, n)]:
+                self.ledger.forget_states(retired)
+        except HOST_ERRORS:
+            return
+
+
+__all__ = ["PUBLISH_EVERY", "Publisher", "WorkerReports", "format_status", "merged"]
