@@ -156,6 +156,7 @@ class Daemon:
             yield_to=self.pressure.busy,
             # the other workers' finishes do not wake the face's dispatcher: it looks
             idle_wait=1.0 if self.share.count > 1 else None,
+            shared=self.share.count > 1,
         )
         self.transcriber = Transcriber(
             config.api.base_url,

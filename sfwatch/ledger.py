@@ -582,11 +582,21 @@ class Ledger:
 
     # -- the outbox (docs/design.md §13) ----------------------------------------------------
 
-    def outbox_add(self, events: Sequence[OutboxEvent]) -> None:
-        """Events not tied to a file's finish (the account paused, resumed)."""
+    def outbox_add(self, events: Sequence[OutboxEvent], *, unless_repeated: bool = False) -> None:
+        """Events not tied to a file's finish (the account paused, resumed).
+
+        ``unless_repeated``: leave out an event that says what its sink's last account
+        event said (``paused`` for the same reason, ``resumed``): the worker processes
+        of one run meet one account fault each, and it is announced once.
+        """
         if not events:
             return
-        self._write(lambda db: _insert_events(db, events))
+
+        def add(db: sqlite3.Connection) -> None:
+            fresh = [e for e in events if not (unless_repeated and _repeats_last(db, e))]
+            _insert_events(db, fresh)
+
+        self._write(add)
         if self.on_outbox is not None:
             self.on_outbox()
 
@@ -803,6 +813,20 @@ def _plan_fields(plan: Plan) -> dict[str, Any]:
         "plan": plan.to_json(),
         "transcript": str(plan.transcript) if plan.transcript else None,
     }
+
+
+def _repeats_last(db: sqlite3.Connection, event: OutboxEvent) -> bool:
+    """Whether ``event`` says what the last account event for its sink said."""
+    last = db.execute(
+        "SELECT event, payload FROM outbox WHERE sink = ? AND ordering = ?"
+        " ORDER BY id DESC LIMIT 1",
+        (event.sink, event.ordering),
+    ).fetchone()
+    if last is None or last[0] != event.event:
+        return False
+    return event.event != "paused" or json.loads(last[1]).get("reason") == event.payload.get(
+        "reason"
+    )
 
 
 def _insert_events(db: sqlite3.Connection, events: Sequence[OutboxEvent]) -> None:

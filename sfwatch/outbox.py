@@ -221,8 +221,11 @@ class Outbox:
         yield_to: Callable[[], bool] | None = None,
         yield_limit: float = YIELD_LIMIT,
         idle_wait: float | None = None,
+        shared: bool = False,
     ) -> None:
         self.config = config
+        #: other worker processes of the run add account events too (``account_event``)
+        self.shared = shared
         #: the longest the dispatcher sleeps: short when other processes add rows
         self.idle_wait = IDLE_WAIT if idle_wait is None else idle_wait
         self.ledger = ledger
@@ -273,9 +276,14 @@ class Outbox:
     # -- events in ----------------------------------------------------------------------------
 
     def account_event(self, event: str, fields: dict[str, Any]) -> None:
-        """The account paused or resumed (on the main thread); a ledger error is logged."""
+        """The account paused or resumed (on the main thread); a ledger error is logged.
+
+        With worker processes (``shared``) each meets an account fault and its end, and
+        each tells: what repeats the last such event is left out, so it is told once.
+        """
         try:
-            self.ledger.outbox_add(self.routes.for_account(event, fields))
+            rows = self.routes.for_account(event, fields)
+            self.ledger.outbox_add(rows, unless_repeated=self.shared)
         except Exception:  # the state disk: the event is lost, the loop must go on
             self.log.exception("sfwatch.outbox_error", event_type=event)
         self._urgent.set()  # never held back (the commit woke the dispatcher otherwise)

@@ -22,14 +22,15 @@ from structlog.testing import capture_logs
 from sfwatch.config import load_config, parse_config
 from sfwatch.daemon import instance_name
 from sfwatch.errors import ConfigError
-from sfwatch.ledger import Ledger
+from sfwatch.ledger import Ledger, OutboxEvent
 from sfwatch.runstatus import WorkerReports, merged
 from sfwatch.workers import Share
 from tests.audiogen import wav_bytes
 from tests.conftest import daemon_process, run_cli, running_daemon, wait_until, write_config
-from tests.fakeapi import FakeAPI, Reply, Upload, stall
+from tests.fakeapi import R401, FakeAPI, Reply, Upload, stall
 from tests.test_crash import all_done, assert_delivered, print_logs, sha, wav
 from tests.test_metrics import free_port, listening_ports, scrape, value
+from tests.test_outbox import receiver
 
 
 def names_for(inbox: Path, count: int, worker: int, of: int = 2, prefix: str = "rec") -> list[str]:
@@ -317,6 +318,37 @@ def test_the_face_s_metrics_count_every_worker_and_a_restart_keeps_the_count(
     assert value(after, "sfwatch_last_success_timestamp_seconds") > time.time() - 60
 
 
+def test_an_account_fault_both_workers_meet_is_announced_once(
+    tmp_path: Path, fake_api: FakeAPI
+) -> None:
+    """A 401 paused both workers and their probes resumed both: the webhook hears one
+    `paused` and one `resumed`, then each file's `done`."""
+    fake_api.set_default(R401)
+    fake_api.info_reply = R401
+    with receiver() as hooks:
+        config = write_config(
+            tmp_path, fake_api.url, extra={"workers": 2, "webhooks": [{"url": hooks.url}]}
+        )
+        inbox = tmp_path / "inbox"
+        names = names_for(inbox, 1, 0) + names_for(inbox, 1, 1)
+        with daemon_process(config) as face:
+            face.wait_event("sfwatch.daemon_started", count=2)
+            for name in names:
+                (inbox / name).write_bytes(wav_bytes(3000))
+            paused = face.wait_event("sfwatch.uploads_paused", count=2, timeout=20)
+            assert {e.get("worker", 0) for e in paused} == {0, 1}
+            fake_api.set_default(None)
+            fake_api.info_reply = None
+            face.wait_event("sfwatch.uploads_resumed", count=2, timeout=30)
+            wait_until(lambda: all_done(inbox, 2), 20, "both files done")
+            wait_until(lambda: len(hooks.accepted()) >= 4, 20, "the events delivered")
+            face.signal(signal.SIGTERM)
+            assert face.wait(30) == 0
+    types = [r.json["type"] for r in hooks.accepted()]
+    assert sorted(types) == ["done", "done", "paused", "resumed"], types
+    assert types.index("paused") < types.index("resumed")
+
+
 @pytest.mark.slow
 def test_killing_the_face_takes_its_workers_and_a_restart_finishes_everything(
     tmp_path: Path, fake_api: FakeAPI
@@ -602,3 +634,34 @@ def test_the_face_keeps_a_restarted_worker_s_counts() -> None:
     assert done() == 3 + 2
     reports.status(own, [state(11, 5, metrics=["nonsense"])], live={"h-w1"}, running={11})
     assert done() == 3 + 2
+
+
+def test_an_account_event_is_left_out_only_when_it_repeats_the_sink_s_last(
+    tmp_path: Path,
+) -> None:
+    """`paused` again for the same reason, or `resumed` again: left out; a new reason,
+    another sink, or the turn after a `resumed`: kept."""
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+
+    def add(event: str, sink: str = "notify", reason: str | None = None) -> None:
+        row = OutboxEvent(event, sink, "account", None, {}, {"reason": reason}, 0.0)
+        ledger.outbox_add([row], unless_repeated=True)
+
+    try:
+        add("paused", reason="unauthorized")
+        add("paused", reason="unauthorized")  # the second worker: left out
+        add("paused", "webhook:http://127.0.0.1:9/x", reason="unauthorized")
+        add("paused", reason="no_balance")  # a new reason: told
+        add("resumed")
+        add("resumed")  # left out
+        add("paused", reason="no_balance")  # after a resume: told again
+        told = [(r.event, r.sink) for r in ledger.outbox_rows()]
+    finally:
+        ledger.close()
+    assert told == [
+        ("paused", "notify"),
+        ("paused", "webhook:http://127.0.0.1:9/x"),
+        ("paused", "notify"),
+        ("resumed", "notify"),
+        ("paused", "notify"),
+    ]
