@@ -255,6 +255,7 @@ class ProcSampler(threading.Thread):
         self.peak_rss_kb = 0  # max of every VmRSS and VmHWM read (summed over processes)
         self.peak_pss_kb = 0  # max of the summed PSS (every PSS_EVERY-th sample)
         self.processes = 1  # the most processes seen at once
+        self.pss_read = True  # False: the kernel gives no PSS (peak_pss_kb means nothing)
         self._samples = 0
         self.cpu = 0.0  # the last CPU seconds read (summed over processes)
         self._children_cpu: dict[int, float] = {}
@@ -275,8 +276,10 @@ class ProcSampler(threading.Thread):
         self.peak_rss_kb = max(self.peak_rss_kb, rss, mem[1])
         self.processes = max(self.processes, 1 + len(children))
         if self._samples % self.PSS_EVERY == 0:
-            pss = sum(p or 0 for p in map(pss_kb, [self.pid, *children]))
-            self.peak_pss_kb = max(self.peak_pss_kb, pss)
+            found = [pss_kb(p) for p in [self.pid, *children]]
+            if found[0] is None:  # no smaps_rollup (an old kernel, gVisor): no PSS at all
+                self.pss_read = False
+            self.peak_pss_kb = max(self.peak_pss_kb, sum(p or 0 for p in found))
         self._samples += 1
         self.cpu = cpu + sum(self._children_cpu.values())
         return True

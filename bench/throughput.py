@@ -136,6 +136,7 @@ def backlog_run(
             peak = round(sum(s.peak_rss_mb for s in samplers), 1)
             peak_pss = round(sum(s.peak_pss_mb for s in samplers), 1)
             processes = sum(s.processes for s in samplers)
+            pss_read = all(s.pss_read for s in samplers)
             started = sorted(
                 t for d in daemons for t in times_of(d.events("sfwatch.upload_started"))
             )
@@ -190,7 +191,8 @@ def backlog_run(
         "processes": processes,
         # one process: its RSS (as every earlier figure); several: their summed PSS,
         # which counts the libraries they share once (their summed RSS counts them N times)
-        "peak_memory_mb": peak if processes == 1 else peak_pss,
+        # (without PSS from the kernel, the summed RSS: an upper bound)
+        "peak_memory_mb": peak if processes == 1 or not pss_read else peak_pss,
         "warnings_logged": problems,
         "outbox": outbox,
         "deliveries": len(delivered),

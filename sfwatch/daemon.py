@@ -70,6 +70,7 @@ from sfwatch.workers import (
     lock_state_dir,
     lock_worker,
     release_signals,
+    run_id,
 )
 
 #: how long a warm stop waits for uploads in flight
@@ -156,7 +157,7 @@ class Daemon:
             yield_to=self.pressure.busy,
             # the other workers' finishes do not wake the face's dispatcher: it looks
             idle_wait=1.0 if self.share.count > 1 else None,
-            shared=self.share.count > 1,
+            run=run_id() if self.share.count > 1 else None,
         )
         self.transcriber = Transcriber(
             config.api.base_url,
@@ -238,7 +239,7 @@ class Daemon:
             self.notifier,
             share=self.share,
             base=base,
-            running=self.workers.pids,
+            running=self.workers.spawned,
             events=self.events,
             metrics=config.metrics.listen is not None,
         )

@@ -99,6 +99,12 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE UNIQUE INDEX IF NOT EXISTS outbox_once ON outbox (job_id, event, sink);
 CREATE INDEX IF NOT EXISTS outbox_queue ON outbox (status, sink, ordering, id);
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (status, next_attempt);
+CREATE TABLE IF NOT EXISTS account (   -- what a run with workers last told of the account
+    run     TEXT PRIMARY KEY,         -- workers.run_id: one `sfwatch run`, face and workers
+    event   TEXT NOT NULL,            -- paused | resumed
+    reason  TEXT,                     -- paused: why
+    updated REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS daemon (
     instance TEXT PRIMARY KEY,
     pid      INTEGER,
@@ -582,23 +588,40 @@ class Ledger:
 
     # -- the outbox (docs/design.md §13) ----------------------------------------------------
 
-    def outbox_add(self, events: Sequence[OutboxEvent], *, unless_repeated: bool = False) -> None:
-        """Events not tied to a file's finish (the account paused, resumed).
-
-        ``unless_repeated``: leave out an event that says what its sink's last account
-        event said (``paused`` for the same reason, ``resumed``): the worker processes
-        of one run meet one account fault each, and it is announced once.
-        """
+    def outbox_add(self, events: Sequence[OutboxEvent]) -> None:
+        """Events not tied to a file's finish (the account paused, resumed)."""
         if not events:
             return
-
-        def add(db: sqlite3.Connection) -> None:
-            fresh = [e for e in events if not (unless_repeated and _repeats_last(db, e))]
-            _insert_events(db, fresh)
-
-        self._write(add)
+        self._write(lambda db: _insert_events(db, events))
         if self.on_outbox is not None:
             self.on_outbox()
+
+    def account_told(
+        self, run: str, event: str, reason: str | None, events: Sequence[OutboxEvent]
+    ) -> bool:
+        """An account event of a run with worker processes, each of which meets the
+        fault and its end: ``events`` join the outbox unless the run's last told state
+        is this one (``paused`` for the same reason, or ``resumed``); False if so.
+
+        The run's state is kept whatever the sinks subscribe to (a sink told of pauses
+        only must hear the next pause after a resume), and only the run's own: a
+        pause a stopped run never saw end does not hush the next run's.
+        """
+
+        def tell(db: sqlite3.Connection) -> bool:
+            last = db.execute("SELECT event, reason FROM account WHERE run = ?", (run,)).fetchone()
+            if last is not None and last[0] == event and (event != "paused" or last[1] == reason):
+                return False
+            db.execute("DELETE FROM account WHERE run != ?", (run,))  # (runs that ended)
+            row = (run, event, reason, time.time())
+            db.execute("INSERT OR REPLACE INTO account VALUES (?, ?, ?, ?)", row)
+            _insert_events(db, events)
+            return True
+
+        told = self._write(tell)
+        if told and events and self.on_outbox is not None:
+            self.on_outbox()
+        return told
 
     def outbox_due(
         self,
@@ -813,20 +836,6 @@ def _plan_fields(plan: Plan) -> dict[str, Any]:
         "plan": plan.to_json(),
         "transcript": str(plan.transcript) if plan.transcript else None,
     }
-
-
-def _repeats_last(db: sqlite3.Connection, event: OutboxEvent) -> bool:
-    """Whether ``event`` says what the last account event for its sink said."""
-    last = db.execute(
-        "SELECT event, payload FROM outbox WHERE sink = ? AND ordering = ?"
-        " ORDER BY id DESC LIMIT 1",
-        (event.sink, event.ordering),
-    ).fetchone()
-    if last is None or last[0] != event.event:
-        return False
-    return event.event != "paused" or json.loads(last[1]).get("reason") == event.payload.get(
-        "reason"
-    )
 
 
 def _insert_events(db: sqlite3.Connection, events: Sequence[OutboxEvent]) -> None:

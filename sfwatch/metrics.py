@@ -150,8 +150,12 @@ class Tally:
                 if key in mine and isinstance(n, int | float):
                     mine[key] += n
         buckets = other.get("buckets")
-        if isinstance(buckets, list) and len(buckets) == len(self.buckets):
-            self.buckets = [a + float(b) for a, b in zip(self.buckets, buckets, strict=True)]
+        if (
+            isinstance(buckets, list)
+            and len(buckets) == len(self.buckets)
+            and all(isinstance(b, int | float) for b in buckets)
+        ):
+            self.buckets = [a + b for a, b in zip(self.buckets, buckets, strict=True)]
         for name in ("upload_sum", "audio_seconds", "bytes_uploaded"):
             if isinstance(n := other.get(name), int | float):
                 setattr(self, name, getattr(self, name) + n)

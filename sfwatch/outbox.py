@@ -221,11 +221,11 @@ class Outbox:
         yield_to: Callable[[], bool] | None = None,
         yield_limit: float = YIELD_LIMIT,
         idle_wait: float | None = None,
-        shared: bool = False,
+        run: str | None = None,
     ) -> None:
         self.config = config
-        #: other worker processes of the run add account events too (``account_event``)
-        self.shared = shared
+        #: with worker processes, the run's id: they all tell account events (``account_event``)
+        self.run = run
         #: the longest the dispatcher sleeps: short when other processes add rows
         self.idle_wait = IDLE_WAIT if idle_wait is None else idle_wait
         self.ledger = ledger
@@ -278,12 +278,15 @@ class Outbox:
     def account_event(self, event: str, fields: dict[str, Any]) -> None:
         """The account paused or resumed (on the main thread); a ledger error is logged.
 
-        With worker processes (``shared``) each meets an account fault and its end, and
-        each tells: what repeats the last such event is left out, so it is told once.
+        With worker processes (``run``) each meets an account fault and its end, and
+        each tells: what repeats the run's last told state is left out, so it is told once.
         """
         try:
             rows = self.routes.for_account(event, fields)
-            self.ledger.outbox_add(rows, unless_repeated=self.shared)
+            if self.run is None:
+                self.ledger.outbox_add(rows)
+            else:
+                self.ledger.account_told(self.run, event, fields.get("reason"), rows)
         except Exception:  # the state disk: the event is lost, the loop must go on
             self.log.exception("sfwatch.outbox_error", event_type=event)
         self._urgent.set()  # never held back (the commit woke the dispatcher otherwise)

@@ -74,6 +74,13 @@ def merged(own: dict[str, Any], others: list[dict[str, Any]]) -> dict[str, Any]:
     return total
 
 
+def _current(state: Mapping[str, Any], running: Mapping[int, float]) -> bool:
+    """Whether ``state`` is from a worker running now, written since it started."""
+    pid, updated = state.get("pid"), state.get("updated")
+    spawned = running.get(pid) if isinstance(pid, int) else None
+    return spawned is not None and isinstance(updated, int | float) and updated >= spawned
+
+
 class WorkerReports:
     """What the face has heard from its workers (the face's loop updates it; a scrape,
     on the listener's thread, reads ``tallies()``)."""
@@ -88,14 +95,16 @@ class WorkerReports:
         own: dict[str, Any],
         states: list[dict[str, Any]],
         live: Collection[str],
-        running: Collection[int],
+        running: Mapping[int, float],
     ) -> dict[str, Any]:
         """``own`` with the published ``states`` of this run's running workers added in.
 
-        ``live``: this run's worker instance names; ``running``: their pids now (a
-        dead worker's row holds its last numbers, which are no longer true).
+        ``live``: this run's worker instance names; ``running``: their pids now, each
+        with when it was started. A dead worker's row holds its last numbers, which
+        are no longer true; a row written before its pid's worker started is an
+        earlier run's (a pid used again: a container started afresh numbers alike).
         """
-        others = [s for s in states if s.get("instance") in live and s.get("pid") in running]
+        others = [s for s in states if s.get("instance") in live and _current(s, running)]
         for state in others:
             tally = state.get("metrics")
             if not isinstance(tally, dict):
@@ -125,11 +134,12 @@ class Publisher:
         *,
         share: Share,
         base: str,
-        running: Callable[[], Collection[int]],
+        running: Callable[[], Mapping[int, float]],
         events: Events,
         metrics: bool,
     ) -> None:
-        """``status``: the daemon's own; ``running``: the pids of the face's workers now;
+        """``status``: the daemon's own; ``running``: the face's workers now (pid → when
+        started);
         ``metrics``: count for ``metrics.listen`` (the face serves them, a worker
         publishes its tally for the face)."""
         self.status = status

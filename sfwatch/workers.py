@@ -41,6 +41,7 @@ import dataclasses
 import fcntl
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -72,6 +73,10 @@ _FACE_ONLY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS"
 FACE_ENV = "SFWATCH_FACE_PID"
 #: the face's state_dir, in a worker's environment: a worker that reads another leaves
 STATE_ENV = "SFWATCH_FACE_STATE_DIR"
+#: the run's id, in a worker's environment (its account events: ``run_id``)
+RUN_ENV = "SFWATCH_RUN_ID"
+#: this process's run id when it is a face (made once, at the first ask)
+_RUN_ID: list[str] = []
 #: signals a worker holds until its handlers are in place (else the first would kill it)
 _HELD = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 _PR_SET_PDEATHSIG = 1
@@ -203,6 +208,16 @@ def become_worker() -> None:
         raise SystemExit(0)  # the face died before the prctl: nobody to work for
 
 
+def run_id() -> str:
+    """The id of this ``sfwatch run``, the same in its face and every worker: the face
+    makes one up and hands it down (``RUN_ENV``)."""
+    if given := os.environ.get(RUN_ENV):
+        return given
+    if not _RUN_ID:
+        _RUN_ID.append(secrets.token_hex(8))
+    return _RUN_ID[0]
+
+
 def release_signals() -> None:
     """Let the signals ``become_worker`` held through (those pending arrive now)."""
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)
@@ -223,6 +238,8 @@ class _Child:
     share: Share
     proc: subprocess.Popen[bytes] | None = None
     started: float = 0.0
+    #: the wall-clock time it was started (the ledger's ``updated`` is wall-clock too)
+    spawned: float = 0.0
     restart_at: float | None = None
     delay: float = RESTART_MIN
     #: the exit code it ended with, once it will not be started again
@@ -262,11 +279,13 @@ class Workers:
         env = {k: v for k, v in os.environ.items() if k not in _FACE_ONLY_ENV}
         env[FACE_ENV] = str(os.getpid())
         env[STATE_ENV] = str(self.config.state_dir)
+        env[RUN_ENV] = run_id()
         # (a session of its own: a terminal's Ctrl-C reaches the face, which passes it on;
         # wide: a worker started while the face is pinned must not inherit its one CPU)
         # (held: a stop or reload reaching it before its handlers would kill it; a new
         # process keeps the signal mask, and workers.release_signals lets them through)
         held = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+        child.spawned = time.time()
         try:
             with wide():
                 child.proc = subprocess.Popen(command, env=env, start_new_session=True)
@@ -377,7 +396,11 @@ class Workers:
 
     def pids(self) -> set[int]:
         """The workers running now."""
-        return {c.proc.pid for c in self._children if c.proc is not None}
+        return set(self.spawned())
+
+    def spawned(self) -> dict[int, float]:
+        """The workers running now: pid → when it was started (wall clock)."""
+        return {c.proc.pid: c.spawned for c in self._children if c.proc is not None}
 
 
 __all__ = [
@@ -389,4 +412,5 @@ __all__ = [
     "check_face_config",
     "lock_worker",
     "release_signals",
+    "run_id",
 ]

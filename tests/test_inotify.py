@@ -131,19 +131,25 @@ def test_another_worker_s_files_are_not_noted_but_every_folder_is(tmp_path: Path
     mine = [n for n in (f"r{i}.wav" for i in range(40)) if share.owns(inbox / n)][:3]
     theirs = [n for n in (f"r{i}.wav" for i in range(40)) if not share.owns(inbox / n)][:3]
     (tmp_path / "outside").mkdir()
-    folder = next(f"d{i}.wav" for i in range(40) if not share.owns(inbox / f"d{i}.wav"))
+    folder = inbox / next(f"d{i}.wav" for i in range(40) if not share.owns(inbox / f"d{i}.wav"))
+    names = [f"x{i}.wav" for i in range(40)]
+    inner_mine = next(n for n in names if share.owns(folder / n))
+    inner_theirs = next(n for n in names if not share.owns(folder / n))
     watcher.start()
     try:
         for name in mine + theirs:
             (inbox / name).write_bytes(b"x")
-        (tmp_path / "outside" / "x.wav").write_bytes(b"x")
-        (tmp_path / "outside").rename(inbox / folder)  # a folder whose path is not ours
+        for name in (inner_mine, inner_theirs):
+            (tmp_path / "outside" / name).write_bytes(b"x")
+        (tmp_path / "outside").rename(folder)  # a folder whose path is not ours
+        wait_until(lambda: seen.has(folder), 5, "the folder noted")
+        wait_until(lambda: seen.has(folder / inner_mine), 5, "our file in it noted")
         settled(
             seen, inbox, next(n for n in (f"s{i}.mp3" for i in range(40)) if share.owns(inbox / n))
         )
-        wait_until(lambda: seen.has(inbox / folder), 5, "the folder noted")
         assert all(seen.has(inbox / name) for name in mine)
         assert not any(seen.has(inbox / name) for name in theirs)
+        assert not seen.has(folder / inner_theirs)
     finally:
         watcher.stop()
 

@@ -615,53 +615,58 @@ def test_a_signal_reaching_a_new_worker_before_its_handlers_is_held(
 
 def test_the_face_keeps_a_restarted_worker_s_counts() -> None:
     """A worker's new process starts counting at 0: the face adds its old self's last
-    tally; a dead pid's row and a malformed tally count for nothing."""
+    tally; a dead pid's row, a row older than its pid's worker (an earlier run's, the
+    pid used again) and a malformed tally count for nothing."""
     reports = WorkerReports()
     own = {"queued": 0, "counts": {}}
 
-    def state(pid: int, done: int, **extra: object) -> dict[str, object]:
-        tally = {"files": {"done/": done}, "uploads": {"2xx": done}, "buckets": "bad"}
-        return {"instance": "h-w1", "pid": pid, "queued": 1, "metrics": tally, **extra}
+    def state(pid: int, done: int, updated: float, **extra: object) -> dict[str, object]:
+        tally = {"files": {"done/": done}, "uploads": {"2xx": done}, "buckets": ["bad"] * 13}
+        row = {"instance": "h-w1", "pid": pid, "updated": updated, "queued": 1}
+        return {**row, "metrics": tally, **extra}
 
     def done() -> float:
         return float(sum(t.get("files", {}).get("done/", 0) for t in reports.tallies()))
 
-    reports.status(own, [state(10, 3)], live={"h-w1"}, running={10})
+    live = {"h-w1"}
+    earlier_run = state(10, 500, updated=50.0)
+    assert reports.status(own, [earlier_run], live, running={10: 100.0})["queued"] == 0
+    assert done() == 0, "pid 10 again, but the row is from before this worker started"
+    reports.status(own, [state(10, 3, updated=101.0)], live, running={10: 100.0})
     assert done() == 3
-    assert reports.status(own, [state(10, 4)], live={"h-w1"}, running=set())["queued"] == 0
+    assert reports.status(own, [state(10, 4, updated=102.0)], live, running={})["queued"] == 0
     assert done() == 3, "a dead pid's row is not heard"
-    reports.status(own, [state(11, 2)], live={"h-w1"}, running={11})
+    reports.status(own, [state(11, 2, updated=110.0)], live, running={11: 105.0})
     assert done() == 3 + 2
-    reports.status(own, [state(11, 5, metrics=["nonsense"])], live={"h-w1"}, running={11})
+    reports.status(own, [state(11, 5, 111.0, metrics=["nonsense"])], live, running={11: 105.0})
     assert done() == 3 + 2
 
 
-def test_an_account_event_is_left_out_only_when_it_repeats_the_sink_s_last(
+def test_an_account_event_is_left_out_only_when_it_repeats_the_run_s_last(
     tmp_path: Path,
 ) -> None:
-    """`paused` again for the same reason, or `resumed` again: left out; a new reason,
-    another sink, or the turn after a `resumed`: kept."""
+    """`paused` again for the same reason, or `resumed` again, in one run: left out; a
+    new reason, a resume no sink hears, or another run: told again."""
     ledger = Ledger(tmp_path / "ledger.sqlite3")
+    hooked = "webhook:http://127.0.0.1:9/x"
 
-    def add(event: str, sink: str = "notify", reason: str | None = None) -> None:
+    def tell(event: str, reason: str | None = None, run: str = "r1", sink: str = "notify") -> bool:
         row = OutboxEvent(event, sink, "account", None, {}, {"reason": reason}, 0.0)
-        ledger.outbox_add([row], unless_repeated=True)
+        return ledger.account_told(run, event, reason, [row])
 
     try:
-        add("paused", reason="unauthorized")
-        add("paused", reason="unauthorized")  # the second worker: left out
-        add("paused", "webhook:http://127.0.0.1:9/x", reason="unauthorized")
-        add("paused", reason="no_balance")  # a new reason: told
-        add("resumed")
-        add("resumed")  # left out
-        add("paused", reason="no_balance")  # after a resume: told again
-        told = [(r.event, r.sink) for r in ledger.outbox_rows()]
+        told = [
+            tell("paused", "unauthorized"),
+            tell("paused", "unauthorized", sink=hooked),  # the second worker: left out
+            tell("paused", "no_balance"),  # a new reason
+            ledger.account_told("r1", "resumed", None, []),  # no sink hears resumes
+            ledger.account_told("r1", "resumed", None, []),  # the second worker's
+            tell("paused", "no_balance"),  # the next pause is told
+            tell("paused", "no_balance", run="r2"),  # a new run, never resumed
+            tell("paused", "no_balance", run="r2"),
+        ]
+        rows = [(r.event, r.payload["reason"]) for r in ledger.outbox_rows()]
     finally:
         ledger.close()
-    assert told == [
-        ("paused", "notify"),
-        ("paused", "webhook:http://127.0.0.1:9/x"),
-        ("paused", "notify"),
-        ("resumed", "notify"),
-        ("paused", "notify"),
-    ]
+    assert told == [True, False, True, True, False, True, True, False]
+    assert rows == [("paused", "unauthorized"), *[("paused", "no_balance")] * 3]
