@@ -331,8 +331,9 @@ def _remove(paths: Sequence[Path]) -> None:
         path.unlink(missing_ok=True)
 
 
-#: errors of the machine, not the file (missing file, full disk, permissions):
-#: these propagate as ``OSError`` instead of failing the file as not audio
+#: errors of the machine, not the file (missing file, full disk, permissions, a
+#: network share's stale handle or lost server): these propagate as ``OSError``
+#: (retried) instead of failing the file as not audio
 _ENVIRONMENT_ERRNOS = frozenset(
     {
         errno.ENOENT,
@@ -345,6 +346,11 @@ _ENVIRONMENT_ERRNOS = frozenset(
         errno.EMFILE,
         errno.ENFILE,
         errno.EFBIG,
+        errno.ESTALE,  # NFS: the server removed or replaced what the handle named
+        errno.ETIMEDOUT,  # NFS soft mounts, SMB
+        errno.ENOTCONN,  # SMB/CIFS: the connection to the server is down
+        errno.EHOSTDOWN,
+        errno.ENOLINK,
     }
 )
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tracemalloc
@@ -641,3 +643,25 @@ def test_a_daemon_without_pyav_stops_and_leaves_every_file(
     assert audio_file.exists(), "left in the inbox, never claimed"
     assert not (tmp_path / "inbox" / "failed").exists()
     assert fake_api.uploads == []
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+@pytest.mark.parametrize("error", ["ESTALE", "ENOTCONN", "EIO"])
+def test_a_share_failing_under_the_probe_is_the_machine_s_fault(tmp_path: Path, error: str) -> None:
+    """The open under the probe failing with a stale NFS handle, a lost SMB server or an
+    I/O error (strace injects it) is an OSError, retried, not the file "not_audio"."""
+    path = tmp_path / "a.wav"
+    path.write_bytes(wav_bytes(4000))
+    script = (
+        "import sys; from pathlib import Path; from sfwatch.audio import probe\n"
+        "try:\n    probe(Path(sys.argv[1]))\n"
+        "except OSError as exc:\n    print(exc.errno)\n"
+        "except Exception as exc:\n    print(type(exc).__name__, exc)\n"
+    )
+    inject = ["-qq", "-f", "-o", "/dev/null", "-P", str(path), "-e", "trace=openat"]
+    inject += ["-e", f"inject=openat:error={error}"]
+    command = ["strace", *inject, sys.executable, "-c", script, str(path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    if done.returncode != 0 and "ptrace" in done.stderr:
+        pytest.skip(f"strace cannot trace here: {done.stderr.strip()}")
+    assert done.stdout.strip() == str(getattr(errno, error)), done.stdout + done.stderr

@@ -27,6 +27,9 @@ from strace's own trace, so every report names it.
   strace until it exits (bounded), then the judge;
 - error sweep: EIO (ENOSPC for write/fsync, EXDEV for rename/link) at the point,
   the daemon left running: it must converge by itself within ``CONVERGE`` s;
+- stale-handle sweep: ESTALE (what NFS answers once the server removed or replaced
+  the file or folder a handle names) at an open, rename or unlink, on ``disk``:
+  like an error point, the daemon must converge by itself;
 - scenarios: ``disk`` (one file system), ``tmpfs`` (``done_dir`` and
   ``failed_dir`` on /dev/shm, so every move is a cross-file-system copy) and
   ``outputs`` (one file system, each file written as .txt, .srt and .json: a kill
@@ -90,6 +93,10 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "fsync": ("fsync", "fdatasync"),
     "write": ("write", "pwrite64"),
 }
+#: more syscalls swept for ESTALE alone (``test_stale_handle_sweep``)
+STALE_GROUPS: dict[str, tuple[str, ...]] = {"open": ("openat",)}
+#: every group the calibration counts
+ALL_GROUPS = {**GROUPS, **STALE_GROUPS}
 #: the errors injected per group (besides EIO, the one each group meets in real life)
 ERRORS: dict[str, tuple[str, ...]] = {
     "rename": ("EIO", "EXDEV"),
@@ -160,14 +167,14 @@ class Calibration:
         return [
             Point(syscall, thread, n, action)
             for action in actions
-            for syscall in GROUPS[group]
+            for syscall in ALL_GROUPS[group]
             for thread in THREADS
             for n in range(1, self.counts[thread, syscall] + 1)
         ]
 
     def others(self, group: str) -> int:
         """Calls of ``group`` in threads the sweep does not attach to (none expected)."""
-        return sum(self.counts["other", s] for s in GROUPS[group])
+        return sum(self.counts["other", s] for s in ALL_GROUPS[group])
 
 
 def sample(points: list[Point], k: int, key: str) -> list[Point]:
@@ -717,7 +724,7 @@ def sweep(
 def calibrate(root: Path, scenario: str, shm: Path | None) -> Calibration:
     """Trace every thread while a case's files are processed; count calls per thread."""
     started = time.monotonic()
-    syscalls = ",".join(s for group in GROUPS.values() for s in group)
+    syscalls = ",".join(s for group in ALL_GROUPS.values() for s in group)
     with FakeAPI(api_key=API_KEY) as api:
         case = new_case(root, api, scenario, shm)
         bad = rejecting(api)
@@ -855,4 +862,25 @@ def test_error_sweep(
         calibration=calibration,
         root=tmp_path,
         shm=shm,
+    )
+
+
+@pytest.mark.parametrize("group", ["open", "rename", "unlink"])
+def test_stale_handle_sweep(
+    group: str, tmp_path: Path, calibrations: dict[str, Calibration]
+) -> None:
+    """ESTALE (NFS: the server removed or replaced what a handle names) at a (sampled)
+    open, rename or unlink of the job: the running daemon converges."""
+    calibration = calibrations["disk"]
+    points = calibration.points(group, ("ESTALE",))
+    chosen = sample(points, SAMPLE[1], f"stale-{group}")
+    sweep(
+        "error",
+        group,
+        "disk",
+        points=chosen,
+        total=len(points),
+        calibration=calibration,
+        root=tmp_path,
+        shm=None,
     )
