@@ -306,6 +306,21 @@ def copy_verify(src: Path, dst: Path, tag: str | None = None) -> None:
         copy_verify_at(sfd, src.name, dfd, dst.name, tag)
 
 
+def gone(path: Path) -> bool:
+    """Whether nothing is at ``path`` for sure: ``lstat`` says ENOENT or ENOTDIR.
+
+    ``os.path.lexists`` says False for any error; an error that leaves it unknown
+    (EIO, a stale NFS handle, a lost share server, EACCES) is not "gone" here.
+    """
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def same_content(path: Path, size: int, inode: tuple[int, int], sha256: str | None) -> bool:
     """``same_content_at`` for a path."""
     try:

@@ -94,6 +94,11 @@ class Claimer:
         return job, FreshClaim(row, rewrite)
 
 
+#: seconds before a waiting job whose file cannot be looked at (EIO, a stale NFS handle:
+#: not known to be gone) is looked at again
+UNREACHABLE_RETRY = 5.0
+
+
 class ReadyQueue:
     """Settled files not yet claimed, and the choice of the next job to start."""
 
@@ -131,15 +136,27 @@ class ReadyQueue:
         while (job := self.scheduler.pop_due(uploads_allowed)) is not None:
             if job.plan is not None:
                 return job  # mid-finish: the worker finds the file where it is now
-            sig = signature_of(job.path)
+            settle = self.folders.for_root(job.root).settle_seconds
+            try:
+                sig = signature_of(job.path, os.lstat(job.path))
+            except (FileNotFoundError, NotADirectoryError):
+                sig = None
+            except OSError as exc:  # EIO, a stale NFS handle: not known to be gone
+                delay = max(settle, UNREACHABLE_RETRY)
+                self.log.warning(
+                    "sfwatch.job_unreachable",
+                    job_id=job.job_id,
+                    file=str(job.source),
+                    error=exc.strerror or str(exc),
+                    retry_in=delay,
+                )
+                self.scheduler.wait(job, delay)
+                continue
             if sig is None:
                 self.scheduler.vanished(job)
                 continue
             if sig != job.signature:  # still being written through an old handle
-                self.scheduler.wait(
-                    job.evolve(signature=sig, sha256=None, text=None),
-                    self.folders.for_root(job.root).settle_seconds,
-                )
+                self.scheduler.wait(job.evolve(signature=sig, sha256=None, text=None), settle)
                 continue
             return job
         while uploads_allowed and self.ready:

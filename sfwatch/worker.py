@@ -33,7 +33,7 @@ from sfwatch.errors import Fenced, PrepareError, TranscribeError
 from sfwatch.events import Events
 from sfwatch.finish import Naming, Placed, finish_done, finish_failed, local_date, plan_done
 from sfwatch.folders import Folders
-from sfwatch.fsutil import same_content
+from sfwatch.fsutil import gone, same_content
 from sfwatch.job import Job, Plan, Verdict
 from sfwatch.ledger import Ledger, OutboxEvent
 from sfwatch.lifecycle import OutcomeKind
@@ -284,8 +284,9 @@ class Worker:
             return Outcome(OutcomeKind.FINISH_ERROR, progress[-1], exc)
 
     def _vanished(self, job: Job) -> bool:
-        """Gone from the work area, and not where its plan put it."""
-        if os.path.lexists(job.path):
+        """Gone from the work area, and not where its plan put it. Gone for sure: a
+        stale NFS handle or an EIO asking is no vanishing (the step is tried again)."""
+        if not gone(job.path):
             return False
         plan = job.plan
         return plan is None or not same_content(

@@ -95,7 +95,10 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "write": ("write", "pwrite64"),
 }
 #: more syscalls swept for ESTALE alone (``test_stale_handle_sweep``)
-STALE_GROUPS: dict[str, tuple[str, ...]] = {"open": ("openat",)}
+STALE_GROUPS: dict[str, tuple[str, ...]] = {
+    "open": ("openat",),
+    "stat": ("newfstatat", "fstat", "getdents64"),
+}
 #: every group the calibration counts
 ALL_GROUPS = {**GROUPS, **STALE_GROUPS}
 #: the errors injected per group (besides EIO, the one each group meets in real life)
@@ -866,7 +869,7 @@ def test_error_sweep(
     )
 
 
-@pytest.mark.parametrize("group", ["open", "rename", "unlink"])
+@pytest.mark.parametrize("group", ["open", "stat", "rename", "unlink"])
 def test_stale_handle_sweep(
     group: str, tmp_path: Path, calibrations: dict[str, Calibration]
 ) -> None:
@@ -886,3 +889,28 @@ def test_stale_handle_sweep(
         root=tmp_path,
         shm=None,
     )
+
+
+def test_a_waiting_job_whose_file_cannot_be_looked_at_is_not_lost(tmp_path: Path) -> None:
+    """The loop's look at a claimed file waiting for a retry fails with ESTALE (strace
+    injects it into that path's lstat alone): the job waits and finishes, never counted
+    vanished (which would strand the file in the work area)."""
+    with FakeAPI(api_key=API_KEY) as api:
+        case = new_case(tmp_path, api, "disk", None)
+        with warm_daemon(case, random.Random(SEED)) as warm:
+            busy = Reply(503, {"message": "busy"})
+            api.script(busy, busy)  # a.wav's first two uploads: each retried after a wait
+            case.drop(Original("a.wav", wav(random.Random(1)), "done"))
+            claimed = warm.daemon.wait_event("sfwatch.file_claimed", count=2)[-1]
+            work = case.inbox / ".sfwatch" / "work"
+            path = next(work.glob(f"*/{claimed['job_id']}/a.wav"))
+            trace = tmp_path / "stale.strace"
+            inject = ["-P", str(path), "-e", "trace=newfstatat", "-e"]
+            with strace(warm.main, [warm.main], trace, *inject, "inject=newfstatat:error=ESTALE"):
+                warm.daemon.wait_event("sfwatch.job_unreachable", timeout=20)
+            assert poll_until((case.inbox / "done" / "a.wav").exists, 30), warm.daemon.lines()[-5:]
+            assert not warm.daemon.events("sfwatch.job_vanished")
+            assert "(INJECTED)" in trace.read_text(errors="replace")
+            problems: list[str] = []
+            stop(warm.daemon, problems)
+    assert problems == []
