@@ -394,10 +394,6 @@ class Workers:
         """The exit code of the run's workers: 0 when each ended well, else 1."""
         return 0 if all(c.ended in (0, None) for c in self._children) else 1
 
-    def pids(self) -> set[int]:
-        """The workers running now."""
-        return set(self.spawned())
-
     def spawned(self) -> dict[int, float]:
         """The workers running now: pid → when it was started (wall clock)."""
         return {c.proc.pid: c.spawned for c in self._children if c.proc is not None}
