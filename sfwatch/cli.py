@@ -121,6 +121,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         Workers,
         become_worker,
         check_face_config,
+        hold_signals,
         lock_state_dir,
     )
 
@@ -128,6 +129,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.worker is not None:
         share = Share.parse(args.worker)
         become_worker()
+    else:
+        hold_signals()  # (until Daemon.run's handlers: a stop while importing is warm)
     config = _load(args)
     if share is not None:
         check_face_config(config, share)

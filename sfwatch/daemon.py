@@ -572,8 +572,7 @@ class Daemon:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(STOP_SIGNAL, self._on_signal)
         signal.signal(signal.SIGHUP, self._on_hup)
-        if not self.share.face:
-            release_signals()  # (held since the process began: workers.become_worker)
+        release_signals()  # (held since the process began: cli.cmd_run)
 
     def _shutdown(self) -> None:
         self.slots.close_gate()  # (before anything here can raise: see close_gate)

@@ -77,7 +77,7 @@ STATE_ENV = "SFWATCH_FACE_STATE_DIR"
 RUN_ENV = "SFWATCH_RUN_ID"
 #: this process's run id when it is a face (made once, at the first ask)
 _RUN_ID: list[str] = []
-#: signals a worker holds until its handlers are in place (else the first would kill it)
+#: signals ``sfwatch run`` holds until its handlers are in place (else the first kills it)
 _HELD = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 _PR_SET_PDEATHSIG = 1
 
@@ -196,10 +196,20 @@ def lock_worker(state_dir: Path, share: Share, wait: float = LOCK_WAIT) -> int:
         return fd
 
 
+def hold_signals() -> None:
+    """Hold stops and reloads until the daemon's handlers are in place (``release_signals``).
+
+    A SIGTERM while Python imports the daemon would kill the process with its claims
+    unsettled and, in a face, its workers with it; held, it is a warm stop a moment
+    later. Threads started meanwhile keep them held: the main thread takes them.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+
+
 def become_worker() -> None:
     """In a worker: die with the face, leave at once if it is gone already, and hold
     signals until the daemon's handlers are in place (``release_signals``)."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    hold_signals()
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
@@ -219,7 +229,7 @@ def run_id() -> str:
 
 
 def release_signals() -> None:
-    """Let the signals ``become_worker`` held through (those pending arrive now)."""
+    """Let the signals ``hold_signals`` held through (those pending arrive now)."""
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)
 
 

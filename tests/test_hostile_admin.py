@@ -31,6 +31,9 @@ from tests.conftest import daemon_env, files_under, run_cli, running_daemon, wai
 from tests.fakeapi import FakeAPI, Reply
 from tests.test_admin import Setup
 
+# useradd fails while another process holds its lock: the tests that add users share one
+pytestmark = pytest.mark.xdist_group("system-users")
+
 #: a name built to forge a line and drive a terminal: colour, window title, bell, newline
 EVIL_NAME = "rec\x1b[31m\x1b]0;owned\x07\nsfwatch: all good\r.mp3"
 EVIL_SHOWN = "rec\\x1b[31m\\x1b]0;owned\\x07\\nsfwatch: all good\\r.mp3"

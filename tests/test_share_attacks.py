@@ -37,6 +37,7 @@ from tests.test_crash import sha, wav
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.xdist_group("system-users"),  # useradd fails while another holds its lock
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make the share's users"),
     pytest.mark.skipif(shutil.which("useradd") is None, reason="needs useradd"),
 ]

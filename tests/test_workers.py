@@ -613,6 +613,38 @@ def test_a_signal_reaching_a_new_worker_before_its_handlers_is_held(
         assert face.wait(20) == 0
 
 
+def _signal_mask(pid: int, field: str) -> int:
+    """``SigBlk`` (held) or ``SigCgt`` (handled) of ``pid``, from /proc (0 once it is gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    return next(int(v, 16) for k, v in (ln.split(":") for ln in status.splitlines()) if k == field)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_stop_while_the_daemon_starts_is_a_warm_stop(
+    tmp_path: Path, fake_api: FakeAPI, workers: int
+) -> None:
+    """A SIGTERM that reaches ``sfwatch run`` while it still imports (its handlers not yet
+    in place) is held until they are: a warm stop, exit 0, workers stopped, not a kill."""
+    config = config_with_workers(tmp_path, fake_api.url, workers)
+    term = 1 << (signal.SIGTERM - 1)
+    with daemon_process(config) as face:
+        pid = face.proc.pid
+        wait_until(
+            lambda: _signal_mask(pid, "SigBlk") & term and not _signal_mask(pid, "SigCgt") & term,
+            20,
+            "SIGTERM held before its handler",
+        )
+        face.signal(signal.SIGTERM)
+        assert face.wait(30) == 0, face.lines()[-5:]
+        assert face.events("sfwatch.daemon_stopping")[0]["mode"] == "warm"
+        assert len(face.events("sfwatch.daemon_stopped")) == workers
+        assert not face.events("sfwatch.worker_died")
+
+
 def test_the_face_keeps_a_restarted_worker_s_counts() -> None:
     """A worker's new process starts counting at 0: the face adds its old self's last
     tally; a dead pid's row, a row older than its pid's worker (an earlier run's, the
