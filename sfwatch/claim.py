@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -38,9 +38,27 @@ def instance_dir(work_dir: Path, instance: str) -> Path:
 SIDECAR = ".sfwatch-job.json"
 
 
-def job_dir(job: Job) -> Path:
-    """``<work>/<instance>/<job_id>``: the folder a claim renamed the file into."""
-    return job.path.parents[len(job.rel.parts) - 1]
+def work_parts(job: Job) -> tuple[str, ...]:
+    """Where a claimed file is below ``<root>/.sfwatch``: ``work, <instance>, <job_id>, …``.
+
+    Cut from the paths' parts (parsed once per path), not made with ``relative_to``:
+    asked several times a file, and paths cost more than the system calls they name
+    (docs/benchmarks.md).
+    """
+    parts, base = job.path.parts, len(job.root.parts)
+    if parts[base : base + 1] != (WORK_AREA,) or parts[:base] != job.root.parts:
+        raise ValueError(f"{job.path} is not in {job.root / WORK_AREA}")
+    return parts[base + 1 :]
+
+
+def _work_parts_or_none(job: Job) -> tuple[str, ...] | None:
+    """``work_parts``, or None for a path that is not a claimed file's (an old or
+    damaged ledger row)."""
+    try:
+        parts = work_parts(job)
+    except ValueError:
+        return None
+    return parts if len(parts) == len(job.rel.parts) + 3 else None  # (work, instance, id)
 
 
 def claim(
@@ -99,7 +117,7 @@ def make_durable(job: Job) -> None:
     fsyncs say (and a failure here must not make us forget a claim).
     """
     with contextlib.suppress(OSError):
-        with job_folder(job, job.path.parents[len(job.rel.parts)]) as fd:
+        with job_folder(job, work_parts(job)[: -len(job.rel.parts) - 1]) as fd:
             level = os.dup(fd)
         try:
             fsync_fd(level)  # (the instance folder: the job folder's entry)
@@ -254,10 +272,10 @@ def _with_sidecar(job: Job, sidecar: dict[str, Any] | None) -> Job:
 
 
 @contextmanager
-def job_folder(job: Job, below: Path | None = None) -> Iterator[int]:
-    """A handle of the job's folder in the work area (or of ``below``, a folder in it)."""
-    where = job_dir(job) if below is None else below
-    parts = PurePosixPath(where.relative_to(job.root / WORK_AREA).as_posix()).parts
+def job_folder(job: Job, parts: Sequence[str] | None = None) -> Iterator[int]:
+    """A handle of the job's folder in the work area (or of ``.sfwatch/<parts>``)."""
+    if parts is None:
+        parts = work_parts(job)[: -len(job.rel.parts)]
     with work_area(job.root).folder(parts, create=False) as fd:
         yield fd
 
@@ -270,7 +288,7 @@ def reading(job: Job) -> Iterator[Path]:
     it by name, and no rename or symlink in the share can make that name lead
     anywhere else. PrepareError ``unreadable`` when our user may not read it.
     """
-    with job_folder(job, job.path.parent) as pfd:
+    with job_folder(job, work_parts(job)[:-1]) as pfd:
         try:
             fd = os.open(
                 job.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=pfd
@@ -330,7 +348,10 @@ def _read_sidecar_at(jfd: int) -> dict[str, Any] | None:
 
 def adopted_by(job: Job) -> str | None:
     """The sibling instance whose work folder now holds this job's folder, if any."""
-    mine = job_dir(job).parent.name
+    parts = _work_parts_or_none(job)
+    if parts is None:
+        return None  # (a row whose work path is in no work folder: nobody's to adopt)
+    mine = parts[1]
     # A sibling adopts a job by renaming its folder into its own work folder
     # (recovery.py): while the folder is in ours, nobody has. This is asked before
     # every step of every job, so the siblings' folders are listed only when it is not.
@@ -348,7 +369,10 @@ def adopted_by(job: Job) -> str | None:
 
 def release(job: Job) -> None:
     """Remove a finished job's sidecar and (now empty) folders from the work area."""
-    instance = job_dir(job).parent.name
+    parts = _work_parts_or_none(job)
+    if parts is None:
+        return  # (a row whose work path is in no work folder: nothing of ours to remove)
+    instance = parts[1]
     try:
         mine = work_area(job.root).open(["work", instance], create=False)
     except FileNotFoundError:

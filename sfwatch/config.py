@@ -12,6 +12,7 @@ is needed and wraps it in a :class:`Secret`, which never prints its value.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 import os
@@ -190,7 +191,7 @@ class WatchConfig:
         """Exactly the form fields its uploads send besides file and model."""
         return upload_request(self.request, self.outputs)
 
-    @property
+    @functools.cached_property  # (asked a few times a file; a frozen record never changes)
     def work_dir(self) -> Path:
         """The claim area; inside ``path`` so that claiming is a same-filesystem rename."""
         return self.path / ".sfwatch"

@@ -38,9 +38,10 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
+from sfwatch.claim import work_parts
 from sfwatch.config import WatchConfig
 from sfwatch.config_request import render_name
 from sfwatch.fsutil import (
@@ -387,8 +388,7 @@ def target_folder(path: Path, watch: WatchConfig, *, create: bool = True) -> Ite
 @contextmanager
 def source_folder(job: Job, watch: WatchConfig) -> Iterator[int]:
     """A handle of the folder in the work area holding the claimed file."""
-    parts = PurePosixPath(job.path.parent.relative_to(watch.work_dir).as_posix()).parts
-    with work_area(watch.path).folder(parts, create=False) as fd:
+    with work_area(watch.path).folder(work_parts(job)[:-1], create=False) as fd:
         yield fd
 
 

@@ -145,7 +145,18 @@ class Job:
 
     def evolve(self, **changes: object) -> Self:
         """Return a copy with ``changes`` applied (the record itself never changes)."""
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+        # What dataclasses.replace does (Job has no __post_init__ to run), without its
+        # call of __init__ through every field: a job evolves a dozen times on its way
+        # (docs/benchmarks.md, "Paths and copies").
+        if unknown := changes.keys() - _JOB_FIELDS:
+            raise TypeError(f"Job has no field {min(unknown)!r}")
+        copy = object.__new__(type(self))
+        copy.__dict__.update(self.__dict__, **changes)
+        return copy
+
+
+#: the names ``Job.evolve`` may change
+_JOB_FIELDS = frozenset(field.name for field in dataclasses.fields(Job))
 
 
 def new_job_id() -> str:

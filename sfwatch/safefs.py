@@ -81,13 +81,11 @@ def open_below(
     # interpreter lock to another thread and back (docs/benchmarks.md).
     owned = not isinstance(root, int)
     fd = os.open(root, ROOT_FLAGS) if not isinstance(root, int) else root
-    here = root if not isinstance(root, int) else Path(f"<fd {root}>")
     try:
-        for part in parts:
+        for depth, part in enumerate(parts, 1):
             _check_part(part)
-            here = here / part
             try:
-                child = _open_child(fd, part, here)
+                child = _open_child(fd, part, root, parts[:depth])
             except FileNotFoundError:
                 if not create:
                     raise
@@ -95,7 +93,7 @@ def open_below(
                     os.mkdir(part, mode, dir_fd=fd)
                     if durable:
                         fsync_fd(fd)
-                child = _open_child(fd, part, here)
+                child = _open_child(fd, part, root, parts[:depth])
             if owned:
                 os.close(fd)
             fd, owned = child, True
@@ -106,13 +104,18 @@ def open_below(
     return fd if owned else os.dup(fd)  # (no parts: the caller closes a copy)
 
 
-def _open_child(dfd: int, name: str, shown: Path) -> int:
-    """Open folder ``name`` in an open folder, never through a link (UnsafeFolder says why)."""
+def _open_child(dfd: int, name: str, root: Path | int, parts: Sequence[str]) -> int:
+    """Open folder ``name`` in an open folder, never through a link (UnsafeFolder says why).
+
+    ``root`` and ``parts``: where it is, for the message (made only when there is one:
+    building paths costs more than the system call, docs/benchmarks.md).
+    """
     try:
         return os.open(name, DIR_FLAGS, dir_fd=dfd)
     except FileNotFoundError:
         raise
     except OSError as exc:
+        shown = (Path(f"<fd {root}>") if isinstance(root, int) else root).joinpath(*parts)
         st = lstat_at(dfd, name)
         if st is not None and stat.S_ISLNK(st.st_mode):
             raise UnsafeFolder(
@@ -358,14 +361,13 @@ class WorkArea:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        #: where it is (for logs; never for acting); its lstat (``_private_area``) is asked
+        #: a dozen times a file, so the path is made once
+        self.path = root / WORK_AREA
+        self._path = os.fspath(self.path)
         self.log = get_logger()
         self._refused = False
         self._lock = threading.Lock()
-
-    @property
-    def path(self) -> Path:
-        """Where it is (for logs; never for acting)."""
-        return self.root / WORK_AREA
 
     def open(self, parts: Sequence[str] = (), *, create: bool = True) -> int:
         """A handle of ``.sfwatch/<parts>``, every folder checked; the caller closes it.
@@ -380,11 +382,11 @@ class WorkArea:
         area = self._private_area()
         if area is not None:
             if below and (child := self._below_kept(key, area, below[0], create=create)) >= 0:
-                where = self.path.joinpath(*kept_parts, below[0])
+                where = (*kept_parts, below[0])
                 self._check_or_close(child, where)
                 return self._below(child, where, below[1:], create=create)
             if (kept := _handles.get(key, area)) is not None:
-                return self._below(kept, self.path.joinpath(*kept_parts), below, create=create)
+                return self._below(kept, kept_parts, below, create=create)
         else:
             # Gone or replaced: let go of its folders at once. A kept handle pins the
             # folders above it, so a removed watched folder would not be gone (its
@@ -392,17 +394,17 @@ class WorkArea:
             _handles.drop(self.root)
         fd = open_below(self.root, [WORK_AREA], create=create, mode=PRIVATE_DIR)
         try:
-            area = self._check(fd, self.path)
+            area = self._check(fd, ())
         except BaseException:
             os.close(fd)
             raise
-        fd = self._below(fd, self.path, list(kept_parts), create=create)
+        fd = self._below(fd, (), list(kept_parts), create=create)
         try:
             _handles.put(key, fd, (area.st_dev, area.st_ino))
         except BaseException:
             os.close(fd)
             raise
-        fd = self._below(fd, self.path.joinpath(*kept_parts), below, create=create)
+        fd = self._below(fd, kept_parts, below, create=create)
         if self._refused:
             self._refused = False
             self.log.info("sfwatch.work_area_accepted", path=str(self.path))
@@ -437,21 +439,22 @@ class WorkArea:
                     return -1
                 raise
 
-    def _check_or_close(self, fd: int, where: Path) -> None:
+    def _check_or_close(self, fd: int, where: tuple[str, ...]) -> None:
         try:
             self._check(fd, where)
         except BaseException:
             os.close(fd)
             raise
 
-    def _below(self, fd: int, where: Path, parts: list[str], *, create: bool) -> int:
-        """Walk ``parts`` down from ``fd`` (at ``where``; consumed), checking every folder."""
+    def _below(self, fd: int, where: tuple[str, ...], parts: list[str], *, create: bool) -> int:
+        """Walk ``parts`` down from ``fd`` (at ``.sfwatch/<where>``; consumed), checking
+        every folder."""
         try:
             for part in parts:
                 child = open_below(fd, [part], create=create, mode=PRIVATE_DIR)
                 os.close(fd)
                 fd = child
-                where = where / part
+                where = (*where, part)
                 self._check(fd, where)
         except BaseException:
             os.close(fd)
@@ -480,16 +483,20 @@ class WorkArea:
     def _private_area(self) -> os.stat_result | None:
         """The ``lstat`` of ``.sfwatch`` if it is a private folder; else None."""
         try:
-            area = self.path.lstat()
+            area = os.lstat(self._path)
         except OSError:
             return None
         return area if is_private(area) else None
 
-    def _check(self, fd: int, where: Path) -> os.stat_result:
-        """The folder's stat, once it is private (narrowed if ours); UnsafeFolder if not ours."""
+    def _check(self, fd: int, parts: tuple[str, ...]) -> os.stat_result:
+        """The folder's stat, once it is private (narrowed if ours); UnsafeFolder if not ours.
+
+        ``parts``: where it is below ``.sfwatch`` (a path is made only for a message).
+        """
         st = os.fstat(fd)
         if is_private(st):
             return st
+        where = self.path.joinpath(*parts)
         if stat.S_ISDIR(st.st_mode) and st.st_uid == EUID:
             with self._lock:
                 os.fchmod(fd, PRIVATE_DIR)
