@@ -105,10 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if not args.keep:
                 shutil.rmtree(scratch(name), ignore_errors=True)
+                common.note_inodes_freed()
         everything += [(name, f) for f in figures]
         print(f"  ({name}: {time.monotonic() - t0:.0f} s)", flush=True)
     if not args.keep:
         shutil.rmtree(scratch("x").parent, ignore_errors=True)
+        common.note_inodes_freed()
     lines = [f"{name:<9}{fig.line().strip()}" for name, fig in everything]
     RESULTS.mkdir(parents=True, exist_ok=True)
     if set(names) == set(BENCHMARKS) and not args.quick:

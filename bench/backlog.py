@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> list[Figure]:
             profile="d" if i == 0 else None,
             siblings=args.siblings,
             workers=args.workers,
+            quiet_inodes=True,
         )
         print(f"  d run {i + 1}: {result}", flush=True)
         detail["runs"].append(result)

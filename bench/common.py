@@ -634,5 +634,33 @@ def scratch(name: str) -> Path:
     return root
 
 
+#: where the bench notes when it (or a daemon it ran) last freed many inodes
+FREED_STAMP = RESULTS / ".inodes-freed"
+#: ext4 without a journal (this VM's disk: ``ext4_fsync_nojournal`` in perf) skips, when
+#: it allocates an inode, every one freed in the last minute (``recently_deleted``; six
+#: minutes while the inode table is unwritten, hence the sync). Right after the last
+#: run's 30,000 files were removed, a run's every new file paid for that walk: 15-30 %
+#: more CPU a file in benchmark d (docs/benchmarks.md, "Freed inodes").
+INODE_MEMORY = 62.0
+
+
+def note_inodes_freed() -> None:
+    """Note that many inodes were freed just now (a scratch tree removed, a run ended)."""
+    FREED_STAMP.parent.mkdir(parents=True, exist_ok=True)
+    FREED_STAMP.write_text(f"{time.time()}\n", encoding="ascii")
+
+
+def wait_for_forgotten_inodes() -> None:
+    """Sync, then wait until the file system no longer remembers the inodes last freed."""
+    try:
+        freed = float(FREED_STAMP.read_text(encoding="ascii"))
+    except (OSError, ValueError):
+        return
+    os.sync()
+    if (wait := freed + INODE_MEMORY - time.time()) > 0:
+        print(f"  (waiting {wait:.0f} s: inodes freed {time.time() - freed:.0f} s ago)", flush=True)
+        time.sleep(wait)
+
+
 def rounded(value: float, digits: int = 3) -> float:
     return round(value, digits)

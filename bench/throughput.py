@@ -41,10 +41,12 @@ from bench.common import (
     Figure,
     make_wavs,
     median,
+    note_inodes_freed,
     parse_ts,
     save,
     scratch,
     times_of,
+    wait_for_forgotten_inodes,
     write_config,
 )
 from bench.fakeonly import ceiling
@@ -93,6 +95,7 @@ def backlog_run(
     transcode: bool = False,
     siblings: int = 1,
     workers: int | str = 1,
+    quiet_inodes: bool = False,
 ) -> dict[str, Any]:
     """One burst run over ``files`` present at start; the measured quantities.
 
@@ -102,9 +105,12 @@ def backlog_run(
     and ``concurrency ÷ siblings`` uploads (design §6.3), so that the API sees the
     same concurrency; CPU and peak RSS are their sums.
     ``workers``: the config's ``workers`` (processes of one daemon, sharing its ledger).
+    ``quiet_inodes``: first wait until the file system forgets the inodes freed last
+    (``common.wait_for_forgotten_inodes``: for a CPU-bound run, d).
     """
     if root.exists():
         shutil.rmtree(root)
+        note_inodes_freed()
     root.mkdir(parents=True)
     with contextlib.ExitStack() as stack:
         fake = stack.enter_context(FakeServer(root, latency))
@@ -125,6 +131,8 @@ def backlog_run(
         config = write_config(root, fake.url, concurrency=per_daemon, settle=settle, extra=extra)
         configs = [config, *(sibling_config(config, i) for i in range(1, siblings))]
         make_wavs(root / "inbox", files, seconds=seconds)
+        if quiet_inodes:
+            wait_for_forgotten_inodes()
         with contextlib.ExitStack() as running:
             daemons = [
                 running.enter_context(DaemonRun(c, "--burst", profile=profile if i == 0 else None))
@@ -153,6 +161,7 @@ def backlog_run(
                     [*d.events("sfwatch.hook_finished"), *d.events("sfwatch.webhook_delivered")]
                 )
             )
+        note_inodes_freed()  # (the daemon's job folders and sidecars)
         summary = fake.stop()
         posts = receiver.posts if receiver is not None else 0  # type: ignore[attr-defined]
     finished = times_of(finished_events)
