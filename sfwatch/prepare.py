@@ -89,7 +89,7 @@ def prepare(job: Job, config: Config, instance: str, scratch: Path | None = None
     size = job.signature.size
     if size == 0:
         raise PrepareError("empty", "the file is empty (0 bytes)")
-    info = audio.probe(job.path)
+    info = audio.probe(job.path, Path(job.name).suffix)
     api = config.api
     mode = config.prepare.transcode
     too_big = size > api.max_upload_bytes

@@ -409,6 +409,8 @@ class Transcriber:
         probe_timeout: float = PROBE_TIMEOUT,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        # (whole, parsed once: httpx would parse and join a relative one at every upload)
+        self._upload_url = httpx.URL(f"{self.base_url}/audio/transcriptions")
         self.timeout_seconds = timeout_seconds
         self.probe_timeout = probe_timeout
         self._key = api_key
@@ -518,7 +520,7 @@ class Transcriber:
             audio = cast("BinaryIO", _DeadlineFile(raw, deadline))
             post = self._client.build_request(
                 "POST",
-                "/audio/transcriptions",
+                self._upload_url,
                 data={"model": model, **{f.name: f.value for f in request.fields}},
                 files={"file": (upload_name, audio, audio_mime(upload_name))},
             )

@@ -138,6 +138,25 @@ def test_probe_reads_format(tmp_path: Path, suffix: str) -> None:
     assert info.accepted_as(suffix.upper()) is accepted
 
 
+@pytest.mark.parametrize("suffix", sorted(PROBED))
+def test_a_name_ending_in_wav_does_not_change_what_the_probe_finds(
+    tmp_path: Path, suffix: str
+) -> None:
+    """Told the name ends in .wav (WAV's demuxer is tried first), every format is still
+    probed as what it is; a WAV the same either way."""
+    path = write_audio(tmp_path / f"clip{suffix}", 1.0)
+    assert probe(path, ".WAV") == probe(path)
+
+
+def test_junk_named_wav_is_not_audio(tmp_path: Path) -> None:
+    """Bytes that are no audio, named .wav, fail as not_audio after both tries."""
+    path = tmp_path / "junk.wav"
+    path.write_bytes(b"RIFF\x00\x01\x00\x00WAVEjunk" + b"\x07" * 4000)
+    with pytest.raises(PrepareError) as caught:
+        probe(path, ".wav")
+    assert caught.value.reason == "not_audio"
+
+
 def test_probe_stereo_44k(tmp_path: Path) -> None:
     """Rate and channel count come from the stream."""
     info = probe(write_audio(tmp_path / "cd.flac", 1.0, rate=44100, channels=2))
