@@ -147,7 +147,7 @@ class Job:
         """Return a copy with ``changes`` applied (the record itself never changes)."""
         # What dataclasses.replace does (Job has no __post_init__ to run), without its
         # call of __init__ through every field: a job evolves a dozen times on its way
-        # (docs/benchmarks.md, "Paths and copies").
+        # (docs/benchmarks.md, "Third look").
         if unknown := changes.keys() - _JOB_FIELDS:
             raise TypeError(f"Job has no field {min(unknown)!r}")
         copy = object.__new__(type(self))
