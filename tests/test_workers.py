@@ -619,7 +619,8 @@ def _signal_mask(pid: int, field: str) -> int:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return 0
-    return next(int(v, 16) for k, v in (ln.split(":") for ln in status.splitlines()) if k == field)
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    return int(fields[field], 16)
 
 
 @pytest.mark.slow
