@@ -640,7 +640,7 @@ FREED_STAMP = RESULTS / ".inodes-freed"
 #: it allocates an inode, every one freed in the last minute (``recently_deleted``; six
 #: minutes while the inode table is unwritten, hence the sync). Right after the last
 #: run's 30,000 files were removed, a run's every new file paid for that walk: 15-30 %
-#: more CPU a file in benchmark d (docs/benchmarks.md, "Freed inodes").
+#: more CPU a file in benchmark d (docs/benchmarks.md, "Third look").
 INODE_MEMORY = 62.0
 
 

@@ -85,7 +85,7 @@ def open_below(
         for depth, part in enumerate(parts, 1):
             _check_part(part)
             try:
-                child = _open_child(fd, part, root, parts[:depth])
+                child = _open_child(fd, part, root, parts, depth)
             except FileNotFoundError:
                 if not create:
                     raise
@@ -93,7 +93,7 @@ def open_below(
                     os.mkdir(part, mode, dir_fd=fd)
                     if durable:
                         fsync_fd(fd)
-                child = _open_child(fd, part, root, parts[:depth])
+                child = _open_child(fd, part, root, parts, depth)
             if owned:
                 os.close(fd)
             fd, owned = child, True
@@ -104,10 +104,10 @@ def open_below(
     return fd if owned else os.dup(fd)  # (no parts: the caller closes a copy)
 
 
-def _open_child(dfd: int, name: str, root: Path | int, parts: Sequence[str]) -> int:
+def _open_child(dfd: int, name: str, root: Path | int, parts: Sequence[str], depth: int) -> int:
     """Open folder ``name`` in an open folder, never through a link (UnsafeFolder says why).
 
-    ``root`` and ``parts``: where it is, for the message (made only when there is one:
+    ``root`` and ``parts[:depth]``: where it is, for the message (made only when there is one:
     building paths costs more than the system call, docs/benchmarks.md).
     """
     try:
@@ -115,7 +115,7 @@ def _open_child(dfd: int, name: str, root: Path | int, parts: Sequence[str]) -> 
     except FileNotFoundError:
         raise
     except OSError as exc:
-        shown = (Path(f"<fd {root}>") if isinstance(root, int) else root).joinpath(*parts)
+        shown = (Path(f"<fd {root}>") if isinstance(root, int) else root).joinpath(*parts[:depth])
         st = lstat_at(dfd, name)
         if st is not None and stat.S_ISLNK(st.st_mode):
             raise UnsafeFolder(
